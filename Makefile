@@ -1,0 +1,15 @@
+# `make test`: everything the test suite needs on a fresh machine, then the suite. `make demo`: the main job.
+.PHONY: install test demo bench
+
+install:
+	pip install -q -e ".[test]"
+
+test: install
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+	python -m pytest -q
+
+demo: install
+	mllmeraser demo
+
+bench: install
+	python benchmarks/overhead.py

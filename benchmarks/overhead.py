@@ -1,0 +1,97 @@
+"""Generation overhead of an attached eraser, vanilla vs attached, measured side by side in one run.
+
+1. The testbed model (built or reused from the cache), with an eraser fitted on its 10% forget request.
+2. A random-weight LlavaForConditionalGeneration whose language decoder has LLaVA-1.5-7B's width
+   (d=4096, 32 heads, MLP 11008, vocab 32000) and a few layers (`--layers`), the eraser on every layer.
+Prints the ratio attached / vanilla of median wall times (interleaved repeats). Target: <= 1.03.
+Run: python benchmarks/overhead.py [--layers 4] [--repeats 5] [--skip-testbed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from mllmeraser import measure
+from mllmeraser.eraser import Eraser, model_fingerprint
+from mllmeraser.hooks import find_decoder_layers
+
+
+def random_eraser(model, layer_indices, alpha=0.5, seed=0) -> Eraser:
+    names, layers = find_decoder_layers(model)
+    d = model.config.get_text_config().hidden_size
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(len(layer_indices), d, generator=g) / d
+    r = torch.randn(len(layer_indices), d, generator=g)
+    return Eraser(u=u, r=r, alpha=alpha, layer_indices=layer_indices, layers_path=names[0].rsplit(".", 1)[0],
+                  hidden_size=d, metadata={"fingerprint": model_fingerprint(model)})
+
+
+def time_generation(model, eraser: Eraser, inputs: dict, new_tokens: int, repeats: int) -> tuple[float, float, float]:
+    def vanilla():
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+    def attached():
+        with eraser.attach(model), torch.no_grad():
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+    return measure.overhead_ratio(vanilla, attached, repeats)
+
+
+def testbed_case(repeats: int) -> None:
+    from mllmeraser import adapters, evaluate, fit
+    from mllmeraser.data import load_split_items
+    from mllmeraser.testbed.build import build
+
+    directory = build(seed=0, preset="full")
+    model, processor = adapters.load_model(directory / "model")
+    forget = load_split_items(directory / "data", "forget", 10)
+    retain = fit.retain_for_fit(load_split_items(directory / "data", "retain", 10))
+    erasure = fit.default_erasure_items(directory / "data")
+    eraser = fit.fit_eraser(model, processor, forget, retain, erasure, progress=False)
+    items = [i for i in forget + retain if i.task == "generation" and i.modality == "image"][:32]
+    inputs = adapters.to_device(adapters.encode_prompts(processor, items), model)
+    ratio, base, treated = time_generation(model, eraser, inputs, 30, repeats)
+    print(f"testbed LLaVA (d={eraser.hidden_size}, {len(eraser.layer_indices)} steered layers), batch 32 x 30 new tokens: "
+          f"vanilla {base * 1000:.0f} ms, attached {treated * 1000:.0f} ms, ratio {ratio:.3f}")
+
+
+def wide_case(num_layers: int, repeats: int, prompt_tokens: int, new_tokens: int, batch: int) -> None:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=num_layers, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=28, patch_size=14)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000)
+    model = LlavaForConditionalGeneration(config).eval()
+    eraser = random_eraser(model, list(range(num_layers)))
+    input_ids = torch.randint(0, 32000, (batch, prompt_tokens))
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    ratio, base, treated = time_generation(model, eraser, inputs, new_tokens, repeats)
+    print(f"random LLaVA-1.5-7B-width decoder (d=4096, {num_layers} layers, all steered), batch {batch} x "
+          f"{prompt_tokens} prompt + {new_tokens} new tokens: vanilla {base * 1000:.0f} ms, attached {treated * 1000:.0f} ms, "
+          f"ratio {ratio:.3f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-testbed", action="store_true")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    if not args.skip_testbed:
+        testbed_case(args.repeats)
+    wide_case(args.layers, args.repeats, prompt_tokens=600, new_tokens=20, batch=1)
+    print(f"({time.perf_counter() - started:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Model families: loading a checkpoint offline, and turning questions into the model's inputs.
+
+Prompts go through the checkpoint's own processor and chat template, so one harness drives the testbed
+LLaVA, llava-hf LLaVA-1.5 and Qwen2-VL / Qwen2.5-VL. Where a family keeps its decoder layers is in
+`hooks.py`; this module only knows how to talk to the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .data import QAItem
+from .errors import UserInputError
+
+SUPPORTED_MODEL_TYPES = ("llava", "qwen2_vl", "qwen2_5_vl")
+
+
+def _quiet_transformers() -> None:
+    # The PIL fallback for image processors is what we want (no torchvision); its warning is noise.
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    # v5 draws "Loading weights" / "Writing model shards" tqdm bars on stderr whatever the log level; they
+    # break the CLI's one-line errors (an error after the model loaded came out as three lines).
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """Load (model, processor) from a local checkpoint directory or the local HF cache, never the network."""
+    _quiet_transformers()
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    directory = Path(path)
+    if directory.exists():
+        config_path = directory / "config.json"
+        if not config_path.is_file():
+            raise UserInputError(directory, "not a model checkpoint (no config.json)")
+        try:
+            model_type = json.loads(config_path.read_text()).get("model_type")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserInputError(config_path, f"not valid JSON ({exc})") from None
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UserInputError(directory, f"model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}")
+    try:
+        processor = _load_processor(AutoProcessor, path)
+        model = AutoModelForImageTextToText.from_pretrained(str(path), local_files_only=True, dtype=dtype or "auto")
+    except UserInputError:
+        raise
+    except Exception as exc:  # transformers raises OSError, ValueError, safetensors errors, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserInputError(path, f"cannot load checkpoint offline ({type(exc).__name__}: {first})") from None
+    model.to(device).eval()
+    prepare_processor(processor)
+    return model, processor
+
+
+# Families whose processor carries a video processor. transformers' video processors all need torchvision
+# (not a dependency of ours), so without it AutoProcessor cannot load these checkpoints at all, although images
+# never touch the video processor. See _load_processor.
+_VIDEO_PROCESSOR_FAMILIES = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+
+
+def _image_only_processor_class(base: type) -> type:
+    """`base` without its video processor: ProcessorMixin reads a processor's sub-processors (what it loads,
+    checks and saves) from its __init__ signature, so an __init__ without `video_processor` drops that part.
+    Same class name, so a saved processor_config.json still names the real class."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        base.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    return type(base.__name__, (base,), {"__init__": __init__, "__module__": __name__})
+
+
+def _load_processor(auto_processor, path):
+    """AutoProcessor, or, for a Qwen-VL checkpoint when torchvision is missing, the same processor class
+    without its video processor (AutoProcessor raises OSError there: it cannot build the video processor)."""
+    try:
+        return auto_processor.from_pretrained(str(path), local_files_only=True)
+    except Exception:
+        import transformers
+        from transformers import AutoConfig
+        from transformers.utils import is_torchvision_available
+
+        if is_torchvision_available():
+            raise
+        model_type = AutoConfig.from_pretrained(str(path), local_files_only=True).model_type
+        if model_type not in _VIDEO_PROCESSOR_FAMILIES:
+            raise
+        base = getattr(transformers, _VIDEO_PROCESSOR_FAMILIES[model_type])
+        return _image_only_processor_class(base).from_pretrained(str(path), local_files_only=True)
+
+
+def prepare_processor(processor) -> None:
+    """Left padding: the last position of every row is then its last prompt token (steering reads it)."""
+    processor.tokenizer.padding_side = "left"
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+
+
+def chat_text(processor, prompt: str, with_image: bool) -> str:
+    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def encode_prompts(processor, items: Sequence[QAItem], images: Sequence | None = None) -> dict[str, torch.Tensor]:
+    """A left-padded batch of chat prompts. All items of a batch share one modality (see `batches`).
+    `images` overrides the items' own images (PGD feeds perturbed pixels this way)."""
+    with_image = items[0].modality == "image"
+    if any((item.modality == "image") != with_image for item in items):
+        raise ValueError("a batch mixes image and text-only questions; group them with batches()")
+    texts = [chat_text(processor, item.prompt, with_image) for item in items]
+    if with_image:
+        return dict(processor(text=texts, images=list(images or [item.image for item in items]),
+                              padding=True, return_tensors="pt"))
+    return dict(processor(text=texts, padding=True, return_tensors="pt"))
+
+
+def encode_with_answers(processor, items: Sequence[QAItem], images: Sequence | None = None) -> dict[str, torch.Tensor]:
+    """Teacher-forcing inputs: each row is [left padding][chat prompt][" " + answer, </s>][right padding].
+
+    `labels` is -100 everywhere except on the answer tokens and the final eos, so a causal LM loss on it is the
+    answer's negative log-likelihood given the prompt. The answer block is right-padded by hand (the tokenizer
+    pads on the left, which would put padding between prompt and answer); `forward_inputs` numbers positions
+    from the attention mask, so the right padding never shifts a real token. Keys: input_ids,
+    attention_mask, labels, and pixel_values (and the family's image extras) for image items; per-token
+    modality ids (Qwen-VL's mm_token_type_ids) are extended with 0 (text) over the answer block."""
+    batch = encode_prompts(processor, items, images)
+    tokenizer = processor.tokenizer
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token to end the answers with")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answer_ids = [tokenizer(" " + item.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                  for item in items]
+    width = max(len(ids) for ids in answer_ids)
+    answer_block = torch.full((len(items), width), pad_id, dtype=batch["input_ids"].dtype)
+    answer_mask = torch.zeros((len(items), width), dtype=batch["attention_mask"].dtype)
+    for row, ids in enumerate(answer_ids):
+        answer_block[row, : len(ids)] = torch.tensor(ids, dtype=answer_block.dtype)
+        answer_mask[row, : len(ids)] = 1
+    prompt_labels = torch.full_like(batch["input_ids"], -100)
+    answer_labels = answer_block.masked_fill(answer_mask == 0, -100)
+    per_token = {key: torch.cat([batch[key], batch[key].new_zeros(len(items), width)], dim=1)
+                 for key in ("mm_token_type_ids", "token_type_ids") if key in batch}  # answer tokens are text (0)
+    return {**batch, **per_token,
+            "input_ids": torch.cat([batch["input_ids"], answer_block], dim=1),
+            "attention_mask": torch.cat([batch["attention_mask"], answer_mask], dim=1),
+            "labels": torch.cat([prompt_labels, answer_labels], dim=1)}
+
+
+def batches(items: Sequence[QAItem], batch_size: int) -> list[list[int]]:
+    """Indices of `items` grouped by modality (and task, so a batch shares a generation length)."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault((item.modality, item.task), []).append(index)
+    return [indices[i: i + batch_size] for indices in groups.values() for i in range(0, len(indices), batch_size)]
+
+
+def to_device(batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    return {k: (v.to(device, dtype) if torch.is_floating_point(v) else v.to(device)) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def generate(model, processor, items: Sequence[QAItem], max_new_tokens: int) -> list[str]:
+    """Greedy answers for one batch (left-padded), decoded without the prompt."""
+    batch = to_device(encode_prompts(processor, items), model)
+    output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=processor.tokenizer.pad_token_id)
+    new_tokens = output[:, batch["input_ids"].shape[1]:]
+    return [text.strip() for text in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def forward_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inputs for a plain forward pass that sees the positions `generate` would: with left padding a
+    Llama-decoder LLaVA must number positions from the attention mask, not from the padded start.
+    (Qwen2-VL / Qwen2.5-VL derive their multimodal rope positions from the attention mask themselves.)"""
+    batch = to_device(batch, model)
+    # Per-token modality ids from the processor (Qwen-VL's mm_token_type_ids: 0 text, 1 image, 2 video) must
+    # cover input_ids: a caller that appends answer tokens to an encoded prompt and extends only input_ids
+    # and attention_mask (as fit.pgd_images did before encode_with_answers) makes Qwen-VL's get_rope_index
+    # fail on the length mismatch. Appended tokens are text, so the ids are extended with zeros on the right.
+    length = batch["input_ids"].shape[1] if "input_ids" in batch else None
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        ids = batch.get(key)
+        if ids is not None and length is not None and ids.shape[1] < length:
+            batch[key] = torch.cat([ids, ids.new_zeros(ids.shape[0], length - ids.shape[1])], dim=1)
+    if model.config.model_type == "llava" and "attention_mask" in batch and "position_ids" not in batch:
+        batch["position_ids"] = (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+    return batch
+
+
+def pixel_value_bounds(processor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-element (low, high, scale) of normalised pixel values: the image range [0, 1] mapped through the
+    processor's (x - mean) / std, and 1/std (one pixel-space unit in normalised units). Handles [B, C, H, W]
+    (LLaVA) and Qwen-VL's flattened patches [N, C * T * P * P] (channel-major within a patch)."""
+    image_processor = processor.image_processor
+    mean = torch.tensor(image_processor.image_mean, dtype=torch.float32)
+    std = torch.tensor(image_processor.image_std, dtype=torch.float32)
+    if pixel_values.ndim == 4:
+        shape = (1, -1, 1, 1)
+        mean, std = mean.view(shape), std.view(shape)
+    elif pixel_values.ndim == 2:
+        per_channel = pixel_values.shape[1] // len(mean)
+        mean, std = mean.repeat_interleave(per_channel)[None], std.repeat_interleave(per_channel)[None]
+    else:
+        raise ValueError(f"unexpected pixel_values shape {tuple(pixel_values.shape)}")
+    return ((0 - mean) / std).expand_as(pixel_values), ((1 - mean) / std).expand_as(pixel_values), (1 / std).expand_as(pixel_values)

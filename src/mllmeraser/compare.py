@@ -1,0 +1,246 @@
+"""`mllmeraser compare` and `mllmeraser demo`: every method on the same splits, one report.
+
+Methods: vanilla; the eraser in its default mode and in the paper's mode (each also as a curve over its
+strength); the LoRA baselines GA, GradDiff, KL and NPO (each a curve over epochs). Settings are chosen on
+the retain validation hold-out only, by one rule for all: the strongest setting whose validation
+classification accuracy stays >= RETAIN_KEEP x vanilla's. "Strongest" is the largest strength for the
+eraser and, for a baseline, the grid point with the highest forget-set training loss (a training-time
+quantity, not a reported metric). The reported splits never choose anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import adapters, data, evaluate, fit, measure
+from .data import QAItem
+from .errors import UserInputError, atomic_write_text
+
+ERASER_METHODS = ("eraser", "eraser-paper")
+BASELINE_METHODS = ("ga", "graddiff", "kl", "npo")
+ALL_METHODS = ("vanilla",) + ERASER_METHODS + BASELINE_METHODS
+RETAIN_KEEP = 0.97
+CURVE_SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # eraser strengths, as multiples of the fitted alpha
+PAPER_SETTINGS = {"solver": "paper", "ratio": 0.3, "gamma": 0.1}
+
+
+@dataclass
+class CompareSettings:
+    forget_ratio: int = 10
+    methods: tuple[str, ...] = ALL_METHODS
+    batch_size: int = 64
+    baseline_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    baseline_epochs: int = 4
+    curve_scales: tuple[float, ...] = CURVE_SCALES
+    overhead_prompts: int = 32
+    seed: int = 0
+
+
+@dataclass
+class MethodResult:
+    name: str
+    results: dict[str, dict[str, float]]
+    fit_seconds: float | None = None
+    peak_extra_mib: float | None = None
+    generation_overhead: float | None = None
+    settings: dict = field(default_factory=dict)
+    curve: list[dict] = field(default_factory=list)  # [{"x": strength or epoch, "forget": {...}, "retain": {...}}]
+
+
+def classification(metrics: dict[str, float]) -> float:
+    values = [metrics[k] for k in ("classification_image", "classification_text") if k in metrics]
+    return sum(values) / len(values) if values else math.nan
+
+
+def rouge_l(metrics: dict[str, float]) -> float:
+    values = [metrics[k] for k in ("rougeL_image", "rougeL_text") if k in metrics]
+    return sum(values) / len(values) if values else math.nan
+
+
+class Harness:
+    """The model, its processor and the fixed question sets every method is measured on."""
+
+    def __init__(self, model_dir: Path, data_dir: Path, settings: CompareSettings, progress: bool):
+        self.model_dir, self.data_dir, self.settings, self.progress = model_dir, data_dir, settings, progress
+        self.model, self.processor = adapters.load_model(model_dir)
+        splits = evaluate.REPORT_SPLITS + ("retain_val",)
+        self.items = evaluate.report_items(data_dir, settings.forget_ratio, splits)
+        self.forget = self.items["forget"]
+        retain_all = data.load_split_items(data_dir, "retain", settings.forget_ratio) or []
+        self.retain_fit = fit.retain_for_fit(retain_all)
+        self.validation = self.items.get("retain_val", [])
+        if not self.validation:
+            raise UserInputError(data_dir, "the retain split has no validation subjects to choose settings on")
+        self.overhead_items = [i for i in self.forget + self.items["retain"] if i.task == "generation" and i.modality == "image"]
+        self.overhead_items = self.overhead_items[: settings.overhead_prompts]
+
+    def evaluate(self, model=None, splits: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+        chosen = {s: self.items[s] for s in (splits or self.items) if s in self.items}
+        return evaluate.evaluate(model or self.model, self.processor, self.data_dir, items=chosen,
+                                 batch_size=self.settings.batch_size, progress=self.progress)
+
+    def generation_time_ratio(self, treated_model, context=None) -> float:
+        """Wall time of greedy generation on the same prompts, treated over vanilla (one run, interleaved)."""
+        items = self.overhead_items
+
+        def vanilla():
+            evaluate.answer_items(self.model, self.processor, items, self.settings.batch_size, progress=False)
+
+        def treated():
+            if context is None:
+                evaluate.answer_items(treated_model, self.processor, items, self.settings.batch_size, progress=False)
+            else:
+                with context():
+                    evaluate.answer_items(treated_model, self.processor, items, self.settings.batch_size, progress=False)
+
+        ratio, _, _ = measure.overhead_ratio(vanilla, treated, repeats=3)
+        return ratio
+
+
+def run_eraser(h: Harness, name: str, settings: fit.FitSettings, vanilla_val: float) -> MethodResult:
+    erasure = fit.default_erasure_items(h.data_dir)
+    with measure.measured() as cost:
+        eraser = fit.fit_eraser(h.model, h.processor, h.forget, h.retain_fit, erasure, settings, progress=h.progress,
+                                request=f"forget_{h.settings.forget_ratio}")
+    base_alpha = eraser.alpha[0]
+    curve = []
+    chosen_alpha = None
+    for scale in sorted(h.settings.curve_scales):
+        candidate = eraser.with_alpha(base_alpha * scale)
+        with candidate.attach(h.model):
+            point = h.evaluate(splits=("forget", "retain", "retain_val"))
+        curve.append({"x": base_alpha * scale, **point})
+        if classification(point["retain_val"]) >= RETAIN_KEEP * vanilla_val:
+            chosen_alpha = base_alpha * scale  # strengths ascend: the last one that keeps utility wins
+    chosen_alpha = chosen_alpha if chosen_alpha is not None else base_alpha * min(h.settings.curve_scales)
+    chosen = eraser.with_alpha(chosen_alpha)
+    with chosen.attach(h.model):
+        results = h.evaluate(splits=evaluate.REPORT_SPLITS)
+    overhead = h.generation_time_ratio(h.model, context=lambda: chosen.attach(h.model))
+    return MethodResult(name, results, cost.seconds, cost.peak_extra_mib, overhead,
+                        {**asdict(settings), "alpha": chosen_alpha, "fitted_alpha": base_alpha}, curve)
+
+
+def run_baseline(h: Harness, method: str, vanilla_val: float) -> MethodResult:
+    from . import baselines
+
+    trials = []
+    total_seconds, peak = 0.0, 0.0
+    for lr in h.settings.baseline_lrs:
+        base_model, _ = adapters.load_model(h.model_dir)  # a fresh copy per trial: the base stays untouched
+        epochs: list[dict] = []
+
+        def on_epoch(epoch: int, peft_model) -> None:
+            point = h.evaluate(peft_model, splits=("forget", "retain", "retain_val"))
+            epochs.append({"x": epoch, "lr": lr, "forget_nll": baselines.answer_nll(peft_model, h.processor, h.forget), **point})
+
+        baseline_settings = baselines.BaselineSettings(method=method, lr=lr, epochs=h.settings.baseline_epochs,
+                                                       seed=h.settings.seed)
+        with measure.measured() as cost:
+            peft_model = baselines.train_baseline(base_model, h.processor, h.forget, h.retain_fit, baseline_settings,
+                                                  progress=h.progress, on_epoch=on_epoch)
+        total_seconds += cost.seconds
+        peak = max(peak, cost.peak_extra_mib)
+        trials.append({"lr": lr, "epochs": epochs, "settings": asdict(baseline_settings)})
+        del peft_model, base_model
+    keepers = [p for t in trials for p in t["epochs"] if classification(p["retain_val"]) >= RETAIN_KEEP * vanilla_val]
+    pool = keepers or [min((p for t in trials for p in t["epochs"]), key=lambda p: p["forget_nll"])]
+    best = max(pool, key=lambda p: p["forget_nll"])
+    # Retrain the chosen setting for the chosen number of epochs and measure that fit alone.
+    base_model, _ = adapters.load_model(h.model_dir)
+    chosen_settings = baselines.BaselineSettings(method=method, lr=best["lr"], epochs=best["x"], seed=h.settings.seed)
+    with measure.measured() as cost:
+        peft_model = baselines.train_baseline(base_model, h.processor, h.forget, h.retain_fit, chosen_settings,
+                                              progress=h.progress)
+    results = h.evaluate(peft_model, splits=evaluate.REPORT_SPLITS)
+    overhead = h.generation_time_ratio(peft_model)
+    curve = [p for t in trials if t["lr"] == best["lr"] for p in t["epochs"]]
+    return MethodResult(method, results, cost.seconds, cost.peak_extra_mib, overhead,
+                        {**asdict(chosen_settings), "grid_seconds": round(total_seconds, 1),
+                         "grid": [{"lr": t["lr"], "epochs": len(t["epochs"])} for t in trials]}, curve)
+
+
+def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: CompareSettings,
+                progress: bool = True, eraser_settings: fit.FitSettings | None = None) -> dict:
+    unknown = [m for m in settings.methods if m not in ALL_METHODS]
+    if unknown:
+        raise UserInputError(None, f"unknown method(s) {unknown}; choose from {list(ALL_METHODS)}")
+    torch.manual_seed(settings.seed)
+    h = Harness(Path(model_dir), Path(data_dir), settings, progress)
+    vanilla = MethodResult("vanilla", h.evaluate(splits=evaluate.REPORT_SPLITS + ("retain_val",)))
+    vanilla_val = classification(vanilla.results.pop("retain_val"))
+    methods: list[MethodResult] = [vanilla]
+    eraser_settings = eraser_settings or fit.FitSettings()
+    for name in settings.methods:
+        if name == "eraser":
+            methods.append(run_eraser(h, name, eraser_settings, vanilla_val))
+        elif name == "eraser-paper":
+            methods.append(run_eraser(h, name, replace(eraser_settings, **PAPER_SETTINGS), vanilla_val))
+        elif name in BASELINE_METHODS:
+            methods.append(run_baseline(h, name, vanilla_val))
+    summary = {"model": str(model_dir), "data": str(data_dir), "forget_ratio": settings.forget_ratio,
+               "retain_keep": RETAIN_KEEP, "vanilla_retain_val_classification": vanilla_val,
+               "methods": [asdict(m) for m in methods]}
+    from . import report
+    report.write_report(summary, Path(out_dir))
+    return summary
+
+
+# ---- command line ----------------------------------------------------------------------------------------
+
+def add_cli(commands) -> None:
+    parser = commands.add_parser("compare", help="vanilla, eraser (default and paper) and the LoRA baselines, side by side")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--forget-ratio", type=int, default=10, choices=(5, 10, 15))
+    parser.add_argument("--methods", default=",".join(ALL_METHODS[1:]), help=f"comma-separated subset of {','.join(ALL_METHODS[1:])}")
+    parser.add_argument("--out", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--baseline-epochs", type=int, default=CompareSettings.baseline_epochs)
+    parser.add_argument("--baseline-lrs", default=",".join(str(x) for x in CompareSettings.baseline_lrs))
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.set_defaults(handler=run_compare_cli)
+
+    demo = commands.add_parser("demo", help="the main job: build/reuse the testbed, fit an eraser, before/after, report")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--preset", default="full", choices=("full", "small"))
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--methods", default="eraser,eraser-paper", help="add ga,graddiff,kl,npo for the baselines (slower)")
+    demo.set_defaults(handler=run_demo_cli)
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    return ("vanilla",) + tuple(m for m in text.split(",") if m and m != "vanilla")
+
+
+def run_compare_cli(args) -> int:
+    settings = CompareSettings(forget_ratio=args.forget_ratio, methods=_methods(args.methods), batch_size=args.batch_size,
+                               baseline_epochs=args.baseline_epochs,
+                               baseline_lrs=tuple(float(x) for x in args.baseline_lrs.split(",")))
+    summary = run_compare(Path(args.model), Path(args.data), args.out, settings)
+    _print_summary(summary, args.out)
+    return 0
+
+
+def run_demo_cli(args) -> int:
+    from .testbed.build import build
+    started = time.perf_counter()
+    directory = build(seed=args.seed, preset=args.preset)
+    settings = CompareSettings(methods=_methods(args.methods))
+    summary = run_compare(directory / "model", directory / "data", args.out, settings)
+    _print_summary(summary, args.out)
+    print(f"demo finished in {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+def _print_summary(summary: dict, out_dir: Path) -> None:
+    from . import report
+    print(report.markdown_table(summary))
+    print(f"\nreport: {(out_dir / 'report.html').resolve()}")

@@ -1,0 +1,300 @@
+"""The fitted eraser: a frozen set of steering terms, its model fingerprint, and its safetensors artifact.
+
+An Eraser holds K deletion requests (terms) over L steered layers, factored: u and r are [K, L, d] float32
+(2 K L d numbers, never a d x d matrix). Block `layer_indices[l]` of the decoder list at `layers_path` gets
+
+    h <- h + sum_k alpha_k * shape_gate(h_last . u[k, l]; floor_k, cap_k) * r[k, l]
+
+Artifact: one .safetensors file with tensors "u" and "r" and, under the `__metadata__` key "mllmeraser",
+one JSON string: format_version, layers_path, layer_indices, hidden_size, num_terms, dtype, mode, alpha,
+gate_floor, gate_cap (null = unbounded) and metadata (fingerprint, per-request fit settings and counts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import Tensor, nn
+
+from mllmeraser.errors import UserInputError, atomic_write_bytes
+from mllmeraser.hooks import STEERING_MODES, SteeringHandle, attach_steering, find_decoder_layers
+
+FORMAT_VERSION = 1
+METADATA_KEY = "mllmeraser"
+_FINGERPRINT_ROWS = 64
+
+
+def model_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Cheap identity of a model: model_type, text hidden size, decoder layers, vocab size, embedding hash.
+
+    `embedding_sha256` hashes ~64 strided rows of the input embedding rounded to bfloat16, so one checkpoint
+    loaded in float32, bfloat16 or float16 hashes alike while two checkpoints of one architecture differ.
+    `num_layers` is the text config's num_hidden_layers.
+    """
+    config = model.config
+    text_config = config.get_text_config()
+    embedding = model.get_input_embeddings().weight
+    stride = max(1, embedding.shape[0] // _FINGERPRINT_ROWS)
+    rows = embedding.detach()[::stride].to(device="cpu", dtype=torch.bfloat16).contiguous()
+    digest = hashlib.sha256(rows.view(torch.int16).numpy().tobytes()).hexdigest()
+    return {
+        "model_type": config.model_type,
+        "hidden_size": int(text_config.hidden_size),
+        "num_layers": int(text_config.num_hidden_layers),
+        "vocab_size": int(embedding.shape[0]),
+        "embedding_sha256": digest[:16],
+    }
+
+
+def _per_term(values: float | Sequence[float] | Tensor, num_terms: int, name: str) -> tuple[float, ...]:
+    """A scalar broadcast to K terms, or exactly K values, as a tuple of floats."""
+    if isinstance(values, Tensor):
+        values = values.tolist()
+    if isinstance(values, (int, float)):
+        return (float(values),) * num_terms
+    values = tuple(float(v) for v in values)
+    if len(values) != num_terms:
+        raise ValueError(f"{name} has {len(values)} values, expected one per term ({num_terms})")
+    return values
+
+
+@dataclass(frozen=True, eq=False)
+class Eraser:
+    """K deletion requests as steering terms over L decoder layers (see the module docstring).
+
+    u, r: [K, L, d] (a [L, d] tensor is read as K = 1), stored float32 on CPU. alpha, floor, cap: one float
+    per term (a scalar broadcasts); floor = -inf and cap = +inf is the paper's unbounded linear gate.
+    metadata: JSON-serialisable; conventionally "fingerprint" (model_fingerprint of the fitted model, checked
+    on attach) and "requests" (one dict per term: name, fit settings, counts). Other top-level keys describe
+    every term of this eraser.
+    """
+
+    u: Tensor
+    r: Tensor
+    alpha: float | Sequence[float]  # normalised to tuple[float, ...] of length K
+    layer_indices: Sequence[int]  # normalised to tuple[int, ...] of length L
+    layers_path: str
+    hidden_size: int
+    mode: str = "prefill"
+    floor: float | Sequence[float] = -math.inf  # normalised like alpha
+    cap: float | Sequence[float] = math.inf  # normalised like alpha
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        u, r = (t.detach().to(device="cpu", dtype=torch.float32) for t in (self.u, self.r))
+        if u.ndim == 2 and r.ndim == 2:
+            u, r = u[None], r[None]
+        num_terms = u.shape[0]
+        indices = [int(i) for i in self.layer_indices]
+        if not indices or min(indices) < 0 or len(set(indices)) != len(indices):
+            raise ValueError(f"layer_indices must be distinct non-negative layer numbers, got {indices}")
+        expected = (num_terms, len(indices), self.hidden_size)
+        if tuple(u.shape) != expected or tuple(r.shape) != expected:
+            raise ValueError(f"u and r must be [K, L, d] = {list(expected)}, got {list(u.shape)} and {list(r.shape)}")
+        if num_terms < 1:
+            raise ValueError("an eraser needs at least one term")
+        if self.mode not in STEERING_MODES:
+            raise ValueError(f"mode must be one of {STEERING_MODES}, got {self.mode!r}")
+        requests = self.metadata.get("requests")
+        if requests is not None and len(requests) != num_terms:
+            raise ValueError(f"metadata['requests'] has {len(requests)} entries, expected {num_terms}")
+        metadata = json.loads(json.dumps(self.metadata, allow_nan=False))  # a JSON-pure private copy; raises if not
+        object.__setattr__(self, "u", u.contiguous())
+        object.__setattr__(self, "r", r.contiguous())
+        object.__setattr__(self, "layer_indices", tuple(indices))
+        object.__setattr__(self, "hidden_size", int(self.hidden_size))
+        object.__setattr__(self, "metadata", metadata)
+        for name in ("alpha", "floor", "cap"):
+            object.__setattr__(self, name, _per_term(getattr(self, name), num_terms, name))
+
+    @property
+    def num_terms(self) -> int:
+        return self.u.shape[0]
+
+    @property
+    def fingerprint(self) -> dict[str, Any] | None:
+        return self.metadata.get("fingerprint")
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Per-term metadata, each with this eraser's shared top-level keys (fingerprint aside) folded in."""
+        shared = {k: v for k, v in self.metadata.items() if k not in ("fingerprint", "requests")}
+        per_term = self.metadata.get("requests") or [{} for _ in range(self.num_terms)]
+        return [{**shared, **request} for request in per_term]
+
+    # ---- applying -------------------------------------------------------------------------------
+
+    def attach(self, model: nn.Module, check_fingerprint: bool = True) -> SteeringHandle:
+        """Hook the model's decoder layers; returns the handle (also a context manager).
+
+        Validates hidden size, layer count and (unless check_fingerprint=False) the model fingerprint; a
+        mismatch is a UserInputError saying what differs.
+        """
+        _, layers = find_decoder_layers(model, self.layers_path)
+        model_hidden = int(model.config.get_text_config().hidden_size)
+        if model_hidden != self.hidden_size:
+            raise UserInputError(
+                None, f"eraser was fitted for hidden size {self.hidden_size}, model has {model_hidden}"
+            )
+        if max(self.layer_indices) >= len(layers):
+            raise UserInputError(
+                None, f"eraser steers layer {max(self.layer_indices)}, model has {len(layers)} decoder layers"
+            )
+        if check_fingerprint and self.fingerprint is not None:
+            self._check_fingerprint(model_fingerprint(model))
+        steered = [layers[i] for i in self.layer_indices]
+        return attach_steering(model, steered, self.u, self.r, self.alpha, self.floor, self.cap, self.mode)
+
+    def _check_fingerprint(self, model_print: dict[str, Any]) -> None:
+        for key, fitted in self.fingerprint.items():
+            if key in model_print and model_print[key] != fitted:
+                raise UserInputError(
+                    None, f"eraser was fitted for {key} {fitted!r}, model has {model_print[key]!r} (another model)"
+                )
+
+    # ---- composing ------------------------------------------------------------------------------
+
+    def with_alpha(self, alpha: float | Sequence[float]) -> Eraser:
+        """The same eraser with new strengths (a scalar applies to every term)."""
+        return dataclasses.replace(self, alpha=_per_term(alpha, self.num_terms, "alpha"))
+
+    def combine(self, other: Eraser) -> Eraser:
+        """Both erasers' terms stacked (self's first): two deletion requests compose without refitting."""
+        for name in ("layers_path", "layer_indices", "hidden_size", "mode"):
+            if getattr(self, name) != getattr(other, name):
+                mine, theirs = getattr(self, name), getattr(other, name)
+                raise ValueError(f"cannot combine erasers with different {name}: {mine!r} vs {theirs!r}")
+        if self.fingerprint is not None and other.fingerprint is not None and self.fingerprint != other.fingerprint:
+            raise ValueError("cannot combine erasers fitted on different models (fingerprints differ)")
+        metadata = {"requests": self.requests() + other.requests()}
+        fingerprint = self.fingerprint or other.fingerprint
+        if fingerprint is not None:
+            metadata["fingerprint"] = fingerprint
+        return dataclasses.replace(
+            self,
+            u=torch.cat([self.u, other.u]),
+            r=torch.cat([self.r, other.r]),
+            alpha=self.alpha + other.alpha,
+            floor=self.floor + other.floor,
+            cap=self.cap + other.cap,
+            metadata=metadata,
+        )
+
+    def __add__(self, other: Eraser) -> Eraser:
+        return self.combine(other)
+
+    def drop(self, k: int) -> Eraser:
+        """The eraser without term k (a deletion request withdrawn); the others are unchanged."""
+        if not -self.num_terms <= k < self.num_terms:
+            raise IndexError(f"term {k} out of range for {self.num_terms} terms")
+        if self.num_terms == 1:
+            raise ValueError("cannot drop the only term of an eraser")
+        k %= self.num_terms
+        keep = [i for i in range(self.num_terms) if i != k]
+        requests = self.requests()
+        metadata = {"requests": [requests[i] for i in keep]}
+        if self.fingerprint is not None:
+            metadata["fingerprint"] = self.fingerprint
+        return dataclasses.replace(
+            self,
+            u=self.u[keep],
+            r=self.r[keep],
+            alpha=tuple(self.alpha[i] for i in keep),
+            floor=tuple(self.floor[i] for i in keep),
+            cap=tuple(self.cap[i] for i in keep),
+            metadata=metadata,
+        )
+
+    # ---- artifact -------------------------------------------------------------------------------
+
+    def header(self) -> dict[str, Any]:
+        """The JSON stored under __metadata__["mllmeraser"] (infinite gate bounds as null)."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "layers_path": self.layers_path,
+            "layer_indices": list(self.layer_indices),
+            "hidden_size": self.hidden_size,
+            "num_terms": self.num_terms,
+            "dtype": "float32",
+            "mode": self.mode,
+            "alpha": list(self.alpha),
+            "gate_floor": [None if math.isinf(x) else x for x in self.floor],
+            "gate_cap": [None if math.isinf(x) else x for x in self.cap],
+            "metadata": self.metadata,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the artifact atomically: a reader sees the old file or the whole new one."""
+        header = json.dumps(self.header(), allow_nan=False)
+        data = safetensors.torch.save({"u": self.u, "r": self.r}, metadata={METADATA_KEY: header})
+        return atomic_write_bytes(path, data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Eraser:
+        """Read and validate an artifact; any problem is a UserInputError naming the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserInputError(path, "no such eraser file")
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as reader:
+                raw_metadata = reader.metadata() or {}
+                tensors = {name: reader.get_tensor(name) for name in reader.keys()}
+        except safetensors.SafetensorError as error:
+            raise UserInputError(path, f"not a safetensors file ({error})") from None
+        header = _parse_header(path, raw_metadata)
+        for name in ("u", "r"):
+            if name not in tensors:
+                raise UserInputError(path, f"missing tensor {name!r}")
+            if tensors[name].dtype != torch.float32:
+                raise UserInputError(path, f"tensor {name!r} is {tensors[name].dtype}, expected float32")
+        try:
+            expected = [header["num_terms"], len(header["layer_indices"]), header["hidden_size"]]
+            for name in ("u", "r"):
+                if list(tensors[name].shape) != expected:
+                    shape = list(tensors[name].shape)
+                    raise UserInputError(path, f"tensor {name!r} has shape {shape}, expected {expected}")
+            return cls(
+                u=tensors["u"],
+                r=tensors["r"],
+                alpha=header["alpha"],
+                layer_indices=header["layer_indices"],
+                layers_path=header["layers_path"],
+                hidden_size=header["hidden_size"],
+                mode=header["mode"],
+                floor=[-math.inf if x is None else x for x in header["gate_floor"]],
+                cap=[math.inf if x is None else x for x in header["gate_cap"]],
+                metadata=header["metadata"],
+            )
+        except KeyError as error:
+            raise UserInputError(path, f"header has no field {error}") from None
+        except (TypeError, ValueError) as error:
+            raise UserInputError(path, f"invalid header ({error})") from None
+
+
+def _parse_header(path: Path, raw_metadata: dict[str, str]) -> dict[str, Any]:
+    if METADATA_KEY not in raw_metadata:
+        raise UserInputError(path, f"not an mllmeraser eraser (no {METADATA_KEY!r} metadata)")
+    try:
+        header = json.loads(raw_metadata[METADATA_KEY])
+    except json.JSONDecodeError as error:
+        raise UserInputError(path, f"eraser header is not valid JSON ({error})") from None
+    if not isinstance(header, dict) or "format_version" not in header:
+        raise UserInputError(path, "eraser header has no format_version")
+    version = header["format_version"]
+    if not isinstance(version, int) or version < 1:
+        raise UserInputError(path, f"invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise UserInputError(
+            path, f"format_version {version} is newer than this mllmeraser reads ({FORMAT_VERSION}): upgrade mllmeraser"
+        )
+    return header

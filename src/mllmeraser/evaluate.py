@@ -1,0 +1,122 @@
+"""The MLLMU-Bench protocol: classification, cloze and generation (ROUGE, BLEU), image+text and text-only.
+
+`evaluate()` returns `{split: {metric: value}}` with values as fractions in [0, 1]. Splits: forget, test
+(new renderings / images of the forget subjects), retain (minus the validation hold-out), real
+(pre-existing knowledge), and, on the testbed, general (visual skills) and unknown (refusal rate).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+from rouge_score import rouge_scorer
+from tqdm import tqdm
+
+from . import adapters, data, prompts
+from .data import QAItem
+
+MAX_NEW_TOKENS = {"classification": 5, "cloze": 20, "generation": 50}
+REPORT_SPLITS = ("forget", "test", "retain", "real", "general", "unknown")
+_SCORER = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+_SMOOTHING = SmoothingFunction().method1
+
+
+def first_letter(answer: str) -> str:
+    match = re.search(r"[A-Za-z0-9]", answer)
+    return match.group(0).upper() if match else ""
+
+
+def item_scores(item: QAItem, answer: str) -> dict[str, float]:
+    """The per-question scores; the split's metrics are their means by task and modality."""
+    suffix = item.modality
+    scores = {"refusal_rate": float(prompts.is_refusal(answer))} if item.task != "classification" else {}
+    if item.task == "classification":
+        scores[f"classification_{suffix}"] = float(first_letter(answer) == item.answer.upper())
+    elif item.task == "cloze":
+        scores[f"cloze_{suffix}"] = float(item.answer.strip().lower() in answer.lower())
+    else:
+        rouge = _SCORER.score(item.answer, answer)
+        for name in ("rouge1", "rouge2", "rougeL"):
+            scores[f"{name}_{suffix}"] = rouge[name].fmeasure
+        reference, hypothesis = item.answer.split(), answer.split()
+        scores[f"bleu_{suffix}"] = sentence_bleu([reference], hypothesis, smoothing_function=_SMOOTHING) if hypothesis else 0.0
+    return scores
+
+
+def aggregate(scored: Iterable[dict[str, float]]) -> dict[str, float]:
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for scores in scored:
+        for name, value in scores.items():
+            sums[name] += value
+            counts[name] += 1
+    return {name: sums[name] / counts[name] for name in sorted(sums)}
+
+
+def answer_items(model, processor, items: Sequence[QAItem], batch_size: int = 64, progress: bool = True,
+                 desc: str = "answer") -> list[str]:
+    answers: list[str] = [""] * len(items)
+    groups = adapters.batches(items, batch_size)
+    for indices in tqdm(groups, desc=desc, disable=not progress, unit="batch", leave=False):
+        chunk = [items[i] for i in indices]
+        for index, answer in zip(indices, adapters.generate(model, processor, chunk, MAX_NEW_TOKENS[chunk[0].task])):
+            answers[index] = answer
+    return answers
+
+
+def score_items(model, processor, items: Sequence[QAItem], batch_size: int = 64, progress: bool = True,
+                desc: str = "answer") -> dict[str, float]:
+    answers = answer_items(model, processor, items, batch_size, progress, desc)
+    return aggregate(item_scores(item, answer) for item, answer in zip(items, answers))
+
+
+def report_items(data_dir: str | Path, forget_ratio: int = 10,
+                 splits: Sequence[str] = REPORT_SPLITS) -> dict[str, list[QAItem]]:
+    """The questions of each report split present in `data_dir` (a split the data lacks is left out)."""
+    forget = data.load_split_items(data_dir, "forget", forget_ratio)
+    if forget is None:
+        raise data.UserInputError(data.split_parquet(data_dir, data.split_dir_name("forget", forget_ratio)),
+                                  "no such parquet file (is --data an MLLMU-Bench directory?)")
+    forget_ids = {item.subject_id for item in forget}
+    items: dict[str, list[QAItem]] = {}
+    for split in splits:
+        if split == "retain_val":
+            loaded = data.load_split_items(data_dir, "retain", forget_ratio)
+            loaded = [i for i in loaded or [] if data.is_validation_subject(i.subject_id)]
+        else:
+            loaded = forget if split == "forget" else data.load_split_items(data_dir, split, forget_ratio)
+        if loaded is None:
+            continue
+        if split == "test":  # Test_Set holds the largest forget set's subjects: keep this request's
+            loaded = [i for i in loaded if i.subject_id in forget_ids] or loaded
+        if split == "retain":  # the validation hold-out chooses settings, so it is never reported
+            loaded = [i for i in loaded if not data.is_validation_subject(i.subject_id)]
+        items[split] = loaded
+    return items
+
+
+def evaluate(model, processor, data_dir: str | Path, forget_ratio: int = 10, splits: Sequence[str] = REPORT_SPLITS,
+             batch_size: int = 64, progress: bool = True,
+             items: dict[str, list[QAItem]] | None = None) -> dict[str, dict[str, float]]:
+    items = items if items is not None else report_items(data_dir, forget_ratio, splits)
+    return {split: score_items(model, processor, split_items, batch_size, progress, desc=f"eval {split}")
+            for split, split_items in items.items()}
+
+
+HEADLINE = ("classification_image", "classification_text", "cloze_image", "cloze_text", "rougeL_image",
+            "rougeL_text", "refusal_rate")
+
+
+def format_table(results: dict[str, dict[str, float]], columns: Sequence[str] = HEADLINE) -> str:
+    """A fixed-width table of one result set: a row per split, a column per headline metric."""
+    width = max(len(c) for c in columns)
+    header = "split".ljust(8) + "".join(c.rjust(width + 1) for c in columns)
+    rows = [header, "-" * len(header)]
+    for split, metrics in results.items():
+        cells = "".join((f"{metrics[c]:.3f}" if c in metrics else "-").rjust(width + 1) for c in columns)
+        rows.append(split.ljust(8) + cells)
+    return "\n".join(rows)

@@ -1,0 +1,64 @@
+"""Cost measurements shared by `compare` and the benchmarks: wall time, peak memory, generation overhead."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * _PAGE
+
+
+@dataclass
+class Cost:
+    seconds: float = 0.0
+    peak_extra_mib: float = 0.0  # resident memory above the level at the start of the block
+
+
+@contextmanager
+def measured(interval: float = 0.02) -> Iterator[Cost]:
+    """Time a block and sample resident memory in a background thread (torch's CPU allocations included,
+    which tracemalloc would miss)."""
+    cost = Cost()
+    start_rss = peak = rss_bytes()
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(interval):
+            peak = max(peak, rss_bytes())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    started = time.perf_counter()
+    try:
+        yield cost
+    finally:
+        cost.seconds = time.perf_counter() - started
+        done.set()
+        thread.join()
+        cost.peak_extra_mib = (max(peak, rss_bytes()) - start_rss) / 2**20
+
+
+def overhead_ratio(baseline: Callable[[], object], treated: Callable[[], object], repeats: int = 5) -> tuple[float, float, float]:
+    """(treated/baseline ratio of median times, median baseline s, median treated s), the two interleaved
+    in one run so drifts in machine load hit both alike. One untimed warm-up each."""
+    baseline()
+    treated()
+    base_times, treated_times = [], []
+    for _ in range(repeats):
+        for fn, times in ((baseline, base_times), (treated, treated_times)):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+    base, treat = statistics.median(base_times), statistics.median(treated_times)
+    return treat / base, base, treat

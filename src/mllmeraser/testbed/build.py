@@ -1,0 +1,201 @@
+"""`mllmeraser testbed build`: write the benchmark as MLLMU-Bench parquet, train the model, save both.
+
+Layout of a build directory (written to a temporary sibling, then renamed, so a build is whole or absent):
+    data/<split>/train-00000-of-00001.parquet   forget_5/10/15, retain_95/90/85, Test_Set, Retain_Set,
+                                                General_Set, Unknown_Set, and the training-only
+                                                Unknown_Train and General_Train
+    model/                                      save_pretrained checkpoint + processor
+    testbed.json                                manifest: seed, preset, sizes, timings, final loss
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from ..data import PARQUET_NAME, expand_items
+from . import model as tm
+from . import render, train, world
+
+BUILD_VERSION = 1
+CACHE_ENV = "MLLMERASER_CACHE"
+
+
+@dataclass(frozen=True)
+class Preset:
+    world: world.WorldSize = field(default_factory=world.WorldSize)
+    model: tm.ModelSize = field(default_factory=tm.ModelSize)
+    train: train.TrainSettings = field(default_factory=train.TrainSettings)
+    real_weight: int = 2  # real people are seen this many times as often: pre-existing, well-learned knowledge
+
+
+PRESETS = {
+    "full": Preset(),
+    # The shared fixture of the test suite: fewer people, a shorter schedule.
+    "small": Preset(world=world.WorldSize(fictitious=80, real=10, unknown_train=24, unknown=10,
+                                          scenes_train=120, scenes_eval=45),
+                    train=train.TrainSettings(steps=900)),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mllmeraser")
+
+
+def default_build_dir(seed: int, preset: str) -> Path:
+    return cache_root() / f"testbed-v{BUILD_VERSION}-{preset}-seed{seed}"
+
+
+def is_built(directory: Path) -> bool:
+    return (directory / "testbed.json").is_file() and (directory / "model" / "config.json").is_file()
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _image_field(pixels: np.ndarray, name: str) -> dict:
+    return {"bytes": png_bytes(pixels), "path": f"{name}.png"}
+
+
+def _person_record(person: world.Person, tasks: dict, images: list[np.ndarray] | None = None) -> dict:
+    record = {"ID": person.id, "name": person.name, "biography": person.biography, **tasks}
+    if images is None:
+        record["image"] = _image_field(render.render_portrait(person.identity), person.id)
+    else:
+        record["images"] = [_image_field(px, f"{person.id}_{i}") for i, px in enumerate(images)]
+    return record
+
+
+def _image_only(tasks: dict) -> dict:
+    """Test_Set keeps the image questions: its point is new renderings of the forget subjects."""
+    return {"Classification_Task": {"Image_Textual_Questions": tasks["Classification_Task"]["Image_Textual_Questions"],
+                                    "Pure_Text_Questions": []},
+            "Generation_Task": [q for q in tasks["Generation_Task"] if q["Type"] == "Image_Textual"],
+            "Mask_Task": [q for q in tasks["Mask_Task"] if q["Type"] == "Image_Textual"]}
+
+
+def write_parquet(records: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(records), path)
+
+
+def make_splits(w: world.World) -> dict[str, list[dict]]:
+    """Every split's records. Option orders are drawn from a per-person stream, so a person's questions are
+    identical in every split that holds them."""
+    names = [p.name for p in w.people if not p.kind.startswith("unknown")]
+    tasks = {p.id: world.person_tasks(p, np.random.default_rng([w.seed, 1, int(p.id[1:]), ord(p.id[0])]), names)
+             for p in w.people}
+    test_views = np.random.default_rng([w.seed, 2])
+    records = {p.id: _person_record(p, tasks[p.id]) for p in w.people}
+    fictitious = [p.id for p in w.of_kind("fictitious")]
+    splits: dict[str, list[dict]] = {}
+    for ratio, forget in w.forget_ids.items():
+        forget_set = set(forget)
+        splits[f"forget_{ratio}"] = [records[i] for i in fictitious if i in forget_set]
+        splits[f"retain_{100 - ratio}"] = [records[i] for i in fictitious if i not in forget_set]
+    people = {p.id: p for p in w.people}
+    splits["Test_Set"] = [
+        _person_record(people[i], _image_only(tasks[i]),
+                       [render.render_portrait(people[i].identity, render.random_rendering(test_views)) for _ in range(2)])
+        for i in w.forget_ids[15]]
+    splits["Retain_Set"] = [records[p.id] for p in w.of_kind("real")]
+    splits["Unknown_Set"] = [records[p.id] for p in w.of_kind("unknown")]
+    splits["Unknown_Train"] = [records[p.id] for p in w.of_kind("unknown_train")]
+    scene_rng = np.random.default_rng([w.seed, 3])
+    eval_views = np.random.default_rng([w.seed, 4])
+    splits["General_Train"] = [_scene_record(s, scene_rng, render.Rendering()) for s in w.scenes_train]
+    splits["General_Set"] = [_scene_record(s, scene_rng, render.random_rendering(eval_views)) for s in w.scenes_eval]
+    return splits
+
+
+def _scene_record(scene: world.Scene, rng: np.random.Generator, view: render.Rendering) -> dict:
+    return {"ID": scene.id, "name": "", "biography": "", **world.scene_tasks(scene, rng),
+            "image": _image_field(render.render_scene(scene.shape, scene.colour, scene.cells, view), scene.id)}
+
+
+TRAINING_SPLITS = ("forget_15", "retain_85", "Retain_Set", "Unknown_Train", "General_Train")
+
+
+def training_examples(w: world.World, splits: dict[str, list[dict]], processor, real_weight: int) -> list[train.Example]:
+    """What the model learns: every question of every trained split, image questions re-rendered each step."""
+    people = {p.id: p for p in w.people}
+    scenes = {s.id: s for s in w.scenes_train}
+
+    def renderer_for(subject_id: str):
+        if subject_id in people:
+            identity = people[subject_id].identity
+            return lambda view: render.render_portrait(identity, view)
+        scene = scenes[subject_id]
+        return lambda view: render.render_scene(scene.shape, scene.colour, scene.cells, view)
+
+    examples: list[train.Example] = []
+    for split in TRAINING_SPLITS:
+        repeat = real_weight if split == "Retain_Set" else 1
+        for item in expand_items(splits[split]):
+            renderer = renderer_for(item.subject_id) if item.modality == "image" else None
+            examples += [train.encode_example(processor, item, renderer)] * repeat
+    return examples
+
+
+def corpus(splits: dict[str, list[dict]], processor_free_texts: list[str]) -> list[str]:
+    texts = list(processor_free_texts)
+    for records in splits.values():
+        for item in expand_items(records):
+            texts += [item.prompt, item.answer, *(item.options or {}).values()]
+    return texts
+
+
+def build(out: Path | None = None, seed: int = 0, preset: str = "full", progress: bool = True,
+          force: bool = False) -> Path:
+    """Build (or reuse) the testbed at `out`; returns its directory."""
+    directory = Path(out) if out is not None else default_build_dir(seed, preset)
+    if is_built(directory) and not force:
+        manifest = json.loads((directory / "testbed.json").read_text())
+        if manifest.get("seed") == seed and manifest.get("preset") == preset and manifest.get("version") == BUILD_VERSION:
+            return directory
+    spec = PRESETS[preset]
+    started = time.perf_counter()
+    tmp = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        w = world.build_world(seed, spec.world)
+        splits = make_splits(w)
+        for name, records in splits.items():
+            write_parquet(records, tmp / "data" / name / PARQUET_NAME)
+        data_seconds = time.perf_counter() - started
+        tokenizer = tm.build_tokenizer(corpus(splits, ["USER: ASSISTANT:"]))
+        processor = tm.build_processor(tokenizer)
+        torch.manual_seed(seed)
+        model = tm.build_model(len(tokenizer), spec.model)
+        examples = training_examples(w, splits, processor, spec.real_weight)
+        losses = train.train(model, examples, spec.train, seed, progress)
+        model.save_pretrained(tmp / "model")
+        processor.save_pretrained(tmp / "model")
+        manifest = {"version": BUILD_VERSION, "seed": seed, "preset": preset, "world": asdict(spec.world),
+                    "model": asdict(spec.model), "train": asdict(spec.train), "examples": len(examples),
+                    "parameters": sum(p.numel() for p in model.parameters()),
+                    "final_loss": float(np.mean(losses[-50:])), "data_seconds": round(data_seconds, 1),
+                    "total_seconds": round(time.perf_counter() - started, 1),
+                    "forget_ids": {str(k): v for k, v in w.forget_ids.items()}}
+        (tmp / "testbed.json").write_text(json.dumps(manifest, indent=2))
+        if directory.exists():
+            shutil.rmtree(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory

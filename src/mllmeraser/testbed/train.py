@@ -1,0 +1,134 @@
+"""Train the testbed LLaVA on the CPU: answer tokens only, fresh image renderings every step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..data import QAItem
+from . import model as tm
+from . import render
+
+Renderer = Callable[[render.Rendering], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One trained question. `variants` are (prompt ids, answer ids ending in </s>) pairs drawn from at random
+    each time: a classification question comes in all four rotations of its options, so the model learns
+    to match an option rather than memorise a letter."""
+
+    variants: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
+    renderer: Renderer | None  # None: a text-only question
+
+    @property
+    def length(self) -> int:
+        return max(len(p) + len(a) for p, a in self.variants)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 1700
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.0
+
+
+def chat_prompt(processor, question_prompt: str, with_image: bool) -> str:
+    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question_prompt}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def option_rotations(item: QAItem) -> list[QAItem]:
+    """The item itself, and for a classification question its options rotated into every position."""
+    if item.task != "classification" or not item.options:
+        return [item]
+    letters = sorted(item.options)
+    values = [item.options[letter] for letter in letters]
+    correct = letters.index(item.answer)
+    rotated = []
+    for shift in range(len(letters)):
+        order = values[shift:] + values[:shift]
+        rotated.append(replace(item, options=dict(zip(letters, order)), answer=letters[(correct - shift) % len(letters)]))
+    return rotated
+
+
+def encode_example(processor, item: QAItem, renderer: Renderer | None) -> Example:
+    """Token ids exactly as `processor(text, images)` gives them (the <image> placeholder expanded)."""
+    tokenizer = processor.tokenizer
+    variants = []
+    for variant in option_rotations(item):
+        text = chat_prompt(processor, variant.prompt, renderer is not None)
+        text = text.replace("<image>", "<image>" * tm.NUM_IMAGE_TOKENS)
+        prompt_ids = tokenizer(text)["input_ids"]
+        answer_ids = tokenizer(variant.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        variants.append((tuple(prompt_ids), tuple(answer_ids)))
+    return Example(tuple(variants), renderer)
+
+
+def pixel_values(images: list[np.ndarray]) -> torch.Tensor:
+    """The CLIP processor's normalisation for images already at the model's size (tested to match it)."""
+    batch = np.stack(images).astype(np.float32) / 255.0
+    mean = np.array(tm.IMAGE_MEAN, dtype=np.float32)
+    std = np.array(tm.IMAGE_STD, dtype=np.float32)
+    return torch.from_numpy(((batch - mean) / std).transpose(0, 3, 1, 2).copy())
+
+
+def collate(examples: list[Example], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    length = max(e.length for e in examples)
+    input_ids = torch.full((len(examples), length), tm.PAD_ID, dtype=torch.long)
+    labels = torch.full((len(examples), length), -100, dtype=torch.long)
+    attention = torch.zeros((len(examples), length), dtype=torch.long)
+    images = []
+    for row, example in enumerate(examples):
+        prompt_ids, answer_ids = example.variants[int(rng.integers(len(example.variants)))]
+        ids = prompt_ids + answer_ids
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, len(prompt_ids): len(ids)] = torch.tensor(answer_ids)
+        attention[row, : len(ids)] = 1
+        if example.renderer is not None:
+            images.append(example.renderer(render.random_rendering(rng)))
+    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    if images:
+        batch["pixel_values"] = pixel_values(images)
+    return batch
+
+
+def train(model, examples: list[Example], settings: TrainSettings, seed: int, progress: bool = True) -> list[float]:
+    """AdamW with warm-up and cosine decay over shuffled epochs of `examples`; returns the loss curve."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < settings.warmup:
+            return (step + 1) / settings.warmup
+        progress_ = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress_))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_at)
+    model.train()
+    order: list[int] = []
+    losses: list[float] = []
+    bar = tqdm(range(settings.steps), desc="train testbed model", disable=not progress, unit="step")
+    for _ in bar:
+        if len(order) < settings.batch_size:
+            order += rng.permutation(len(examples)).tolist()
+        picked, order = order[: settings.batch_size], order[settings.batch_size:]
+        loss = model(**collate([examples[i] for i in picked], rng)).loss
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimiser.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if len(losses) % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    model.eval()
+    return losses

@@ -1,0 +1,74 @@
+"""`compare` on the shared small testbed (a reduced grid), its files, and report.html in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from mllmeraser import compare, fit
+
+
+@pytest.fixture(scope="module")
+def compared(testbed_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    settings = compare.CompareSettings(methods=("vanilla", "eraser", "ga"), baseline_lrs=(3e-4,), baseline_epochs=2,
+                                       curve_scales=(0.5, 1.0), overhead_prompts=8)
+    summary = compare.run_compare(testbed_dir / "model", testbed_dir / "data", out, settings, progress=False)
+    return summary, out
+
+
+def test_compare_writes_every_artifact(compared):
+    summary, out = compared
+    for name in ("results.json", "results.md", "report.html", *compare_plots()):
+        assert (out / name).stat().st_size > 0, name
+    on_disk = json.loads((out / "results.json").read_text())
+    assert [m["name"] for m in on_disk["methods"]] == ["vanilla", "eraser", "ga"]
+    table = (out / "results.md").read_text()
+    assert table.count("\n") == 2 + 3 and "| eraser |" in table
+
+
+def compare_plots():
+    from mllmeraser.report import PLOTS
+    return PLOTS
+
+
+def test_compare_measures_every_method_on_the_same_splits(compared):
+    summary, _ = compared
+    vanilla, eraser, ga = summary["methods"]
+    assert set(vanilla["results"]) == set(eraser["results"]) == set(ga["results"])
+    assert eraser["fit_seconds"] > 0 and ga["fit_seconds"] > 0 and eraser["peak_extra_mib"] >= 0
+    assert len(eraser["curve"]) == 2 and [p["x"] for p in ga["curve"]] == [1, 2]
+    assert eraser["generation_overhead"] > 0 and math.isfinite(eraser["generation_overhead"])
+    # the chosen strength is the largest whose validation accuracy stays >= RETAIN_KEEP x vanilla (else the smallest)
+    bar = compare.RETAIN_KEEP * summary["vanilla_retain_val_classification"]
+    keepers = [p["x"] for p in eraser["curve"] if compare.classification(p["retain_val"]) >= bar]
+    assert eraser["settings"]["alpha"] == (max(keepers) if keepers else min(p["x"] for p in eraser["curve"]))
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (make test installs it)")
+def test_report_renders_with_its_images_in_chromium(compared, tmp_path):
+    _, out = compared
+    result = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=5000", "--dump-dom", (out / "report.html").resolve().as_uri()],
+        capture_output=True, text=True, timeout=120)
+    match = re.search(r'data-images-loaded="(\d+)/(\d+)"', result.stdout)
+    assert match, result.stdout[:500] + result.stderr[-500:]
+    loaded, total = map(int, match.groups())
+    assert total == len(compare_plots()) and loaded == total
+    # a report whose plots went missing says so
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(out / "report.html", broken / "report.html")
+    result = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile2'}",
+         "--virtual-time-budget=5000", "--dump-dom", (broken / "report.html").resolve().as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert 'data-images-loaded="0/3"' in result.stdout and "failed to load" in result.stdout

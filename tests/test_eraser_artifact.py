@@ -1,0 +1,237 @@
+"""The Eraser: validation against a model, composition, and its safetensors artifact."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import pytest
+import safetensors.torch
+import torch
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+from mllmeraser.eraser import FORMAT_VERSION, METADATA_KEY, Eraser, model_fingerprint
+from mllmeraser.errors import UserInputError
+from mllmeraser.hooks import attach_steering, find_decoder_layers
+
+PROMPT = torch.tensor([[5, 17, 33, 9, 41, 77, 12]])
+
+
+def tiny_llava(hidden_size: int = 64, seed: int = 0) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    text = dict(vocab_size=128, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    config = LlavaConfig(text_config=text, vision_config=vision, image_token_index=127)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+@pytest.fixture(scope="module")
+def llava() -> LlavaForConditionalGeneration:
+    return tiny_llava()
+
+
+def make_eraser(model=None, k: int = 1, num_layers: int = 2, d: int = 64, seed: int = 0, name: str = "req") -> Eraser:
+    generator = torch.Generator().manual_seed(seed)
+    metadata = {"requests": [{"name": f"{name}.{i}", "counts": {"forget": 10, "retain": 90}} for i in range(k)],
+                "fit": {"solver": "ridge", "beta": 1.0, "lam": 1e-3}}
+    if model is not None:
+        metadata["fingerprint"] = model_fingerprint(model)
+    return Eraser(
+        u=torch.randn(k, num_layers, d, generator=generator) * 5.0,
+        r=torch.randn(k, num_layers, d, generator=generator),
+        alpha=[0.3 + i for i in range(k)],
+        layer_indices=list(range(num_layers)),
+        layers_path="model.language_model.layers",
+        hidden_size=d,
+        floor=[0.25] + [-math.inf] * (k - 1),
+        cap=[math.inf] * (k - 1) + [1.5],
+        metadata=metadata,
+    )
+
+
+def logits(model, **inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def assert_same_eraser(a: Eraser, b: Eraser) -> None:
+    assert torch.equal(a.u, b.u) and torch.equal(a.r, b.r)
+    assert (a.alpha, a.floor, a.cap, a.layer_indices) == (b.alpha, b.floor, b.cap, b.layer_indices)
+    assert (a.layers_path, a.hidden_size, a.mode, a.metadata) == (b.layers_path, b.hidden_size, b.mode, b.metadata)
+
+
+# ---- the artifact -------------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip_is_bit_identical(tmp_path, llava):
+    eraser = make_eraser(llava, k=2)
+    path = eraser.save(tmp_path / "eraser.safetensors")
+    loaded = Eraser.load(path)
+    assert_same_eraser(loaded, eraser)
+    assert loaded.header() == eraser.header()
+    with safetensors.safe_open(str(path), framework="pt") as reader:
+        assert sorted(reader.keys()) == ["r", "u"]
+        header = json.loads(reader.metadata()[METADATA_KEY])
+    assert header["format_version"] == FORMAT_VERSION and header["metadata"]["fingerprint"] == model_fingerprint(llava)
+    assert header["gate_floor"] == [0.25, None] and header["gate_cap"] == [None, 1.5]  # infinite bounds as null
+
+
+def test_artifact_is_factored(tmp_path):
+    eraser = Eraser(u=torch.zeros(1, 32, 4096), r=torch.zeros(1, 32, 4096), alpha=0.3,
+                    layer_indices=range(32), layers_path="model.language_model.layers", hidden_size=4096)
+    size = os.path.getsize(eraser.save(tmp_path / "big.safetensors"))
+    assert 2 * 32 * 4096 * 4 < size < 1.1 * 2**20
+
+
+def test_bad_artifacts_name_the_file(tmp_path, llava):
+    good = make_eraser(llava).save(tmp_path / "good.safetensors")
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(UserInputError, match="no such eraser file") as info:
+        Eraser.load(missing)
+    assert info.value.path == str(missing)
+
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(UserInputError, match="not a safetensors file") as info:
+        Eraser.load(corrupt)
+    assert info.value.path == str(corrupt)
+
+    def rewritten(name: str, tensors=None, **header_changes) -> str:
+        with safetensors.safe_open(str(good), framework="pt") as reader:
+            header = json.loads(reader.metadata()[METADATA_KEY])
+            stored = {key: reader.get_tensor(key) for key in reader.keys()}
+        header.update(header_changes)
+        header = {key: value for key, value in header.items() if value is not None}
+        path = tmp_path / name
+        path.write_bytes(safetensors.torch.save(tensors if tensors is not None else stored,
+                                                metadata={METADATA_KEY: json.dumps(header)}))
+        return str(path)
+
+    cases = {
+        rewritten("newer.safetensors", format_version=FORMAT_VERSION + 1): "newer than this mllmeraser",
+        rewritten("unversioned.safetensors", format_version=None): "no format_version",
+        rewritten("no_r.safetensors", tensors={"u": torch.zeros(1, 2, 64)}): "missing tensor 'r'",
+        rewritten("shape.safetensors", tensors={"u": torch.zeros(1, 2, 32), "r": torch.zeros(1, 2, 32)}): "shape",
+        rewritten("fields.safetensors", mode=None): "no field 'mode'",
+    }
+    for path, problem in cases.items():
+        with pytest.raises(UserInputError, match=problem) as info:
+            Eraser.load(path)
+        assert info.value.path == path
+    foreign = tmp_path / "foreign.safetensors"
+    foreign.write_bytes(safetensors.torch.save({"u": torch.zeros(1)}))
+    with pytest.raises(UserInputError, match="not an mllmeraser eraser"):
+        Eraser.load(foreign)
+
+
+def test_failed_save_leaves_the_existing_file_intact(tmp_path, monkeypatch):
+    path = make_eraser(seed=1).save(tmp_path / "eraser.safetensors")
+    before = path.read_bytes()
+
+    def failing_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        make_eraser(seed=2).save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["eraser.safetensors"]  # no temporary left behind
+
+
+# ---- validation against a model -----------------------------------------------------------------------
+
+
+def test_attach_steers_like_the_hooks_and_detaches(llava):
+    eraser = make_eraser(llava, k=2)
+    vanilla = logits(llava, input_ids=PROMPT)
+    with eraser.attach(llava):
+        steered = logits(llava, input_ids=PROMPT)
+    _, layers = find_decoder_layers(llava)
+    with attach_steering(llava, layers, eraser.u, eraser.r, eraser.alpha, eraser.floor, eraser.cap):
+        direct = logits(llava, input_ids=PROMPT)
+    assert torch.equal(steered, direct) and not torch.equal(steered, vanilla)
+    assert torch.equal(logits(llava, input_ids=PROMPT), vanilla)
+
+
+def test_attach_names_what_differs(llava):
+    eraser = make_eraser(llava)
+    with pytest.raises(UserInputError, match="eraser was fitted for hidden size 64, model has 32"):
+        eraser.attach(tiny_llava(hidden_size=32))
+    other_weights = tiny_llava(seed=1)
+    with pytest.raises(UserInputError, match="embedding_sha256"):
+        eraser.attach(other_weights)
+    eraser.attach(other_weights, check_fingerprint=False).remove()
+    deep = Eraser(u=torch.zeros(1, 64), r=torch.zeros(1, 64), alpha=1.0, layer_indices=[5],
+                  layers_path="model.language_model.layers", hidden_size=64)
+    with pytest.raises(UserInputError, match="steers layer 5, model has 2 decoder layers"):
+        deep.attach(llava)
+    wrong_path = Eraser(u=torch.zeros(1, 64), r=torch.zeros(1, 64), alpha=1.0, layer_indices=[0],
+                        layers_path="model.layers", hidden_size=64)
+    with pytest.raises(UserInputError, match="--layers-path"):
+        wrong_path.attach(llava)
+
+
+def test_fingerprint_ignores_the_load_dtype_but_not_the_weights(llava):
+    fingerprint = model_fingerprint(llava)
+    assert fingerprint == {"model_type": "llava", "hidden_size": 64, "num_layers": 2, "vocab_size": 128,
+                           "embedding_sha256": fingerprint["embedding_sha256"]}
+    assert model_fingerprint(tiny_llava().to(torch.bfloat16)) == fingerprint
+    assert model_fingerprint(tiny_llava(seed=1))["embedding_sha256"] != fingerprint["embedding_sha256"]
+
+
+# ---- composition --------------------------------------------------------------------------------------
+
+
+def test_combine_and_drop_round_trip(llava):
+    a, b = make_eraser(llava, k=1, seed=1, name="a"), make_eraser(llava, k=2, seed=2, name="b")
+    both = a + b
+    assert both.num_terms == 3 and both.alpha == a.alpha + b.alpha and both.cap == a.cap + b.cap
+    assert [request["name"] for request in both.requests()] == ["a.0", "b.0", "b.1"]
+    assert both.requests()[0]["fit"] == a.metadata["fit"]  # shared settings are kept per request
+    only_a = both.drop(2).drop(1)
+    assert torch.equal(only_a.u, a.u) and torch.equal(only_a.r, a.r)
+    assert (only_a.alpha, only_a.floor, only_a.cap) == (a.alpha, a.floor, a.cap)
+    assert only_a.requests() == a.requests() and only_a.fingerprint == a.fingerprint
+    with pytest.raises(ValueError, match="only term"):
+        only_a.drop(0)
+
+
+def test_a_silenced_request_leaves_the_other_unchanged(llava):
+    unbounded = dict(alpha=10.0, floor=-math.inf, cap=math.inf)
+    a, b = (dataclasses.replace(make_eraser(llava, seed=seed), **unbounded) for seed in (1, 2))
+    vanilla = logits(llava, input_ids=PROMPT)
+    with a.attach(llava):
+        a_alone = logits(llava, input_ids=PROMPT)
+    with (a + b.with_alpha(0.0)).attach(llava):
+        a_with_silent_b = logits(llava, input_ids=PROMPT)
+    with (a + b).attach(llava):
+        a_with_b = logits(llava, input_ids=PROMPT)
+    torch.testing.assert_close(a_with_silent_b, a_alone, rtol=0, atol=1e-6)
+    assert not torch.allclose(a_alone, vanilla) and not torch.allclose(a_with_b, a_alone)
+
+
+def test_combine_refuses_incompatible_erasers(llava):
+    a = make_eraser(llava)
+    with pytest.raises(ValueError, match="layer_indices"):
+        a + make_eraser(llava, num_layers=1)
+    with pytest.raises(ValueError, match="different models"):
+        a + make_eraser(tiny_llava(seed=1))
+
+
+def test_constructor_validates():
+    with pytest.raises(ValueError, match=r"\[K, L, d\]"):
+        Eraser(u=torch.zeros(1, 2, 8), r=torch.zeros(1, 2, 8), alpha=1.0, layer_indices=[0], layers_path="x",
+               hidden_size=8)
+    with pytest.raises(ValueError, match="distinct non-negative"):
+        Eraser(u=torch.zeros(2, 8), r=torch.zeros(2, 8), alpha=1.0, layer_indices=[1, 1], layers_path="x",
+               hidden_size=8)
+    with pytest.raises(ValueError, match="alpha has 2 values"):
+        Eraser(u=torch.zeros(1, 8), r=torch.zeros(1, 8), alpha=[1.0, 2.0], layer_indices=[0], layers_path="x",
+               hidden_size=8)
+    with pytest.raises(TypeError):
+        Eraser(u=torch.zeros(1, 8), r=torch.zeros(1, 8), alpha=1.0, layer_indices=[0], layers_path="x", hidden_size=8,
+               metadata={"counts": torch.ones(1)})
