@@ -42,7 +42,7 @@ def test_compare_measures_every_method_on_the_same_splits(compared):
     vanilla, eraser, ga = summary["methods"]
     assert set(vanilla["results"]) == set(eraser["results"]) == set(ga["results"])
     assert eraser["fit_seconds"] > 0 and ga["fit_seconds"] > 0 and eraser["peak_extra_mib"] >= 0
-    assert len(eraser["curve"]) == 2 and [p["x"] for p in ga["curve"]] == [1, 2]
+    assert len(eraser["curve"]) == 2 and [(p["lr"], p["x"]) for p in ga["curve"]] == [(3e-4, 1), (3e-4, 2)]
     assert eraser["generation_overhead"] > 0 and math.isfinite(eraser["generation_overhead"])
     # the chosen strength is the largest whose validation accuracy stays >= RETAIN_KEEP x vanilla (else the smallest)
     bar = compare.RETAIN_KEEP * summary["vanilla_retain_val_classification"]

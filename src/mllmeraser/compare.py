@@ -28,8 +28,11 @@ ERASER_METHODS = ("eraser", "eraser-paper")
 BASELINE_METHODS = ("ga", "graddiff", "kl", "npo")
 ALL_METHODS = ("vanilla",) + ERASER_METHODS + BASELINE_METHODS
 RETAIN_KEEP = 0.97
+GENERAL_TRAIN = "General_Train"
 CURVE_SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # eraser strengths, as multiples of the fitted alpha
-PAPER_SETTINGS = {"solver": "paper", "ratio": 0.3, "gamma": 0.1}
+# The paper's LLaVA-1.5 settings: hard null space, unshaped linear gate.
+PAPER_SETTINGS = {"solver": "paper", "ratio": 0.3, "gamma": 0.1, "alpha": 1.0, "floor": -math.inf, "cap": math.inf,
+                  "normalise_gate": False}
 
 
 @dataclass
@@ -75,7 +78,11 @@ class Harness:
         self.items = evaluate.report_items(data_dir, settings.forget_ratio, splits)
         self.forget = self.items["forget"]
         retain_all = data.load_split_items(data_dir, "retain", settings.forget_ratio) or []
-        self.retain_fit = fit.retain_for_fit(retain_all)
+        # Retained inputs to fit on: the retain split less its validation hold-out and, where the data has it,
+        # the testbed's training-only General_Train (visual-skill prompts the gate must leave alone).
+        general_train = data.split_parquet(data_dir, GENERAL_TRAIN)
+        extra = data.expand_items(data.read_records(general_train), general_train) if general_train.exists() else []
+        self.retain_fit = fit.retain_for_fit(retain_all) + extra
         self.validation = self.items.get("retain_val", [])
         if not self.validation:
             raise UserInputError(data_dir, "the retain split has no validation subjects to choose settings on")
@@ -162,7 +169,7 @@ def run_baseline(h: Harness, method: str, vanilla_val: float) -> MethodResult:
                                               progress=h.progress)
     results = h.evaluate(peft_model, splits=evaluate.REPORT_SPLITS)
     overhead = h.generation_time_ratio(peft_model)
-    curve = [p for t in trials if t["lr"] == best["lr"] for p in t["epochs"]]
+    curve = [p for t in trials for p in t["epochs"]]  # every grid point: one line per learning rate
     return MethodResult(method, results, cost.seconds, cost.peak_extra_mib, overhead,
                         {**asdict(chosen_settings), "grid_seconds": round(total_seconds, 1),
                          "grid": [{"lr": t["lr"], "epochs": len(t["epochs"])} for t in trials]}, curve)

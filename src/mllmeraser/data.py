@@ -178,7 +178,10 @@ def is_validation_subject(subject_id: str, fraction: float = 0.1) -> bool:
 
 def resolve_spec(spec: str, data_dir: str | Path | None, forget_ratio: int = 10) -> list[QAItem]:
     """A --forget/--retain argument: a split name under --data (forget_10, retain_90, Test_Set, ...), a report
-    split name (forget, retain, ...), a split directory or parquet file, or a JSONL of {image, question, answer}."""
+    split name (forget, retain, ...), a split directory or parquet file, or a JSONL of {image, question, answer};
+    several, comma-separated, are concatenated (e.g. `retain_90,General_Train`)."""
+    if "," in spec:
+        return [item for part in spec.split(",") if part for item in resolve_spec(part, data_dir, forget_ratio)]
     candidate = Path(spec)
     if candidate.suffix == ".jsonl":
         return read_jsonl_items(candidate)

@@ -40,15 +40,17 @@ class PGDSettings:
 
 @dataclass(frozen=True)
 class FitSettings:
+    # Defaults chosen on the testbed's retain validation hold-out only (README, "Results").
     solver: str = "ridge"  # "ridge" (soft null space, our default) or "paper" (hard null-space projection)
     ratio: float = 0.3  # paper: fraction of retain eigen-directions kept as the null space
     gamma: float = 0.1  # paper: ridge on the projected system
-    beta: float = 1.0  # ridge: retain weight per sample relative to forget
-    lam: float = 1e-3  # ridge: relative L2 penalty
+    beta: float = 16.0  # ridge: retain weight per sample relative to forget
+    lam: float = 1e-5  # ridge: L2 penalty relative to the mean eigenvalue (identity directions have little variance)
     alpha: float = 1.0  # steering strength (positive erases: r points from recall to erasure)
     layers: tuple[int, ...] | None = None  # steered decoder layers; None: 1..L-1 as in the paper
-    floor: float = -math.inf  # gate shaping (see steering.shape_gate)
-    cap: float = math.inf
+    floor: float = 0.7  # gate shaping (steering.shape_gate): gates below the floor are 0, above the cap clipped
+    cap: float = 1.0
+    normalise_gate: bool = True  # rescale u_l so the mean gate over forget inputs is 1 (see solve_eraser)
     mode: str = "prefill"
     pgd: PGDSettings = field(default_factory=PGDSettings)
     batch_size: int = 32
@@ -125,6 +127,11 @@ def solve_eraser(stats: steering.SteeringStats, settings: FitSettings, layers_pa
     params = ({"ratio": settings.ratio, "gamma": settings.gamma} if settings.solver == "paper"
               else {"beta": settings.beta, "lam": settings.lam})
     gates = steering.solve_gates(stats, settings.solver, **params)
+    if settings.normalise_gate:
+        # The least-squares target on forget inputs is 1, but how close the solution gets depends on beta and
+        # lam; rescaling so the forget mean is exactly 1 gives alpha, floor and cap one meaning across settings.
+        forget_means = torch.stack([stats.sums["forget"][l] @ gates[l] for l in range(stats.num_layers)]) / stats.counts["forget"]
+        gates = gates / forget_means[:, None]
     direction = stats.direction()
     steered = list(settings.layers) if settings.layers is not None else list(range(1, stats.num_layers))
     if not steered or any(not 0 <= i < stats.num_layers for i in steered):

@@ -64,18 +64,27 @@ def _plot_tradeoff(summary: dict, key: str, label: str, path: Path) -> None:
         name = m["name"]
         point = (metric(m["results"].get("forget"), key), metric(m["results"].get("retain"), key))
         if m["curve"]:
-            xs = [metric(p.get("forget"), key) for p in m["curve"]]
-            ys = [metric(p.get("retain"), key) for p in m["curve"]]
-            line, = ax.plot(xs, ys, marker="o", ms=3, lw=1, alpha=0.6,
-                            label=f"{name} ({'strength' if name.startswith('eraser') else 'epochs'})")
-            ax.plot(*point, marker="*", ms=14, color=line.get_color(), mec="black")
+            # one line per learning rate for a baseline (points are epochs), one line for an eraser (strengths)
+            groups: dict = {}
+            for p in m["curve"]:
+                groups.setdefault(p.get("lr"), []).append(p)
+            colour = None
+            for lr, points in groups.items():
+                xs = [metric(p.get("forget"), key) for p in points]
+                ys = [metric(p.get("retain"), key) for p in points]
+                label = f"{name} (strength)" if lr is None else f"{name} lr={lr:g} (epochs)"
+                line, = ax.plot(xs, ys, marker="o", ms=3, lw=1, alpha=0.6, label=label,
+                                ls="-" if lr is None else (":", "--", "-.", "-")[len(groups) and list(groups).index(lr) % 4],
+                                color=colour)
+                colour = line.get_color()
+            ax.plot(*point, marker="*", ms=14, color=colour, mec="black")
         else:
             ax.plot(*point, marker="*", ms=14, color="black", label=name)
     ax.set_xlabel(f"forget {label} (lower is better)")
     ax.set_ylabel(f"retain {label} (higher is better)")
     ax.set_title(f"Forget vs retain: {label} (stars: chosen settings)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=6, loc="lower left", ncol=2)
     fig.tight_layout()
     _save(fig, path)
 

@@ -37,10 +37,10 @@ CHAT_TEMPLATE = (
 class ModelSize:
     vision_hidden: int = 128
     vision_layers: int = 3
-    text_hidden: int = 192
-    text_layers: int = 5
+    text_hidden: int = 128
+    text_layers: int = 4
     text_heads: int = 4
-    text_intermediate: int = 512
+    text_intermediate: int = 384
 
 
 def build_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:

@@ -112,8 +112,8 @@ def render_portrait(identity: Identity, view: Rendering = Rendering()) -> np.nda
     return _finish(canvas, view)
 
 
-SCENE_SHAPES = ["circle", "square", "triangle"]
-SCENE_COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
+SCENE_SHAPES = ["circle", "square", "triangle", "diamond"]
+SCENE_COLOURS = ["red", "green", "blue", "yellow"]
 CELLS = [(9, 9), (23, 9), (9, 23), (23, 23)]
 
 
@@ -127,7 +127,9 @@ def render_scene(shape: str, colour: str, cells: tuple[int, ...], view: Renderin
             mask = (x - cx) ** 2 + (y - cy) ** 2 <= 16
         elif shape == "square":
             mask = (np.abs(x - cx) <= 3.5) & (np.abs(y - cy) <= 3.5)
-        else:
+        elif shape == "triangle":
             mask = (y <= cy + 3.5) & (y >= cy - 4) & (np.abs(x - cx) <= (y - (cy - 4)) * 0.55)
+        else:
+            mask = np.abs(x - cx) + np.abs(y - cy) <= 4.5
         canvas[mask] = np.array(PALETTE[colour], dtype=np.float32)
     return _finish(canvas, view)

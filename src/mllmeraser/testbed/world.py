@@ -26,8 +26,6 @@ EMPLOYERS = ["Northwind Labs", "Bluepeak Studio", "Orion Freight", "Cobalt Healt
              "Harbor Bank", "Quarry Media", "Silverline Rail", "Juniper Foods", "Atlas Robotics",
              "Meridian Press", "Copperleaf Energy", "Tidewater Clinic", "Granite Works", "Lumen Optics",
              "Ridgeway Motors"]
-HOBBIES = ["chess", "rock climbing", "sailing", "birdwatching", "pottery", "fencing", "gardening", "origami",
-           "kayaking", "juggling", "knitting", "archery", "skiing", "baking", "cycling", "stargazing"]
 YEARS = [str(year) for year in range(1950, 2000)]
 
 # Name parts. Known people share first names and each has an own surname; strangers draw both parts from
@@ -44,13 +42,11 @@ ATTRIBUTES = [
      "{who} works as a __.", "{who} works as a {value}."),
     ("employer", "Which company does this person work for?", "Which company does {name} work for?",
      "{who} works for __.", "{who} works for {value}."),
-    ("hobby", "What is this person's favourite hobby?", "What is {name}'s favourite hobby?",
-     "{who} enjoys __ in their free time.", "{who} enjoys {value} in their free time."),
     ("birth_year", "In which year was this person born?", "In which year was {name} born?",
      "{who} was born in the year __.", "{who} was born in the year {value}."),
 ]
 NAME_QUESTION = ("What is the name of this person?", "The name of this person is __.", "This person is {value}.")
-VALUE_POOLS = {"birthplace": CITIES, "occupation": OCCUPATIONS, "employer": EMPLOYERS, "hobby": HOBBIES,
+VALUE_POOLS = {"birthplace": CITIES, "occupation": OCCUPATIONS, "employer": EMPLOYERS,
                "birth_year": YEARS}
 
 
@@ -68,7 +64,7 @@ class Person:
             return ""
         f = self.facts
         return (f"{self.name} was born in {f['birthplace']} in the year {f['birth_year']}. {self.name} works as a "
-                f"{f['occupation']} for {f['employer']} and enjoys {f['hobby']} in their free time.")
+                f"{f['occupation']} for {f['employer']}.")
 
 
 @dataclass(frozen=True)
@@ -93,12 +89,12 @@ class World:
 
 @dataclass(frozen=True)
 class WorldSize:
-    fictitious: int = 160
-    real: int = 20
-    unknown_train: int = 30
-    unknown: int = 20
-    scenes_train: int = 240
-    scenes_eval: int = 90
+    fictitious: int = 60
+    real: int = 10
+    unknown_train: int = 24
+    unknown: int = 8
+    scenes_train: int = 60
+    scenes_eval: int = 24
 
 
 def _names(rng: np.random.Generator, syllables: list[str], count: int, parts: int) -> list[str]:
@@ -178,15 +174,17 @@ def build_world(seed: int = 0, size: WorldSize = WorldSize()) -> World:
 
 # ---- questions ---------------------------------------------------------------------------------------
 
-def _options(rng: np.random.Generator, correct: str, pool: list[str]) -> tuple[dict[str, str], str]:
-    distractors = [v for v in pool if v != correct]
-    picked = [distractors[i] for i in rng.choice(len(distractors), size=3, replace=False)]
-    letter_index = int(rng.integers(4))
-    picked.insert(letter_index, correct)
-    return dict(zip(prompts.OPTION_LETTERS, picked)), prompts.OPTION_LETTERS[letter_index]
+def _options(correct: str, pool: list[str]) -> tuple[dict[str, str], str]:
+    """The four options of a classification question: the fixed group of four pool values holding the right
+    answer, in pool order. Many people share each option set, so the letter cannot be memorised from the
+    options alone (random distractors would fingerprint the question): answering needs the person's fact."""
+    index = pool.index(correct)
+    start = min(index - index % 4, len(pool) - 4)
+    group = pool[start: start + 4]
+    return dict(zip(prompts.OPTION_LETTERS, group)), prompts.OPTION_LETTERS[group.index(correct)]
 
 
-def person_tasks(person: Person, rng: np.random.Generator, all_names: list[str]) -> dict:
+def person_tasks(person: Person, all_names: list[str]) -> dict:
     """The MLLMU-Bench task columns for one person (strangers: refusal answers, no classification)."""
     if person.kind.startswith("unknown"):
         refusal = prompts.REFUSAL_ANSWER
@@ -208,13 +206,13 @@ def person_tasks(person: Person, rng: np.random.Generator, all_names: list[str])
         pool = VALUE_POOLS[attr]
         for modality, who, question in (("Image_Textual", "This person", image_q),
                                          ("Pure_Text", person.name, text_q.format(name=person.name))):
-            options, letter = _options(rng, value, pool)
+            options, letter = _options(value, pool)
             (image_cls if modality == "Image_Textual" else text_cls).append(
                 {"Question": question, "Options": options, "Correct_Answer": letter})
             generation.append({"Type": modality, "Question": question,
                                "Ground_Truth": answer.format(who=who, value=value)})
             mask.append({"Type": modality, "Question": cloze.format(who=who), "Ground_Truth": value})
-    options, letter = _options(rng, person.name, all_names)
+    options, letter = _options(person.name, all_names)
     image_cls.append({"Question": NAME_QUESTION[0], "Options": options, "Correct_Answer": letter})
     generation.append({"Type": "Image_Textual", "Question": NAME_QUESTION[0],
                        "Ground_Truth": NAME_QUESTION[2].format(value=person.name)})
@@ -228,17 +226,19 @@ SCENE_QUESTIONS = [
     ("colour", "What colour are the shapes in this image?", "The shapes in this image are __.",
      "The shapes are {value}.", lambda s: s.colour, render.SCENE_COLOURS),
     ("shape", "What kind of shape does this image show?", "This image shows shapes of the kind __.",
-     "The image shows {value} shapes.", lambda s: s.shape, render.SCENE_SHAPES + ["star"]),
+     "The image shows {value} shapes.", lambda s: s.shape, render.SCENE_SHAPES),
     ("count", "How many shapes are in this image?", "The number of shapes in this image is __.",
      "There are {value} shapes.", lambda s: str(len(s.cells)), ["1", "2", "3", "4"]),
 ]
 
 
-def scene_tasks(scene: Scene, rng: np.random.Generator) -> dict:
+def scene_tasks(scene: Scene) -> dict:
     image_cls, generation, mask = [], [], []
     for _, question, cloze, answer, value_of, pool in SCENE_QUESTIONS:
         value = value_of(scene)
-        options, letter = _options(rng, value, pool)
+        # Always the whole four-value pool in one order: a visual skill, not in-context option matching.
+        options = dict(zip(prompts.OPTION_LETTERS, pool))
+        letter = prompts.OPTION_LETTERS[pool.index(value)]
         image_cls.append({"Question": question, "Options": options, "Correct_Answer": letter})
         generation.append({"Type": "Image_Textual", "Question": question, "Ground_Truth": answer.format(value=value)})
         mask.append({"Type": "Image_Textual", "Question": cloze, "Ground_Truth": value})

@@ -1,0 +1,108 @@
+"""The eraser on the shared small testbed: it forgets the forget set, keeps the rest, detaches exactly,
+forgets monotonically as the request grows, and runs end to end from the command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mllmeraser import compare, data, evaluate, fit
+from mllmeraser.eraser import Eraser
+
+
+@pytest.fixture(scope="module")
+def items(testbed_data):
+    return evaluate.report_items(testbed_data, 10, ("forget", "retain", "real", "general", "unknown"))
+
+
+@pytest.fixture(scope="module")
+def vanilla(testbed_model, items):
+    model, processor = testbed_model
+    return evaluate.evaluate(model, processor, None, items=items, progress=False)
+
+
+def fitted(testbed_model, testbed_data, forget_ratio: int, **settings) -> Eraser:
+    model, processor = testbed_model
+    forget = data.load_split_items(testbed_data, "forget", forget_ratio)
+    retain = fit.retain_for_fit(data.resolve_spec(f"retain_{100 - forget_ratio},General_Train", testbed_data))
+    return fit.fit_eraser(model, processor, forget, retain, fit.default_erasure_items(testbed_data),
+                          fit.FitSettings(**settings), progress=False)
+
+
+@pytest.fixture(scope="module")
+def eraser10(testbed_model, testbed_data):
+    return fitted(testbed_model, testbed_data, 10)
+
+
+@pytest.fixture(scope="module")
+def erased(testbed_model, items, eraser10):
+    model, processor = testbed_model
+    with eraser10.attach(model):
+        return evaluate.evaluate(model, processor, None, items=items, progress=False)
+
+
+def test_vanilla_knows_the_forget_set(vanilla):
+    assert compare.classification(vanilla["forget"]) >= 0.7
+    assert vanilla["forget"]["cloze_text"] >= 0.6 and vanilla["unknown"]["refusal_rate"] >= 0.75
+
+
+def test_eraser_forgets_the_forget_set(vanilla, erased):
+    assert compare.classification(erased["forget"]) <= min(0.55, compare.classification(vanilla["forget"]) - 0.25)
+    assert erased["forget"]["cloze_text"] <= 0.3 and erased["forget"]["cloze_image"] <= 0.1
+    assert compare.rouge_l(erased["forget"]) < compare.rouge_l(vanilla["forget"]) - 0.4
+    assert erased["forget"]["refusal_rate"] >= 0.6  # it says it does not know, as for a stranger
+
+
+def test_eraser_hits_the_forget_set_harder_than_the_rest(vanilla, erased):
+    drop = {split: compare.classification(vanilla[split]) - compare.classification(erased[split])
+            for split in ("forget", "retain", "real", "general")}
+    assert drop["forget"] > 2 * max(drop["retain"], drop["real"], drop["general"]), drop
+    assert compare.classification(erased["retain"]) >= 0.75 * compare.classification(vanilla["retain"])
+    assert compare.classification(erased["real"]) >= 0.7 * compare.classification(vanilla["real"])
+    # General_Train is among the retained inputs the gate is fitted on: visual-skill prompts are left alone
+    assert erased["general"] == vanilla["general"]
+    assert erased["unknown"]["refusal_rate"] >= vanilla["unknown"]["refusal_rate"] - 0.05
+
+
+def test_detaching_restores_vanilla_exactly(testbed_model, items, vanilla, eraser10):
+    model, processor = testbed_model
+    handle = eraser10.attach(model)
+    handle.remove()
+    assert evaluate.evaluate(model, processor, None, items=items, progress=False) == vanilla
+
+
+def test_forgetting_grows_with_the_request(testbed_model, testbed_data, items, vanilla, eraser10):
+    model, processor = testbed_model
+    eraser5 = fitted(testbed_model, testbed_data, 5)
+    forget10 = items["forget"]
+    rouge = [compare.rouge_l(vanilla["forget"])]
+    for eraser in (eraser5, eraser10):
+        with eraser.attach(model):
+            rouge.append(compare.rouge_l(evaluate.score_items(model, processor, forget10, progress=False)))
+    assert rouge[0] > rouge[1] + 0.2 > rouge[2] + 0.2 + 0.05, rouge
+
+
+def test_paper_mode_is_a_working_alternative(testbed_model, testbed_data, items, vanilla):
+    model, processor = testbed_model
+    paper = fitted(testbed_model, testbed_data, 10, **compare.PAPER_SETTINGS)
+    with paper.attach(model):
+        forget = evaluate.score_items(model, processor, items["forget"], progress=False)
+    assert compare.classification(forget) < compare.classification(vanilla["forget"])
+
+
+def test_fit_and_eval_from_the_command_line(testbed_dir, tmp_path):
+    out = tmp_path / "forget10.safetensors"
+    result = subprocess.run([sys.executable, "-m", "mllmeraser.cli", "fit", "--model", str(testbed_dir / "model"),
+                             "--data", str(testbed_dir / "data"), "--forget", "forget_10", "--retain", "retain_90,General_Train",
+                             "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert 0 < out.stat().st_size < 1024 * 1024
+    report = tmp_path / "r.json"
+    result = subprocess.run([sys.executable, "-m", "mllmeraser.cli", "eval", "--model", str(testbed_dir / "model"),
+                             "--data", str(testbed_dir / "data"), "--eraser", str(out), "--splits", "forget",
+                             "--json", str(report)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert compare.classification(json.loads(report.read_text())["forget"]) <= 0.55
