@@ -50,25 +50,27 @@ def test_compare_measures_every_method_on_the_same_splits(compared):
     assert eraser["settings"]["alpha"] == (max(keepers) if keepers else min(p["x"] for p in eraser["curve"]))
 
 
+def render_dom(html_path, profile) -> str:
+    """The DOM of a page after headless Chromium has loaded it (and run its scripts)."""
+    result = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+         "--virtual-time-budget=5000", "--dump-dom", html_path.resolve().as_uri()],
+        capture_output=True, text=True, timeout=120)
+    return result.stdout
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (make test installs it)")
 def test_report_renders_with_its_images_in_chromium(compared, tmp_path):
     _, out = compared
-    result = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-         "--virtual-time-budget=5000", "--dump-dom", (out / "report.html").resolve().as_uri()],
-        capture_output=True, text=True, timeout=120)
-    match = re.search(r'data-images-loaded="(\d+)/(\d+)"', result.stdout)
-    assert match, result.stdout[:500] + result.stderr[-500:]
+    dom = render_dom(out / "report.html", tmp_path / "profile")
+    match = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
+    assert match, dom[:500]
     loaded, total = map(int, match.groups())
     assert total == len(compare_plots()) and loaded == total
     # a report whose plots went missing says so
     broken = tmp_path / "broken"
     broken.mkdir()
     shutil.copy(out / "report.html", broken / "report.html")
-    result = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile2'}",
-         "--virtual-time-budget=5000", "--dump-dom", (broken / "report.html").resolve().as_uri()],
-        capture_output=True, text=True, timeout=120)
-    assert 'data-images-loaded="0/3"' in result.stdout and "failed to load" in result.stdout
+    dom = render_dom(broken / "report.html", tmp_path / "profile2")
+    assert 'data-images-loaded="0/3"' in dom and "failed to load" in dom

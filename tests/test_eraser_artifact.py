@@ -15,18 +15,9 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 from mllmeraser.eraser import FORMAT_VERSION, METADATA_KEY, Eraser, model_fingerprint
 from mllmeraser.errors import UserInputError
 from mllmeraser.hooks import attach_steering, find_decoder_layers
+from tiny_families import random_llava as tiny_llava
 
 PROMPT = torch.tensor([[5, 17, 33, 9, 41, 77, 12]])
-
-
-def tiny_llava(hidden_size: int = 64, seed: int = 0) -> LlavaForConditionalGeneration:
-    torch.manual_seed(seed)
-    text = dict(vocab_size=128, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=2, image_size=28, patch_size=14)
-    config = LlavaConfig(text_config=text, vision_config=vision, image_token_index=127)
-    return LlavaForConditionalGeneration(config).eval()
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from mllmeraser.errors import UserInputError
+from tiny_families import random_llava
 from mllmeraser.hooks import (
     ATTACHED_MARKER,
     FAMILY_LAYER_PATHS,
@@ -50,11 +51,7 @@ MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3]}
 
 
 def tiny_llava() -> LlavaForConditionalGeneration:
-    torch.manual_seed(0)
-    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=2, image_size=28, patch_size=14)
-    config = LlavaConfig(text_config=TEXT, vision_config=vision, image_token_index=127)
-    return LlavaForConditionalGeneration(config).eval()
+    return random_llava()
 
 
 def tiny_qwen2_vl() -> Qwen2VLForConditionalGeneration:

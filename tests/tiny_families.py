@@ -241,3 +241,18 @@ BUILDERS: dict[str, Callable[..., Path]] = {
     "qwen2_vl": build_qwen2_vl,
 }
 """model_type -> builder(directory, seed=0, texts=None) -> directory."""
+
+
+def random_llava(hidden_size: int = 64, seed: int = 0):
+    """A bare random-weight LlavaForConditionalGeneration (no processor): 2 decoder layers of `hidden_size`,
+    vocabulary 128 with the image token at 127. For tests of hooks and artifacts that feed token ids."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=128, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
+                eos_token_id=2, pad_token_id=0)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    config = LlavaConfig(text_config=text, vision_config=vision, image_token_index=127)
+    return LlavaForConditionalGeneration(config).eval()

@@ -6,9 +6,9 @@ import os
 import statistics
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -49,16 +49,23 @@ def measured(interval: float = 0.02) -> Iterator[Cost]:
         cost.peak_extra_mib = (max(peak, rss_bytes()) - start_rss) / 2**20
 
 
-def overhead_ratio(baseline: Callable[[], object], treated: Callable[[], object], repeats: int = 5) -> tuple[float, float, float]:
+def overhead_ratio(baseline: Callable[[], object], treated: Callable[[], object], repeats: int = 5,
+                   context: Callable[[], ContextManager] | None = None) -> tuple[float, float, float]:
     """(treated/baseline ratio of median times, median baseline s, median treated s), the two interleaved
-    in one run so drifts in machine load hit both alike. One untimed warm-up each."""
+    in one run so drifts in machine load hit both alike. One untimed warm-up each. `context` (e.g. attaching
+    an eraser) is entered and left outside the timed region: the ratio is the steady-state cost."""
+    context = context or nullcontext
     baseline()
-    treated()
+    with context():
+        treated()
     base_times, treated_times = [], []
     for _ in range(repeats):
-        for fn, times in ((baseline, base_times), (treated, treated_times)):
+        started = time.perf_counter()
+        baseline()
+        base_times.append(time.perf_counter() - started)
+        with context():
             started = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - started)
+            treated()
+            treated_times.append(time.perf_counter() - started)
     base, treat = statistics.median(base_times), statistics.median(treated_times)
     return treat / base, base, treat

@@ -72,8 +72,8 @@ def _plot_tradeoff(summary: dict, key: str, label: str, path: Path) -> None:
             for lr, points in groups.items():
                 xs = [metric(p.get("forget"), key) for p in points]
                 ys = [metric(p.get("retain"), key) for p in points]
-                label = f"{name} (strength)" if lr is None else f"{name} lr={lr:g} (epochs)"
-                line, = ax.plot(xs, ys, marker="o", ms=3, lw=1, alpha=0.6, label=label,
+                legend = f"{name} (strength)" if lr is None else f"{name} lr={lr:g} (epochs)"
+                line, = ax.plot(xs, ys, marker="o", ms=3, lw=1, alpha=0.6, label=legend,
                                 ls="-" if lr is None else (":", "--", "-.", "-")[len(groups) and list(groups).index(lr) % 4],
                                 color=colour)
                 colour = line.get_color()
