@@ -45,6 +45,9 @@ class CompareSettings:
     curve_scales: tuple[float, ...] = CURVE_SCALES
     overhead_prompts: int = 32
     seed: int = 0
+    # "validated": the eraser's strength is chosen by the validation rule, like every baseline's setting (compare);
+    # "fitted": it is reported at the strength it was fitted with, as a user would run it (demo).
+    eraser_strength: str = "validated"
 
 
 @dataclass
@@ -121,6 +124,8 @@ def run_eraser(h: Harness, name: str, settings: fit.FitSettings, vanilla_val: fl
         if classification(point["retain_val"]) >= RETAIN_KEEP * vanilla_val:
             chosen_alpha = base_alpha * scale  # strengths ascend: the last one that keeps utility wins
     chosen_alpha = chosen_alpha if chosen_alpha is not None else base_alpha * min(h.settings.curve_scales)
+    if h.settings.eraser_strength == "fitted":
+        chosen_alpha = base_alpha
     chosen = eraser.with_alpha(chosen_alpha)
     with chosen.attach(h.model):
         results = h.evaluate(splits=evaluate.REPORT_SPLITS)
@@ -187,6 +192,7 @@ def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: Compar
         elif name in BASELINE_METHODS:
             methods.append(run_baseline(h, name, vanilla_val))
     summary = {"model": str(model_dir), "data": str(data_dir), "forget_ratio": settings.forget_ratio,
+               "eraser_strength": settings.eraser_strength,
                "retain_keep": RETAIN_KEEP, "vanilla_retain_val_classification": vanilla_val,
                "methods": [asdict(m) for m in methods]}
     from . import report
@@ -233,7 +239,7 @@ def run_demo_cli(args) -> int:
     from .testbed.build import build
     started = time.perf_counter()
     directory = build(seed=args.seed, preset=args.preset)
-    settings = CompareSettings(methods=_methods(args.methods))
+    settings = CompareSettings(methods=_methods(args.methods), eraser_strength="fitted")
     summary = run_compare(directory / "model", directory / "data", args.out, settings)
     _print_summary(summary, args.out)
     print(f"demo finished in {time.perf_counter() - started:.0f}s")

@@ -152,10 +152,8 @@ figure{{display:inline-block;margin:1em}} img{{max-width:560px}} .warning{{color
 </head><body>
 <h1>Unlearning comparison</h1>
 <p>Model <code>{html.escape(summary['model'])}</code>, data <code>{html.escape(summary['data'])}</code>,
-forget ratio {summary['forget_ratio']}%. Settings were chosen on the retain validation hold-out only: the strongest
-setting keeping its classification accuracy at or above {summary['retain_keep']:.2f} x vanilla
-({summary['vanilla_retain_val_classification']:.3f}). Fit time, peak extra memory and generation overhead are
-measured in this run.</p>
+forget ratio {summary['forget_ratio']}%. {_selection_text(summary)} Fit time, peak extra memory and generation
+overhead are measured in this run.</p>
 {table}
 <h2>Plots</h2>
 {images}
@@ -163,6 +161,15 @@ measured in this run.</p>
 {_IMAGE_CHECK}
 </body></html>
 """
+
+
+def _selection_text(summary: dict) -> str:
+    rule = (f"the strongest setting keeping its classification accuracy at or above {summary['retain_keep']:.2f} x "
+            f"vanilla ({summary['vanilla_retain_val_classification']:.3f})")
+    if summary.get("eraser_strength") == "fitted":
+        return (f"Erasers are shown at the strength they were fitted with (their curves show the others); baselines at "
+                f"the setting chosen on the retain validation hold-out only: {rule}.")
+    return f"Settings were chosen on the retain validation hold-out only: {rule}."
 
 
 def _short_settings(m: dict) -> dict:
