@@ -40,7 +40,7 @@ def time_generation(model, eraser: Eraser, inputs: dict, new_tokens: int, repeat
 
 
 def testbed_case(repeats: int) -> None:
-    from mllmeraser import adapters, evaluate, fit
+    from mllmeraser import adapters, fit
     from mllmeraser.data import load_split_items
     from mllmeraser.testbed.build import build
 

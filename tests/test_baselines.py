@@ -4,9 +4,7 @@ adapter files, determinism."""
 
 from __future__ import annotations
 
-import copy
 import math
-import warnings
 
 import numpy as np
 import pytest

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from mllmeraser import compare, fit
+from mllmeraser import compare
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import os
 import pytest
 import safetensors.torch
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
 from mllmeraser.eraser import FORMAT_VERSION, METADATA_KEY, Eraser, model_fingerprint
 from mllmeraser.errors import UserInputError

@@ -12,7 +12,6 @@ from torch import nn
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
-    LlavaConfig,
     LlavaForConditionalGeneration,
     MistralConfig,
     MistralForCausalLM,

@@ -3,8 +3,6 @@ standard checkpoint; a fixed seed reproduces everything bit for bit."""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
 import torch
 
 from mllmeraser import data, prompts

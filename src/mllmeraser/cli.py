@@ -43,11 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit_module.add_cli(commands)
     from . import generate as generate_module
     generate_module.add_cli(commands)
-    try:
-        from . import compare as compare_module
-        compare_module.add_cli(commands)
-    except ImportError:
-        pass
+    from . import compare as compare_module
+    compare_module.add_cli(commands)
     return parser
 
 

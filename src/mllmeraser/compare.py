@@ -10,8 +10,6 @@ quantity, not a reported metric). The reported splits never choose anything.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -21,8 +19,7 @@ from typing import Sequence
 import torch
 
 from . import adapters, data, evaluate, fit, measure
-from .data import QAItem
-from .errors import UserInputError, atomic_write_text
+from .errors import UserInputError
 
 ERASER_METHODS = ("eraser", "eraser-paper")
 BASELINE_METHODS = ("ga", "graddiff", "kl", "npo")

@@ -13,8 +13,6 @@ The equations are in steering.py; this module only gathers their inputs.
 
 from __future__ import annotations
 
-import argparse
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
