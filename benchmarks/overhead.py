@@ -47,7 +47,7 @@ def testbed_case(repeats: int) -> None:
     directory = build(seed=0, preset="full")
     model, processor = adapters.load_model(directory / "model")
     forget = load_split_items(directory / "data", "forget", 10)
-    retain = fit.retain_for_fit(load_split_items(directory / "data", "retain", 10))
+    retain = fit.retained_inputs(directory / "data", 10)
     erasure = fit.default_erasure_items(directory / "data")
     eraser = fit.fit_eraser(model, processor, forget, retain, erasure, progress=False)
     items = [i for i in forget + retain if i.task == "generation" and i.modality == "image"][:32]

@@ -27,7 +27,7 @@ def vanilla(testbed_model, items):
 def fitted(testbed_model, testbed_data, forget_ratio: int, **settings) -> Eraser:
     model, processor = testbed_model
     forget = data.load_split_items(testbed_data, "forget", forget_ratio)
-    retain = fit.retain_for_fit(data.resolve_spec(f"retain_{100 - forget_ratio},General_Train", testbed_data))
+    retain = fit.retained_inputs(testbed_data, forget_ratio)
     return fit.fit_eraser(model, processor, forget, retain, fit.default_erasure_items(testbed_data),
                           fit.FitSettings(**settings), progress=False)
 
@@ -97,7 +97,7 @@ def test_paper_mode_is_a_working_alternative(testbed_model, testbed_data, items,
 def test_fit_and_eval_from_the_command_line(testbed_dir, tmp_path):
     out = tmp_path / "forget10.safetensors"
     result = subprocess.run([sys.executable, "-m", "mllmeraser.cli", "fit", "--model", str(testbed_dir / "model"),
-                             "--data", str(testbed_dir / "data"), "--forget", "forget_10", "--retain", "retain_90,General_Train",
+                             "--data", str(testbed_dir / "data"), "--forget", "forget_10",
                              "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert 0 < out.stat().st_size < 1024 * 1024

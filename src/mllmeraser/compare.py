@@ -18,14 +18,13 @@ from typing import Sequence
 
 import torch
 
-from . import adapters, data, evaluate, fit, measure
+from . import adapters, evaluate, fit, measure
 from .errors import UserInputError
 
 ERASER_METHODS = ("eraser", "eraser-paper")
 BASELINE_METHODS = ("ga", "graddiff", "kl", "npo")
 ALL_METHODS = ("vanilla",) + ERASER_METHODS + BASELINE_METHODS
 RETAIN_KEEP = 0.97
-GENERAL_TRAIN = "General_Train"
 CURVE_SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # eraser strengths, as multiples of the fitted alpha
 # The paper's LLaVA-1.5 settings: hard null space, unshaped linear gate.
 PAPER_SETTINGS = {"solver": "paper", "ratio": 0.3, "gamma": 0.1, "alpha": 1.0, "floor": -math.inf, "cap": math.inf,
@@ -77,12 +76,7 @@ class Harness:
         splits = evaluate.REPORT_SPLITS + ("retain_val",)
         self.items = evaluate.report_items(data_dir, settings.forget_ratio, splits)
         self.forget = self.items["forget"]
-        retain_all = data.load_split_items(data_dir, "retain", settings.forget_ratio) or []
-        # Retained inputs to fit on: the retain split less its validation hold-out and, where the data has it,
-        # the testbed's training-only General_Train (visual-skill prompts the gate must leave alone).
-        general_train = data.split_parquet(data_dir, GENERAL_TRAIN)
-        extra = data.expand_items(data.read_records(general_train), general_train) if general_train.exists() else []
-        self.retain_fit = fit.retain_for_fit(retain_all) + extra
+        self.retain_fit = fit.retained_inputs(data_dir, settings.forget_ratio)
         self.validation = self.items.get("retain_val", [])
         if not self.validation:
             raise UserInputError(data_dir, "the retain split has no validation subjects to choose settings on")

@@ -156,6 +156,18 @@ def retain_for_fit(items: Sequence[QAItem]) -> list[QAItem]:
     return [i for i in items if not data.is_validation_subject(i.subject_id)]
 
 
+GENERAL_TRAIN = "General_Train"
+
+
+def retained_inputs(data_dir: str | Path, forget_ratio: int = 10) -> list[QAItem]:
+    """The inputs the gate must leave alone: the retain split less its validation hold-out and, where the data
+    has it, the testbed's training-only General_Train (visual-skill prompts). The compare job, the demo, the
+    benchmarks and `mllmeraser fit` without `--retain` all fit on exactly this."""
+    retain = retain_for_fit(data.load_split_items(data_dir, "retain", forget_ratio) or [])
+    general = data.split_parquet(data_dir, GENERAL_TRAIN)
+    return retain + (data.expand_items(data.read_records(general), general) if general.exists() else [])
+
+
 # ---- command line ----------------------------------------------------------------------------------------
 
 def add_cli(commands) -> None:
@@ -163,7 +175,8 @@ def add_cli(commands) -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", default=None, help="MLLMU-Bench directory that split names refer to")
     parser.add_argument("--forget", required=True, help="split name (forget_10), split dir/parquet, or JSONL")
-    parser.add_argument("--retain", required=True, help="split name (retain_90), split dir/parquet, or JSONL")
+    parser.add_argument("--retain", default=None, help="split name (retain_90), split dir/parquet, or JSONL "
+                        "(default: the retain split under --data less its validation part, plus General_Train)")
     parser.add_argument("--erasure", default=None, help=f"questions the model refuses (default: {DEFAULT_ERASURE_SPLIT} under --data)")
     parser.add_argument("--out", required=True, type=Path, help="eraser file (.safetensors)")
     parser.add_argument("--solver", choices=("ridge", "paper"), default=FitSettings.solver)
@@ -195,7 +208,12 @@ def run_cli(args) -> int:
     settings = settings_from_args(args)
     model, processor = adapters.load_model(args.model)
     forget = data.resolve_spec(args.forget, args.data, args.forget_ratio)
-    retain = retain_for_fit(data.resolve_spec(args.retain, args.data, args.forget_ratio))
+    if args.retain is not None:
+        retain = retain_for_fit(data.resolve_spec(args.retain, args.data, args.forget_ratio))
+    elif args.data is not None:
+        retain = retained_inputs(args.data, args.forget_ratio)
+    else:
+        raise UserInputError(None, "pass --retain SPEC, or --data DIR to fit on its retain split")
     erasure = data.resolve_spec(args.erasure, args.data, args.forget_ratio) if args.erasure else default_erasure_items(args.data)
     started = time.perf_counter()
     eraser = fit_eraser(model, processor, forget, retain, erasure, settings, args.layers_path, request=str(args.forget))

@@ -69,13 +69,12 @@ def _plot_tradeoff(summary: dict, key: str, label: str, path: Path) -> None:
             for p in m["curve"]:
                 groups.setdefault(p.get("lr"), []).append(p)
             colour = None
-            for lr, points in groups.items():
+            for index, (lr, points) in enumerate(groups.items()):
                 xs = [metric(p.get("forget"), key) for p in points]
                 ys = [metric(p.get("retain"), key) for p in points]
                 legend = f"{name} (strength)" if lr is None else f"{name} lr={lr:g} (epochs)"
-                line, = ax.plot(xs, ys, marker="o", ms=3, lw=1, alpha=0.6, label=legend,
-                                ls="-" if lr is None else (":", "--", "-.", "-")[len(groups) and list(groups).index(lr) % 4],
-                                color=colour)
+                style = "-" if lr is None else (":", "--", "-.", "-")[index % 4]
+                line, = ax.plot(xs, ys, marker="o", ms=3, lw=1, alpha=0.6, label=legend, ls=style, color=colour)
                 colour = line.get_color()
             ax.plot(*point, marker="*", ms=14, color=colour, mec="black")
         else:

@@ -85,9 +85,9 @@ def train(model, examples: list[Example], settings: TrainSettings, seed: int, pr
     """AdamW with warm-up and cosine decay over shuffled epochs of `examples`; returns the loss curve."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    vision = [p for name, p in model.named_parameters() if ".vision_tower." in f".{name}"]
-    vision_ids = {id(p) for p in vision}
-    rest = [p for p in model.parameters() if id(p) not in vision_ids]
+    vision, rest = [], []
+    for name, parameter in model.named_parameters():
+        (vision if ".vision_tower." in f".{name}" else rest).append(parameter)
     optimiser = torch.optim.AdamW([{"params": rest, "lr": settings.lr},
                                    {"params": vision, "lr": settings.lr * settings.vision_lr_scale}],
                                   weight_decay=settings.weight_decay)
