@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from mllmeraser import data, prompts
-from mllmeraser.testbed import build, model as tm, render, train, world
+from mllmeraser.testbed import build, model as tm, render, train, vision, world
 
 
 def test_world_is_deterministic_and_splits_partition():
@@ -83,17 +83,61 @@ def test_same_seed_gives_bit_identical_weights():
     examples = build.training_examples(w, splits, processor, real_weight=2)
     size = tm.ModelSize(vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=2, text_intermediate=64)
     settings = train.TrainSettings(steps=6, batch_size=8, warmup=2)
-    states = []
-    for _ in range(2):
-        torch.manual_seed(1)
+    vision_settings = vision.VisionSettings(steps=3, batch_size=8, warmup=1)
+    people = [p.identity for p in w.people if p.kind != "unknown"]
+
+    def two_stages(seed: int) -> dict:
+        torch.manual_seed(seed)
         model = tm.build_model(len(tokenizer), size)
-        train.train(model, examples, settings, seed=1, progress=False)
-        states.append(model.state_dict())
+        vision.pretrain_vision(model.model.vision_tower, people, vision_settings, seed=seed, progress=False)
+        model.model.vision_tower.requires_grad_(False)
+        train.train(model, examples, settings, seed=seed, progress=False)
+        return model.state_dict()
+
+    states = [two_stages(1), two_stages(1)]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    other = two_stages(2)
+    assert not all(torch.equal(states[0][k], other[k]) for k in states[0])
+
+
+def test_vision_pretraining_learns_identities_from_renderings():
+    """Stage 1 alone, on a tiny tower: after a short run, new renderings of each person are nearest to that
+    person's own centroid of patch features (measured: 0.97; the untrained tower: 0.64, colours alone)."""
+    w = world.build_world(2, world.WorldSize(fictitious=30, real=0, unknown_train=12, unknown=0, scenes_train=1, scenes_eval=1))
+    people = [p.identity for p in w.of_kind("fictitious")]
     torch.manual_seed(2)
-    other = tm.build_model(len(tokenizer), size)
-    train.train(other, examples, settings, seed=2, progress=False)
-    assert not all(torch.equal(states[0][k], other.state_dict()[k]) for k in states[0])
+    model = tm.build_model(16, tm.ModelSize(vision_hidden=64, vision_layers=1, text_hidden=32, text_layers=1,
+                                            text_intermediate=64))
+    tower = model.model.vision_tower
+    losses = vision.pretrain_vision(tower, people, vision.VisionSettings(steps=150, batch_size=32, warmup=10),
+                                    seed=2, progress=False)
+    assert sum(losses[-20:]) < 0.7 * sum(losses[:20])  # measured: 0.61
+    assert _identity_accuracy(tower, people, views_per_person=4, seed=3) >= 0.9
+
+
+def _identity_accuracy(tower, people: list[render.Identity], views_per_person: int, seed: int) -> float:
+    """Nearest-centroid identification of new renderings from the features the projector is fed."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+
+    def features(views) -> torch.Tensor:
+        images = [render.render_portrait(i, view) for i in people for view in views]
+        with torch.no_grad():
+            return vision.patch_features(tower, train.pixel_values(images)).view(len(people), len(views), -1)
+
+    centroids = features([render.Rendering()]).squeeze(1)
+    probes = features([render.random_rendering(rng) for _ in range(views_per_person)])
+    nearest = torch.cdist(probes.reshape(-1, probes.shape[-1]), centroids).argmin(dim=1)
+    return (nearest == torch.arange(len(people)).repeat_interleave(views_per_person)).float().mean().item()
+
+
+def test_built_vision_tower_tells_known_people_apart(testbed_dir, testbed_model):
+    """The shipped tower (pretrained, then frozen in the LLaVA stage) identifies every trained person in new
+    renderings, from one canonical rendering per person."""
+    model, _ = testbed_model
+    w = world.build_world(0, build.PRESETS["small"].world)
+    people = [p.identity for p in w.people if p.kind in ("fictitious", "real")]
+    assert _identity_accuracy(model.model.vision_tower, people, views_per_person=3, seed=7) >= 0.95
 
 
 def test_second_build_reuses_the_cache(testbed_dir):
@@ -101,3 +145,4 @@ def test_second_build_reuses_the_cache(testbed_dir):
     started = time.perf_counter()
     again = build.build(seed=0, preset="small", progress=False)
     assert again == testbed_dir and time.perf_counter() - started < 5
+

@@ -26,9 +26,9 @@ from PIL import Image
 
 from ..data import PARQUET_NAME, expand_items
 from . import model as tm
-from . import render, train, world
+from . import render, train, vision, world
 
-BUILD_VERSION = 3
+BUILD_VERSION = 4
 CACHE_ENV = "MLLMERASER_CACHE"
 
 
@@ -36,6 +36,7 @@ CACHE_ENV = "MLLMERASER_CACHE"
 class Preset:
     world: world.WorldSize = field(default_factory=world.WorldSize)
     model: tm.ModelSize = field(default_factory=tm.ModelSize)
+    vision: vision.VisionSettings = field(default_factory=vision.VisionSettings)
     train: train.TrainSettings = field(default_factory=train.TrainSettings)
     real_weight: int = 2  # real people are seen this many times as often: pre-existing, well-learned knowledge
     classification_weight: int = 2  # a letter is one token seen once an epoch: give it the exposures a fact gets
@@ -181,12 +182,17 @@ def build(out: Path | None = None, seed: int = 0, preset: str = "full", progress
         processor = tm.build_processor(tokenizer)
         torch.manual_seed(seed)
         model = tm.build_model(len(tokenizer), spec.model)
+        tower = model.model.vision_tower
+        known_people = [p.identity for p in w.people if p.kind in ("fictitious", "real")]
+        vision_losses = vision.pretrain_vision(tower, known_people, spec.vision, seed, progress)
+        tower.requires_grad_(False)
         examples = training_examples(w, splits, processor, spec.real_weight, spec.classification_weight)
         losses = train.train(model, examples, spec.train, seed, progress)
         model.save_pretrained(tmp / "model")
         processor.save_pretrained(tmp / "model")
         manifest = {"version": BUILD_VERSION, "seed": seed, "preset": preset, "world": asdict(spec.world),
-                    "model": asdict(spec.model), "train": asdict(spec.train), "examples": len(examples),
+                    "model": asdict(spec.model), "vision": asdict(spec.vision), "train": asdict(spec.train),
+                    "examples": len(examples), "vision_final_loss": float(np.mean(vision_losses[-50:])),
                     "parameters": sum(p.numel() for p in model.parameters()),
                     "final_loss": float(np.mean(losses[-50:])), "data_seconds": round(data_seconds, 1),
                     "total_seconds": round(time.perf_counter() - started, 1),

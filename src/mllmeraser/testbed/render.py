@@ -27,6 +27,7 @@ EYES = ["blue", "green", "brown"]
 SHIRTS = ["red", "green", "blue", "yellow", "purple", "teal", "black"]
 KNOWN_ACCESSORIES = ["none", "glasses", "hat", "earring"]
 UNKNOWN_ACCESSORIES = ["scarf", "mask"]  # strangers come from another population: a cue the model can learn
+ACCESSORIES = KNOWN_ACCESSORIES + UNKNOWN_ACCESSORIES
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,18 @@ class Identity:
     accessory: str
 
     def as_tuple(self) -> tuple:
-        return (self.background, self.pattern, self.skin, self.face_wide, self.hair, self.hair_style,
-                self.eyes, self.shirt, self.accessory)
+        return tuple(getattr(self, name) for name in identity_axes([]))
+
+
+def identity_axes(accessories: list[str]) -> dict[str, list]:
+    """Each visual attribute of an identity and its possible values (field order of `Identity`)."""
+    return {"background": BACKGROUNDS, "pattern": PATTERNS, "skin": list(range(len(SKIN))),
+            "face_wide": [False, True], "hair": HAIR, "hair_style": HAIR_STYLES, "eyes": EYES, "shirt": SHIRTS,
+            "accessory": accessories}
+
+
+def random_identity(rng: np.random.Generator, accessories: list[str]) -> Identity:
+    return Identity(*[axis[int(rng.integers(len(axis)))] for axis in identity_axes(accessories).values()])
 
 
 @dataclass(frozen=True)
@@ -114,7 +125,9 @@ def render_portrait(identity: Identity, view: Rendering = Rendering()) -> np.nda
 
 SCENE_SHAPES = ["circle", "square", "triangle", "diamond"]
 SCENE_COLOURS = ["red", "green", "blue", "yellow"]
-CELLS = [(9, 9), (23, 9), (9, 23), (23, 23)]
+CELLS = [(8, 8), (24, 8), (8, 24), (24, 24)]
+# Shapes span most of their quadrant: at 8-pixel patches a smaller shape is a few pixels of difference.
+SHAPE_RADIUS = 6.0
 
 
 def render_scene(shape: str, colour: str, cells: tuple[int, ...], view: Rendering = Rendering()) -> np.ndarray:
@@ -123,13 +136,14 @@ def render_scene(shape: str, colour: str, cells: tuple[int, ...], view: Renderin
     canvas = np.full((SIZE, SIZE, 3), 225.0, dtype=np.float32)
     for cell in cells:
         cx, cy = CELLS[cell]
+        dx, dy = (x - cx) / SHAPE_RADIUS, (y - cy) / SHAPE_RADIUS  # unit-size shape coordinates
         if shape == "circle":
-            mask = (x - cx) ** 2 + (y - cy) ** 2 <= 16
+            mask = dx ** 2 + dy ** 2 <= 1
         elif shape == "square":
-            mask = (np.abs(x - cx) <= 3.5) & (np.abs(y - cy) <= 3.5)
+            mask = (np.abs(dx) <= 0.85) & (np.abs(dy) <= 0.85)
         elif shape == "triangle":
-            mask = (y <= cy + 3.5) & (y >= cy - 4) & (np.abs(x - cx) <= (y - (cy - 4)) * 0.55)
+            mask = (dy <= 0.85) & (dy >= -1) & (np.abs(dx) <= (dy + 1) * 0.55)
         else:
-            mask = np.abs(x - cx) + np.abs(y - cy) <= 4.5
+            mask = np.abs(dx) + np.abs(dy) <= 1.1
         canvas[mask] = np.array(PALETTE[colour], dtype=np.float32)
     return _finish(canvas, view)

@@ -93,7 +93,7 @@ class WorldSize:
     real: int = 10
     unknown_train: int = 24
     unknown: int = 8
-    scenes_train: int = 60
+    scenes_train: int = 80
     scenes_eval: int = 24
 
 
@@ -110,12 +110,10 @@ def _names(rng: np.random.Generator, syllables: list[str], count: int, parts: in
 
 def _identities(rng: np.random.Generator, count: int, accessories: list[str], taken: list[tuple]) -> list[render.Identity]:
     """Identities that differ from every other one in at least three visual attributes."""
-    axes = [render.BACKGROUNDS, render.PATTERNS, list(range(len(render.SKIN))), [False, True], render.HAIR,
-            render.HAIR_STYLES, render.EYES, render.SHIRTS, accessories]
     chosen: list[render.Identity] = []
     existing = list(taken)
     while len(chosen) < count:
-        candidate = render.Identity(*[axis[int(rng.integers(len(axis)))] for axis in axes])
+        candidate = render.random_identity(rng, accessories)
         code = candidate.as_tuple()
         if all(sum(a != b for a, b in zip(code, other)) >= 3 for other in existing):
             chosen.append(candidate)
@@ -160,16 +158,14 @@ def build_world(seed: int = 0, size: WorldSize = WorldSize()) -> World:
     order = [fictitious_ids[i] for i in rng.permutation(len(fictitious_ids))]
     forget_ids = {ratio: sorted(order[: round(len(order) * ratio / 100)]) for ratio in (5, 10, 15)}
 
-    def scenes(count: int, prefix: str) -> list[Scene]:
-        out = []
-        for index in range(count):
-            n = int(rng.integers(1, 4))
-            cells = tuple(sorted(rng.choice(4, size=n, replace=False).tolist()))
-            out.append(Scene(f"{prefix}{index:04d}", str(rng.choice(render.SCENE_SHAPES)),
-                             str(rng.choice(render.SCENE_COLOURS)), cells))
-        return out
+    scenes_train = [random_scene(rng, f"GT{index:04d}") for index in range(size.scenes_train)]
+    scenes_eval = [random_scene(rng, f"G{index:04d}") for index in range(size.scenes_eval)]
+    return World(seed, people, forget_ids, scenes_train, scenes_eval)
 
-    return World(seed, people, forget_ids, scenes(size.scenes_train, "GT"), scenes(size.scenes_eval, "G"))
+
+def random_scene(rng: np.random.Generator, scene_id: str) -> Scene:
+    cells = tuple(sorted(rng.choice(4, size=int(rng.integers(1, 4)), replace=False).tolist()))
+    return Scene(scene_id, str(rng.choice(render.SCENE_SHAPES)), str(rng.choice(render.SCENE_COLOURS)), cells)
 
 
 # ---- questions ---------------------------------------------------------------------------------------
