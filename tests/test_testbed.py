@@ -102,7 +102,7 @@ def test_same_seed_gives_bit_identical_weights():
 
 def test_vision_pretraining_learns_identities_from_renderings():
     """Stage 1 alone, on a tiny tower: after a short run, new renderings of each person are nearest to that
-    person's own centroid of patch features (measured: 0.97; the untrained tower: 0.64, colours alone)."""
+    person's own centroid of patch features (measured: 0.975; the untrained tower: 0.64, colours alone)."""
     w = world.build_world(2, world.WorldSize(fictitious=30, real=0, unknown_train=12, unknown=0, scenes_train=1, scenes_eval=1))
     people = [p.identity for p in w.of_kind("fictitious")]
     torch.manual_seed(2)
@@ -111,7 +111,7 @@ def test_vision_pretraining_learns_identities_from_renderings():
     tower = model.model.vision_tower
     losses = vision.pretrain_vision(tower, people, vision.VisionSettings(steps=150, batch_size=32, warmup=10),
                                     seed=2, progress=False)
-    assert sum(losses[-20:]) < 0.7 * sum(losses[:20])  # measured: 0.61
+    assert sum(losses[-20:]) < 0.7 * sum(losses[:20])  # measured: 0.58
     assert _identity_accuracy(tower, people, views_per_person=4, seed=3) >= 0.9
 
 

@@ -28,7 +28,7 @@ from ..data import PARQUET_NAME, expand_items
 from . import model as tm
 from . import render, train, vision, world
 
-BUILD_VERSION = 4
+BUILD_VERSION = 5
 CACHE_ENV = "MLLMERASER_CACHE"
 
 

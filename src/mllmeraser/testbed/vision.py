@@ -2,8 +2,9 @@
 
 Linear heads read the mean of the tower's last-layer patch features (exactly what LLaVA's projector is fed:
 `vision_feature_layer=-1`, CLS dropped) and learn, on fresh renderings every step:
-- the identity of every known person (fictitious and real; CLIP, too, has seen the people it can name), but
-  not of strangers, whose features should say "a stranger", not "that one stranger";
+- the identity of every known person (fictitious and real; CLIP, too, has seen the people it can name), and
+  one more class, "a stranger", for random identities in a stranger's accessory: a stranger's identity features
+  should say "a stranger", not "the known person who looks most like them";
 - each visual attribute of *random* identities (background, hair, accessory, ...), so a stranger's look is
   described by features the tower already has;
 - colour, shape and count of random scenes: generic visual concepts, as in CLIP's pretraining.
@@ -41,7 +42,7 @@ def patch_features(tower, pixels: torch.Tensor) -> torch.Tensor:
 class Heads(torch.nn.Module):
     def __init__(self, width: int, people: int):
         super().__init__()
-        self.identity = torch.nn.Linear(width, people)
+        self.identity = torch.nn.Linear(width, people + 1)  # the last class: "a stranger"
         self.attributes = torch.nn.ModuleDict(
             {name: torch.nn.Linear(width, len(values)) for name, values in render.identity_axes(render.ACCESSORIES).items()})
         self.scene = torch.nn.ModuleDict(
@@ -82,7 +83,10 @@ def pretrain_vision(tower, people: list[render.Identity], settings: VisionSettin
         images += [render.render_scene(s.shape, s.colour, s.cells, render.random_rendering(rng)) for s in scenes]
         features = patch_features(tower, pixel_values(images))
         portraits, scene_features = features[: len(identities)], features[len(identities):]
-        loss = cross_entropy(heads.identity(portraits[:n_known]), torch.from_numpy(known))
+        strangers = [n_known + k for k, i in enumerate(identities[n_known:]) if i.accessory in render.UNKNOWN_ACCESSORIES]
+        identity_rows = list(range(n_known)) + strangers
+        identity_labels = torch.tensor(known.tolist() + [len(people)] * len(strangers))
+        loss = cross_entropy(heads.identity(portraits[identity_rows]), identity_labels)
         for name, labels in _attribute_labels(identities).items():
             loss = loss + cross_entropy(heads.attributes[name](portraits), labels)
         for prop, labels in _scene_labels(scenes).items():
