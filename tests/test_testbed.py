@@ -3,6 +3,7 @@ standard checkpoint; a fixed seed reproduces everything bit for bit."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from mllmeraser import data, prompts
@@ -82,16 +83,13 @@ def test_same_seed_gives_bit_identical_weights():
     processor = tm.build_processor(tokenizer)
     examples = build.training_examples(w, splits, processor, real_weight=2)
     size = tm.ModelSize(vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=2, text_intermediate=64)
-    settings = train.TrainSettings(steps=6, batch_size=8, warmup=2)
-    vision_settings = vision.VisionSettings(steps=3, batch_size=8, warmup=1)
-    people = [p.identity for p in w.people if p.kind != "unknown"]
+    spec = build.Preset(vision=vision.VisionSettings(steps=3, batch_size=8, warmup=1),
+                        train=train.TrainSettings(steps=6, batch_size=8, warmup=2))
 
     def two_stages(seed: int) -> dict:
         torch.manual_seed(seed)
         model = tm.build_model(len(tokenizer), size)
-        vision.pretrain_vision(model.model.vision_tower, people, vision_settings, seed=seed, progress=False)
-        model.model.vision_tower.requires_grad_(False)
-        train.train(model, examples, settings, seed=seed, progress=False)
+        build.train_model(model, w, examples, spec, seed=seed, progress=False)
         return model.state_dict()
 
     states = [two_stages(1), two_stages(1)]
@@ -117,7 +115,6 @@ def test_vision_pretraining_learns_identities_from_renderings():
 
 def _identity_accuracy(tower, people: list[render.Identity], views_per_person: int, seed: int) -> float:
     """Nearest-centroid identification of new renderings from the features the projector is fed."""
-    import numpy as np
     rng = np.random.default_rng(seed)
 
     def features(views) -> torch.Tensor:
@@ -132,11 +129,11 @@ def _identity_accuracy(tower, people: list[render.Identity], views_per_person: i
 
 
 def test_built_vision_tower_tells_known_people_apart(testbed_dir, testbed_model):
-    """The shipped tower (pretrained, then frozen in the LLaVA stage) identifies every trained person in new
+    """The shipped tower (pretrained, then frozen in the LLaVA stage) identifies every known person in new
     renderings, from one canonical rendering per person."""
     model, _ = testbed_model
     w = world.build_world(0, build.PRESETS["small"].world)
-    people = [p.identity for p in w.people if p.kind in ("fictitious", "real")]
+    people = build.known_identities(w)
     assert _identity_accuracy(model.model.vision_tower, people, views_per_person=3, seed=7) >= 0.95
 
 
@@ -145,4 +142,3 @@ def test_second_build_reuses_the_cache(testbed_dir):
     started = time.perf_counter()
     again = build.build(seed=0, preset="small", progress=False)
     assert again == testbed_dir and time.perf_counter() - started < 5
-

@@ -160,6 +160,21 @@ def corpus(splits: dict[str, list[dict]], processor_free_texts: list[str]) -> li
     return texts
 
 
+def known_identities(w: world.World) -> list[render.Identity]:
+    """The people the vision stage learns by identity (strangers share its one "stranger" class)."""
+    return [p.identity for p in w.people if p.kind in ("fictitious", "real")]
+
+
+def train_model(model, w: world.World, examples: list[train.Example], spec: Preset, seed: int,
+                progress: bool = True) -> tuple[list[float], list[float]]:
+    """Both training stages, in place: the vision tower alone, then frozen for the LLaVA stage. Returns the two
+    loss curves."""
+    tower = model.model.vision_tower
+    vision_losses = vision.pretrain_vision(tower, known_identities(w), spec.vision, seed, progress)
+    tower.requires_grad_(False)
+    return vision_losses, train.train(model, examples, spec.train, seed, progress)
+
+
 def build(out: Path | None = None, seed: int = 0, preset: str = "full", progress: bool = True,
           force: bool = False) -> Path:
     """Build (or reuse) the testbed at `out`; returns its directory."""
@@ -182,12 +197,8 @@ def build(out: Path | None = None, seed: int = 0, preset: str = "full", progress
         processor = tm.build_processor(tokenizer)
         torch.manual_seed(seed)
         model = tm.build_model(len(tokenizer), spec.model)
-        tower = model.model.vision_tower
-        known_people = [p.identity for p in w.people if p.kind in ("fictitious", "real")]
-        vision_losses = vision.pretrain_vision(tower, known_people, spec.vision, seed, progress)
-        tower.requires_grad_(False)
         examples = training_examples(w, splits, processor, spec.real_weight, spec.classification_weight)
-        losses = train.train(model, examples, spec.train, seed, progress)
+        vision_losses, losses = train_model(model, w, examples, spec, seed, progress)
         model.save_pretrained(tmp / "model")
         processor.save_pretrained(tmp / "model")
         manifest = {"version": BUILD_VERSION, "seed": seed, "preset": preset, "world": asdict(spec.world),
