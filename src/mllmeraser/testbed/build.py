@@ -28,7 +28,7 @@ from ..data import PARQUET_NAME, expand_items
 from . import model as tm
 from . import render, train, vision, world
 
-BUILD_VERSION = 5
+BUILD_VERSION = 6
 CACHE_ENV = "MLLMERASER_CACHE"
 
 
@@ -44,9 +44,12 @@ class Preset:
 
 PRESETS = {
     "full": Preset(),
-    # The shared fixture of the test suite: fewer people, a shorter schedule.
+    # The shared fixture of the test suite: fewer people, a shorter schedule. Its vision stage stays at 1,000
+    # steps: measured on this preset, 2,000 gave forget image classification 0.85 and general 0.81, against
+    # 1.00 and 0.92 at 1,000 (builds differ by several hundredths; see README "Known gaps").
     "small": Preset(world=world.WorldSize(fictitious=40, real=6, unknown_train=24, unknown=6,
                                           scenes_train=40, scenes_eval=16),
+                    vision=vision.VisionSettings(steps=1000),
                     train=train.TrainSettings(steps=3500)),
 }
 
