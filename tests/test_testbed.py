@@ -98,6 +98,37 @@ def test_same_seed_gives_bit_identical_weights():
     assert not all(torch.equal(states[0][k], other[k]) for k in states[0])
 
 
+def test_training_weights_repeat_each_question_as_documented():
+    """How often each question is trained per epoch, by who it is about and its (task, modality): the weights
+    multiply, classification and cloze images of known people get image_weight, generation never does, and scenes
+    and strangers take only the classification weight."""
+    w = world.build_world(1, world.WorldSize(fictitious=8, real=2, unknown_train=12, unknown=2, scenes_train=4, scenes_eval=2))
+    splits = build.make_splits(w)
+    processor = tm.build_processor(tm.build_tokenizer(build.corpus(splits, ["USER: ASSISTANT:"])))
+    weights = dict(real_weight=7, classification_weight=2, cloze_weight=3, image_weight=5)
+    known = {("classification", "text"): 2, ("classification", "image"): 2 * 5, ("cloze", "text"): 3,
+             ("cloze", "image"): 3 * 5, ("generation", "text"): 1, ("generation", "image"): 1}
+    unknown_or_scene = {("classification", "image"): 2, ("cloze", "text"): 1, ("cloze", "image"): 1,
+                        ("generation", "text"): 1, ("generation", "image"): 1}
+    cases = [("retain_85", known, 1), ("forget_15", known, 1), ("Retain_Set", known, 7),
+             ("General_Train", unknown_or_scene, 1), ("Unknown_Train", unknown_or_scene, 1)]
+    for split, table, repeat in cases:
+        record = splits[split][0]
+        only = {name: [record] if name == split else [] for name in build.TRAINING_SPLITS}
+        counts: dict[tuple, int] = {}
+        for example in build.training_examples(w, only, processor, **weights):
+            key = (example.prompt_ids, example.answer_ids, example.renderer is not None)
+            counts[key] = counts.get(key, 0) + 1
+        items = data.expand_items([record])
+        assert len(counts) == len(items)  # one subject: every question is distinct
+        for item in items:
+            example = train.encode_example(processor, item, None)
+            with_image = item.modality == "image"
+            prompt = train.encode_example(processor, item, (lambda view: None) if with_image else None).prompt_ids
+            assert counts[(prompt, example.answer_ids, with_image)] == repeat * table[(item.task, item.modality)], \
+                (split, item.task, item.modality)
+
+
 def test_vision_pretraining_learns_identities_from_renderings():
     """Stage 1 alone, on a tiny tower: after a short run, new renderings of each person are nearest to that
     person's own centroid of patch features (measured: 0.975; the untrained tower: 0.64, colours alone)."""
