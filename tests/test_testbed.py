@@ -122,11 +122,10 @@ def test_training_weights_repeat_each_question_as_documented():
         items = data.expand_items([record])
         assert len(counts) == len(items)  # one subject: every question is distinct
         for item in items:
-            example = train.encode_example(processor, item, None)
             with_image = item.modality == "image"
-            prompt = train.encode_example(processor, item, (lambda view: None) if with_image else None).prompt_ids
-            assert counts[(prompt, example.answer_ids, with_image)] == repeat * table[(item.task, item.modality)], \
-                (split, item.task, item.modality)
+            example = train.encode_example(processor, item, (lambda view: None) if with_image else None)
+            key = (example.prompt_ids, example.answer_ids, with_image)
+            assert counts[key] == repeat * table[(item.task, item.modality)], (split, item.task, item.modality)
 
 
 def test_vision_pretraining_learns_identities_from_renderings():

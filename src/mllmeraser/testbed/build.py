@@ -150,7 +150,7 @@ def training_examples(w: world.World, splits: dict[str, list[dict]], processor, 
     """What the model learns: every question of every trained split, image questions re-rendered each step.
     Each question is repeated real_weight (real people) x classification_weight (classification questions) x
     cloze_weight (a known person's cloze questions) x image_weight (a known person's image classification and
-    cloze questions; scenes and strangers are seen only as images) times."""
+    cloze questions) times."""
     people = {p.id: p for p in w.people}
     scenes = {s.id: s for s in w.scenes_train}
 
