@@ -81,7 +81,7 @@ def test_same_seed_gives_bit_identical_weights():
     splits = build.make_splits(w)
     tokenizer = tm.build_tokenizer(build.corpus(splits, ["USER: ASSISTANT:"]))
     processor = tm.build_processor(tokenizer)
-    examples = build.training_examples(w, splits, processor, real_weight=2)
+    examples = build.training_examples(w, splits, processor, build.TrainingMix(real=2, classification=1, cloze=1, image=1))
     size = tm.ModelSize(vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=2, text_intermediate=64)
     spec = build.Preset(vision=vision.VisionSettings(steps=3, batch_size=8, warmup=1),
                         train=train.TrainSettings(steps=6, batch_size=8, warmup=2))
@@ -99,13 +99,13 @@ def test_same_seed_gives_bit_identical_weights():
 
 
 def test_training_weights_repeat_each_question_as_documented():
-    """How often each question is trained per epoch, by who it is about and its (task, modality): the weights
-    multiply, classification and cloze images of known people get image_weight, generation never does, and scenes
-    and strangers take only the classification weight."""
+    """How often each question is trained per epoch, by who it is about and its (task, modality): the factors
+    multiply, classification and cloze images of known people get the image factor, generation never does, and
+    scenes and strangers take only the classification factor."""
     w = world.build_world(1, world.WorldSize(fictitious=8, real=2, unknown_train=12, unknown=2, scenes_train=4, scenes_eval=2))
     splits = build.make_splits(w)
     processor = tm.build_processor(tm.build_tokenizer(build.corpus(splits, ["USER: ASSISTANT:"])))
-    weights = dict(real_weight=7, classification_weight=2, cloze_weight=3, image_weight=5)
+    mix = build.TrainingMix(real=7, classification=2, cloze=3, image=5)
     known = {("classification", "text"): 2, ("classification", "image"): 2 * 5, ("cloze", "text"): 3,
              ("cloze", "image"): 3 * 5, ("generation", "text"): 1, ("generation", "image"): 1}
     unknown_or_scene = {("classification", "image"): 2, ("cloze", "text"): 1, ("cloze", "image"): 1,
@@ -116,7 +116,7 @@ def test_training_weights_repeat_each_question_as_documented():
         record = splits[split][0]
         only = {name: [record] if name == split else [] for name in build.TRAINING_SPLITS}
         counts: dict[tuple, int] = {}
-        for example in build.training_examples(w, only, processor, **weights):
+        for example in build.training_examples(w, only, processor, mix):
             key = (example.prompt_ids, example.answer_ids, example.renderer is not None)
             counts[key] = counts.get(key, 0) + 1
         items = data.expand_items([record])

@@ -33,32 +33,39 @@ CACHE_ENV = "MLLMERASER_CACHE"
 
 
 @dataclass(frozen=True)
+class TrainingMix:
+    """How many times each question is repeated in an epoch of the LLaVA stage; the factors multiply."""
+
+    real: int = 2  # real people: pre-existing, well-learned knowledge
+    classification: int = 2  # a letter is one token seen once an epoch: give it the exposures a fact gets
+    # A known person's one-fact questions (classification, cloze) are what the bars measure; their answers are 2-3
+    # tokens, where a generation answer restates the question around the same fact in ~8, so under a per-token
+    # loss they get a small share of the gradient. Measured (full builds): with cloze and image at 1, retain
+    # image classification 0.91-0.93 and text cloze 0.985; image x2 on every image question lifted image
+    # classification to 1.00 but cost text cloze (0.92: fewer epochs for the text questions); the two factors
+    # below: 0.996 and 1.00.
+    cloze: int = 2  # a known person's cloze questions, both modalities
+    image: int = 2  # a known person's image classification and cloze questions: the image path underfits
+
+
+@dataclass(frozen=True)
 class Preset:
     world: world.WorldSize = field(default_factory=world.WorldSize)
     model: tm.ModelSize = field(default_factory=tm.ModelSize)
     vision: vision.VisionSettings = field(default_factory=vision.VisionSettings)
     train: train.TrainSettings = field(default_factory=train.TrainSettings)
-    real_weight: int = 2  # real people are seen this many times as often: pre-existing, well-learned knowledge
-    classification_weight: int = 2  # a letter is one token seen once an epoch: give it the exposures a fact gets
-    # A known person's one-fact questions (classification, cloze) are what the bars measure; their answers are 2-3
-    # tokens, where a generation answer restates the question around the same fact in ~8, so under a per-token
-    # loss they get a small share of the gradient. Measured (full builds): with cloze and image at 1, retain
-    # image classification 0.91-0.93 and text cloze 0.985; image x2 on every image question lifted image
-    # classification to 1.00 but cost text cloze (0.92: fewer epochs for the text questions); the two weights
-    # below: 0.996 and 1.00.
-    cloze_weight: int = 2  # a known person's cloze questions, both modalities
-    image_weight: int = 2  # a known person's image classification and cloze questions: the image path underfits
+    mix: TrainingMix = field(default_factory=TrainingMix)
 
 
 PRESETS = {
     "full": Preset(),
     # The shared fixture of the test suite: fewer people, a shorter schedule. Its vision stage stays at 1,000
-    # steps and its cloze and image weights at 1: measured on this preset, 2,000 steps gave forget image
-    # classification 0.85 and general 0.81, against 1.00 and 0.92; the full preset's weights gave 1.00 on every
+    # steps and its cloze and image factors at 1: measured on this preset, 2,000 steps gave forget image
+    # classification 0.85 and general 0.81, against 1.00 and 0.92; the full preset's mix gave 1.00 on every
     # person split but general 0.81 and stranger refusal 0.92 (a bigger epoch over a 3,500-step schedule).
     "small": Preset(world=world.WorldSize(fictitious=40, real=6, unknown_train=24, unknown=6,
                                           scenes_train=40, scenes_eval=16),
-                    vision=vision.VisionSettings(steps=1000), cloze_weight=1, image_weight=1,
+                    vision=vision.VisionSettings(steps=1000), mix=TrainingMix(cloze=1, image=1),
                     train=train.TrainSettings(steps=3500)),
 }
 
@@ -144,13 +151,11 @@ TRAINING_SPLITS = ("forget_15", "retain_85", "Retain_Set", "Unknown_Train", "Gen
 KNOWN_PEOPLE_SPLITS = ("forget_15", "retain_85", "Retain_Set")
 
 
-def training_examples(w: world.World, splits: dict[str, list[dict]], processor, real_weight: int,
-                      classification_weight: int = 1, cloze_weight: int = 1,
-                      image_weight: int = 1) -> list[train.Example]:
-    """What the model learns: every question of every trained split, image questions re-rendered each step.
-    Each question is repeated real_weight (real people) x classification_weight (classification questions) x
-    cloze_weight (a known person's cloze questions) x image_weight (a known person's image classification and
-    cloze questions) times."""
+def training_examples(w: world.World, splits: dict[str, list[dict]], processor,
+                      mix: TrainingMix = TrainingMix()) -> list[train.Example]:
+    """What the model learns: every question of every trained split, image questions re-rendered each step, each
+    repeated as `mix` says: real (real people) x classification (classification questions) x cloze (a known
+    person's cloze questions) x image (a known person's image classification and cloze questions) times."""
     people = {p.id: p for p in w.people}
     scenes = {s.id: s for s in w.scenes_train}
 
@@ -163,15 +168,14 @@ def training_examples(w: world.World, splits: dict[str, list[dict]], processor, 
 
     examples: list[train.Example] = []
     for split in TRAINING_SPLITS:
-        repeat = real_weight if split == "Retain_Set" else 1
+        known_person = split in KNOWN_PEOPLE_SPLITS
         for item in expand_items(splits[split]):
             renderer = renderer_for(item.subject_id) if item.modality == "image" else None
-            weight = repeat * (classification_weight if item.task == "classification" else 1)
-            if split in KNOWN_PEOPLE_SPLITS and item.task == "cloze":
-                weight *= cloze_weight
-            if split in KNOWN_PEOPLE_SPLITS and item.task != "generation" and item.modality == "image":
-                weight *= image_weight
-            examples += [train.encode_example(processor, item, renderer)] * weight
+            repeats = ((mix.real if split == "Retain_Set" else 1)
+                       * (mix.classification if item.task == "classification" else 1)
+                       * (mix.cloze if known_person and item.task == "cloze" else 1)
+                       * (mix.image if known_person and item.task != "generation" and renderer is not None else 1))
+            examples += [train.encode_example(processor, item, renderer)] * repeats
     return examples
 
 
@@ -220,15 +224,13 @@ def build(out: Path | None = None, seed: int = 0, preset: str = "full", progress
         processor = tm.build_processor(tokenizer)
         torch.manual_seed(seed)
         model = tm.build_model(len(tokenizer), spec.model)
-        examples = training_examples(w, splits, processor, spec.real_weight, spec.classification_weight,
-                                     spec.cloze_weight, spec.image_weight)
+        examples = training_examples(w, splits, processor, spec.mix)
         vision_losses, losses = train_model(model, w, examples, spec, seed, progress)
         model.save_pretrained(tmp / "model")
         processor.save_pretrained(tmp / "model")
         manifest = {"version": BUILD_VERSION, "seed": seed, "preset": preset, "world": asdict(spec.world),
                     "model": asdict(spec.model), "vision": asdict(spec.vision), "train": asdict(spec.train),
-                    "weights": {"real": spec.real_weight, "classification": spec.classification_weight,
-                                "cloze": spec.cloze_weight, "image": spec.image_weight},
+                    "mix": asdict(spec.mix),
                     "examples": len(examples), "vision_final_loss": float(np.mean(vision_losses[-50:])),
                     "parameters": sum(p.numel() for p in model.parameters()),
                     "final_loss": float(np.mean(losses[-50:])), "data_seconds": round(data_seconds, 1),
