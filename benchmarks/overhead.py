@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from mllmeraser import measure
-from mllmeraser.eraser import Eraser, model_fingerprint
-from mllmeraser.hooks import find_decoder_layers
+from mllmeraser.bench import measure
+from mllmeraser.core.eraser import Eraser, model_fingerprint
+from mllmeraser.core.hooks import find_decoder_layers
 
 
 def random_eraser(model, layer_indices, alpha=0.5, seed=0) -> Eraser:
@@ -40,18 +40,18 @@ def time_generation(model, eraser: Eraser, inputs: dict, new_tokens: int, repeat
 
 
 def testbed_case(repeats: int) -> None:
-    from mllmeraser import adapters, fit
+    from mllmeraser.core import fitting, models
     from mllmeraser.data import load_split_items
     from mllmeraser.testbed.build import build
 
     directory = build(seed=0, preset="full")
-    model, processor = adapters.load_model(directory / "model")
+    model, processor = models.load_model(directory / "model")
     forget = load_split_items(directory / "data", "forget", 10)
-    retain = fit.retained_inputs(directory / "data", 10)
-    erasure = fit.default_erasure_items(directory / "data")
-    eraser = fit.fit_eraser(model, processor, forget, retain, erasure, progress=False)
+    retain = fitting.retained_inputs(directory / "data", 10)
+    erasure = fitting.default_erasure_items(directory / "data")
+    eraser = fitting.fit_eraser(model, processor, forget, retain, erasure, progress=False)
     items = [i for i in forget + retain if i.task == "generation" and i.modality == "image"][:32]
-    inputs = adapters.to_device(adapters.encode_prompts(processor, items), model)
+    inputs = models.to_device(models.encode_prompts(processor, items), model)
     ratio, base, treated = time_generation(model, eraser, inputs, 30, repeats)
     print(f"testbed LLaVA (d={eraser.hidden_size}, {len(eraser.layer_indices)} steered layers), batch 32 x 30 new tokens: "
           f"vanilla {base * 1000:.0f} ms, attached {treated * 1000:.0f} ms, ratio {ratio:.3f}")

@@ -27,9 +27,9 @@ def testbed_data(testbed_dir) -> Path:
 @pytest.fixture(scope="session")
 def testbed_model(testbed_dir):
     """(model, processor) of the cached testbed. Tests must not modify it (attach erasers in `with`)."""
-    from mllmeraser import adapters
+    from mllmeraser.core import models
     torch.manual_seed(SEED)
-    return adapters.load_model(testbed_dir / "model")
+    return models.load_model(testbed_dir / "model")
 
 
 def pytest_configure(config):

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mllmeraser import data
+from mllmeraser.bench import data
 from mllmeraser.errors import UserInputError, atomic_write_text
 
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mllmeraser import adapters, baselines
-from mllmeraser.baselines import BaselineSettings
-from mllmeraser.data import QAItem
+from mllmeraser.bench import baselines
+from mllmeraser.core import models
+from mllmeraser.bench.baselines import BaselineSettings
+from mllmeraser.bench.data import QAItem
 from mllmeraser.errors import UserInputError
 from mllmeraser.testbed import model as tm
 
@@ -49,7 +50,7 @@ RETAIN = [item for i in range(3, 10) for item in person_items(i)]
 def processor():
     texts = [item.prompt + " " + item.answer for item in FORGET + RETAIN] + ["USER: ASSISTANT:"]
     processor = tm.build_processor(tm.build_tokenizer(texts))
-    adapters.prepare_processor(processor)
+    models.prepare_processor(processor)
     return processor
 
 
@@ -59,11 +60,11 @@ def learned_state(processor) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = tm.build_model(len(processor.tokenizer), TINY).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    groups = [[(FORGET + RETAIN)[i] for i in indices] for indices in adapters.batches(FORGET + RETAIN, 16)]
-    encoded = [adapters.encode_with_answers(processor, group) for group in groups]
+    groups = [[(FORGET + RETAIN)[i] for i in indices] for indices in models.batches(FORGET + RETAIN, 16)]
+    encoded = [models.encode_with_answers(processor, group) for group in groups]
     for _ in range(25):
         for batch in encoded:
-            loss = model(**adapters.forward_inputs(model, batch)).loss
+            loss = model(**models.forward_inputs(model, batch)).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -85,37 +86,37 @@ def mean_ce(model, processor, items: list[QAItem]) -> float:
     """Token-mean answer CE over `items` (batched like training), computed by the model's own HF loss."""
     total, tokens = 0.0, 0
     with torch.no_grad():
-        for indices in adapters.batches(items, 8):
-            batch = adapters.encode_with_answers(processor, [items[i] for i in indices])
+        for indices in models.batches(items, 8):
+            batch = models.encode_with_answers(processor, [items[i] for i in indices])
             n = int((batch["labels"][:, 1:] != -100).sum())
-            total += model(**adapters.forward_inputs(model, batch)).loss.item() * n
+            total += model(**models.forward_inputs(model, batch)).loss.item() * n
             tokens += n
     return total / tokens
 
 
 def image_and_text_batches(processor) -> tuple[dict, dict, dict]:
-    forget_batch = adapters.encode_with_answers(processor, [FORGET[0], FORGET[1], FORGET[4], FORGET[5]])
-    forget_image = adapters.encode_with_answers(processor, [FORGET[2], FORGET[6]])
-    retain_batch = adapters.encode_with_answers(processor, [RETAIN[0], RETAIN[1], RETAIN[4]])
+    forget_batch = models.encode_with_answers(processor, [FORGET[0], FORGET[1], FORGET[4], FORGET[5]])
+    forget_image = models.encode_with_answers(processor, [FORGET[2], FORGET[6]])
+    retain_batch = models.encode_with_answers(processor, [RETAIN[0], RETAIN[1], RETAIN[4]])
     return forget_batch, forget_image, retain_batch
 
 
 # ---- inputs and LoRA placement -----------------------------------------------------------------------------
 
 def test_encode_with_answers_labels_exactly_the_answer_and_eos(processor):
-    batch = adapters.encode_with_answers(processor, [FORGET[2], RETAIN[3]])  # image cloze + image classification
+    batch = models.encode_with_answers(processor, [FORGET[2], RETAIN[3]])  # image cloze + image classification
     assert set(batch) >= {"input_ids", "attention_mask", "labels", "pixel_values"}
     tokenizer = processor.tokenizer
     for row, item in enumerate([FORGET[2], RETAIN[3]]):
         labelled = batch["labels"][row][batch["labels"][row] != -100].tolist()
         assert labelled == tokenizer(" " + item.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        prompt = adapters.encode_prompts(processor, [item])["input_ids"][0].tolist()
+        prompt = models.encode_prompts(processor, [item])["input_ids"][0].tolist()
         real = batch["input_ids"][row][batch["attention_mask"][row] == 1].tolist()
         assert real == prompt + labelled  # prompt then answer, no padding between them
-    text = adapters.encode_with_answers(processor, FORGET[:2])
+    text = models.encode_with_answers(processor, FORGET[:2])
     assert "pixel_values" not in text
     with pytest.raises(ValueError):
-        adapters.encode_with_answers(processor, [FORGET[0], FORGET[2]])
+        models.encode_with_answers(processor, [FORGET[0], FORGET[2]])
 
 
 def test_lora_on_all_linears_but_lm_head_and_only_lora_trains(model):
@@ -154,14 +155,14 @@ def test_losses_at_initialisation(model, processor):
     base_logits = {}
     with torch.no_grad():
         for name, batch in (("forget", forget_batch), ("image", forget_image), ("retain", retain_batch)):
-            inputs = adapters.forward_inputs(model, {k: v for k, v in batch.items() if k != "labels"})
+            inputs = models.forward_inputs(model, {k: v for k, v in batch.items() if k != "labels"})
             base_logits[name] = model(**inputs).logits
     forget_ce = hand_ce(base_logits["forget"], forget_batch["labels"])
     image_ce = hand_ce(base_logits["image"], forget_image["labels"])
     retain_ce = hand_ce(base_logits["retain"], retain_batch["labels"])
     # the model's own HF loss agrees with the hand computation
     with torch.no_grad():
-        hf = model(**adapters.forward_inputs(model, forget_batch)).loss
+        hf = model(**models.forward_inputs(model, forget_batch)).loss
     assert hf.item() == pytest.approx(forget_ce.item(), abs=1e-5)
 
     peft_model = baselines.wrap_lora(model, settings("ga")).train()  # dropout on: B = 0 makes it irrelevant
@@ -276,7 +277,7 @@ def test_bad_settings_and_inputs_are_user_errors(model, processor):
 
 def test_adapter_round_trip_gives_identical_logits(model, processor, learned_state, tmp_path):
     peft_model = baselines.train_baseline(model, processor, FORGET, RETAIN, settings("npo"), progress=False)
-    batch = adapters.forward_inputs(peft_model, {k: v for k, v in adapters.encode_with_answers(processor, FORGET[2:4]).items()
+    batch = models.forward_inputs(peft_model, {k: v for k, v in models.encode_with_answers(processor, FORGET[2:4]).items()
                                                  if k != "labels"})
     with torch.no_grad():
         trained_logits = peft_model(**batch).logits
@@ -307,9 +308,9 @@ def test_load_adapter_rejects_what_is_not_an_adapter(model, tmp_path):
 
 
 def test_pgd_images_runs_on_shared_teacher_forcing(model, processor):
-    from mllmeraser.fit import PGDSettings, pgd_images
+    from mllmeraser.core.fitting import PGDSettings, pgd_images
     items = [FORGET[2], FORGET[6]]
-    clean = adapters.encode_prompts(processor, items)["pixel_values"]
+    clean = models.encode_prompts(processor, items)["pixel_values"]
     adversarial = pgd_images(model, processor, items, PGDSettings(steps=2))
     assert adversarial.shape == clean.shape
     assert (adversarial - clean).abs().max().item() <= 8 / 255 / 0.5 + 1e-6
@@ -322,14 +323,14 @@ def test_every_family_trains_on_answer_tokens_only(family, tmp_path):
     import tiny_families
 
     directory = tiny_families.BUILDERS[family](tmp_path / family, seed=0)
-    model, processor = adapters.load_model(directory)
+    model, processor = models.load_model(directory)
     forget, retain = tiny_families.make_items(0, 2), tiny_families.make_items(2, 2)
-    image_batch = adapters.encode_with_answers(processor, [i for i in forget if i.modality == "image"])
+    image_batch = models.encode_with_answers(processor, [i for i in forget if i.modality == "image"])
     for key in ("mm_token_type_ids", "token_type_ids"):
         if key in image_batch:
             assert image_batch[key].shape == image_batch["input_ids"].shape
     with torch.no_grad():
-        full = model(**adapters.forward_inputs(model, image_batch)).loss  # HF's own answer-token mean CE
+        full = model(**models.forward_inputs(model, image_batch)).loss  # HF's own answer-token mean CE
     peft_model = baselines.wrap_lora(model, settings("npo"))
     targets = {name for name, module in model.named_modules() if hasattr(module, "lora_A")}
     assert "lm_head" not in targets and not any("embed" in name for name in targets)

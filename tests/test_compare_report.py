@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from mllmeraser import compare
+from mllmeraser.bench import compare
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_compare_writes_every_artifact(compared):
 
 
 def compare_plots():
-    from mllmeraser.report import PLOTS
+    from mllmeraser.bench.report import PLOTS
     return PLOTS
 
 

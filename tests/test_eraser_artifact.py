@@ -12,9 +12,9 @@ import safetensors.torch
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from mllmeraser.eraser import FORMAT_VERSION, METADATA_KEY, Eraser, model_fingerprint
+from mllmeraser.core.eraser import FORMAT_VERSION, METADATA_KEY, Eraser, model_fingerprint
 from mllmeraser.errors import UserInputError
-from mllmeraser.hooks import attach_steering, find_decoder_layers
+from mllmeraser.core.hooks import attach_steering, find_decoder_layers
 from tiny_families import random_llava as tiny_llava
 
 PROMPT = torch.tensor([[5, 17, 33, 9, 41, 77, 12]])

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from mllmeraser import compare, data, evaluate, fit
-from mllmeraser.eraser import Eraser
+from mllmeraser.bench import compare, data, evaluate
+from mllmeraser.core import fitting
+from mllmeraser.core.eraser import Eraser
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +28,9 @@ def vanilla(testbed_model, items):
 def fitted(testbed_model, testbed_data, forget_ratio: int, **settings) -> Eraser:
     model, processor = testbed_model
     forget = data.load_split_items(testbed_data, "forget", forget_ratio)
-    retain = fit.retained_inputs(testbed_data, forget_ratio)
-    return fit.fit_eraser(model, processor, forget, retain, fit.default_erasure_items(testbed_data),
-                          fit.FitSettings(**settings), progress=False)
+    retain = fitting.retained_inputs(testbed_data, forget_ratio)
+    return fitting.fit_eraser(model, processor, forget, retain, fitting.default_erasure_items(testbed_data),
+                          fitting.FitSettings(**settings), progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from mllmeraser import evaluate, prompts
-from mllmeraser.data import QAItem
+from mllmeraser.bench import evaluate, prompts
+from mllmeraser.bench.data import QAItem
 
 
 def test_classification_takes_the_first_alphanumeric_character():

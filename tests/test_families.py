@@ -1,7 +1,7 @@
 """The harness on real model families: tiny random-weight checkpoints of their real transformers classes
 (LLaVA-1.5 as llava-hf lays it out, Qwen2.5-VL, Qwen2-VL; see tiny_families.py), saved and loaded offline
-through `adapters.load_model`, then driven through encoding, generation, capture, steering, scoring, PGD and
-a whole fit."""
+through `models.load_model`, then driven through encoding, generation, capture, steering, scoring, PGD and
+a whole fitting."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 import tiny_families
-from mllmeraser import adapters, evaluate, fit, hooks, prompts
-from mllmeraser.data import QAItem
-from mllmeraser.eraser import Eraser
+from mllmeraser.bench import evaluate, prompts
+from mllmeraser.core import fitting, hooks, models
+from mllmeraser.bench.data import QAItem
+from mllmeraser.core.eraser import Eraser
 
 FAMILIES = list(tiny_families.BUILDERS)
 IMAGE_TOKENS = 4  # llava: (28 / 14)^2 patches; qwen: a 4x4 patch grid merged 2x2
@@ -26,7 +27,7 @@ VISION_MODULES = {"llava": "model.vision_tower", "qwen2_5_vl": "model.visual", "
 def family(request, tmp_path_factory):
     name = request.param
     directory = tiny_families.BUILDERS[name](tmp_path_factory.mktemp(name), seed=0)
-    model, processor = adapters.load_model(directory)
+    model, processor = models.load_model(directory)
     _, layers = hooks.find_decoder_layers(model)
     return types.SimpleNamespace(name=name, model=model, processor=processor, layers=layers,
                                  text_config=model.config.get_text_config())
@@ -43,13 +44,13 @@ def select(items, modality, task=None):
 
 def last_logits(model, batch) -> torch.Tensor:
     with torch.no_grad():
-        return model(**adapters.forward_inputs(model, batch)).logits[:, -1].float()
+        return model(**models.forward_inputs(model, batch)).logits[:, -1].float()
 
 
 def prompt_and_answer(model, processor, items):
     """Left-padded prompts, then left-padded " answer" tokens: a batch has padding holes BETWEEN prompt and
     answer (harder on positions than encode_with_answers, which right-pads the answer block)."""
-    batch = adapters.encode_prompts(processor, items)
+    batch = models.encode_prompts(processor, items)
     answers = processor.tokenizer([" " + item.answer for item in items], add_special_tokens=False,
                                   padding=True, return_tensors="pt")
     input_ids = torch.cat([batch["input_ids"], answers["input_ids"]], dim=1)
@@ -57,12 +58,12 @@ def prompt_and_answer(model, processor, items):
     labels = input_ids.clone()
     labels[:, : batch["input_ids"].shape[1]] = -100
     labels[attention == 0] = -100
-    return adapters.forward_inputs(model, {**batch, "input_ids": input_ids, "attention_mask": attention}), labels
+    return models.forward_inputs(model, {**batch, "input_ids": input_ids, "attention_mask": attention}), labels
 
 
 def answer_loss(model, processor, items, pixel_values=None) -> float:
-    """The mean answer NLL that fit.pgd_images descends (adapters.encode_with_answers)."""
-    inputs = adapters.forward_inputs(model, adapters.encode_with_answers(processor, items))
+    """The mean answer NLL that fitting.pgd_images descends (models.encode_with_answers)."""
+    inputs = models.forward_inputs(model, models.encode_with_answers(processor, items))
     labels = inputs.pop("labels")
     if pixel_values is not None:
         inputs["pixel_values"] = pixel_values
@@ -110,7 +111,7 @@ def test_decoder_layers_are_the_language_decoder(family):
 @pytest.mark.parametrize("modality", ["image", "text"])
 def test_encode_prompts_left_pads(family, items, modality):
     chosen = select(items, modality, "classification")
-    batch = adapters.encode_prompts(family.processor, chosen)
+    batch = models.encode_prompts(family.processor, chosen)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     lengths = mask.sum(1)
     assert len(set(lengths.tolist())) > 1, "the test items should have different lengths"
@@ -126,7 +127,7 @@ def test_encode_prompts_left_pads(family, items, modality):
             assert batch["pixel_values"].shape == (16 * len(chosen), 3 * 2 * 14 * 14)
     else:
         assert "pixel_values" not in batch and int(per_row.sum()) == 0
-    text = adapters.chat_text(family.processor, chosen[0].prompt, modality == "image")
+    text = models.chat_text(family.processor, chosen[0].prompt, modality == "image")
     if family.name == "llava":  # LLaVA-1.5: "USER: <image>\n<prompt> ASSISTANT:"
         assert text == f"USER: {'<image>' + chr(10) if modality == 'image' else ''}{chosen[0].prompt} ASSISTANT:"
     else:  # ChatML with Qwen's vision markers
@@ -140,8 +141,8 @@ def test_batched_generation_equals_one_by_one(family, items, modality):
     config = family.model.generation_config
     default, config.min_new_tokens = config.min_new_tokens, 6  # a random model may say EOS at once: go on
     try:
-        batched = adapters.generate(family.model, family.processor, chosen, max_new_tokens=6)
-        single = [adapters.generate(family.model, family.processor, [item], max_new_tokens=6)[0] for item in chosen]
+        batched = models.generate(family.model, family.processor, chosen, max_new_tokens=6)
+        single = [models.generate(family.model, family.processor, [item], max_new_tokens=6)[0] for item in chosen]
     finally:
         config.min_new_tokens = default
     assert all(isinstance(answer, str) for answer in batched)
@@ -152,13 +153,13 @@ def test_batched_generation_equals_one_by_one(family, items, modality):
 @pytest.mark.parametrize("modality", ["image", "text"])
 def test_capture_under_left_padding_equals_per_item(family, items, modality):
     chosen = select(items, modality, "classification")
-    batch = adapters.encode_prompts(family.processor, chosen)
+    batch = models.encode_prompts(family.processor, chosen)
     assert len(set(batch["attention_mask"].sum(1).tolist())) > 1
-    batched = hooks.capture_last_token(family.model, family.layers, **adapters.forward_inputs(family.model, batch))
+    batched = hooks.capture_last_token(family.model, family.layers, **models.forward_inputs(family.model, batch))
     assert batched.shape == (len(chosen), len(family.layers), family.text_config.hidden_size)
     for index, item in enumerate(chosen):
-        one = adapters.encode_prompts(family.processor, [item])
-        single = hooks.capture_last_token(family.model, family.layers, **adapters.forward_inputs(family.model, one))
+        one = models.encode_prompts(family.processor, [item])
+        single = hooks.capture_last_token(family.model, family.layers, **models.forward_inputs(family.model, one))
         torch.testing.assert_close(batched[index], single[0], atol=1e-5, rtol=1e-4)
 
 
@@ -168,12 +169,12 @@ def test_qwen_mrope_positions_follow_the_attention_mask(family, items):
     if family.name == "llava":
         pytest.skip("LLaVA has 1-D positions; forward_inputs numbers them from the attention mask")
     chosen = select(items, "image", "classification")
-    batch = adapters.forward_inputs(family.model, adapters.encode_prompts(family.processor, chosen))
+    batch = models.forward_inputs(family.model, models.encode_prompts(family.processor, chosen))
     assert "position_ids" not in batch
     rope_inputs = ("input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask")
     positions, _ = family.model.model.get_rope_index(**{k: batch[k] for k in rope_inputs})
     for index, item in enumerate(chosen):
-        one = adapters.encode_prompts(family.processor, [item])
+        one = models.encode_prompts(family.processor, [item])
         alone, _ = family.model.model.get_rope_index(**{k: one[k] for k in rope_inputs})
         mask = batch["attention_mask"][index].bool()
         assert torch.equal(positions[:, index, mask], alone[:, 0])
@@ -194,11 +195,11 @@ def test_forward_inputs_positions_with_padding_holes(family, items):
 
 def test_forward_inputs_pads_modality_ids_to_appended_tokens(family, items):
     """pgd_images appends answer tokens to an encoded prompt; Qwen-VL's per-token modality ids must follow."""
-    batch = adapters.encode_prompts(family.processor, select(items, "image", "generation")[:2])
+    batch = models.encode_prompts(family.processor, select(items, "image", "generation")[:2])
     extra = torch.full((2, 3), 7, dtype=batch["input_ids"].dtype)
     grown = {**batch, "input_ids": torch.cat([batch["input_ids"], extra], 1),
              "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(extra)], 1)}
-    inputs = adapters.forward_inputs(family.model, grown)
+    inputs = models.forward_inputs(family.model, grown)
     if "mm_token_type_ids" in batch:
         assert inputs["mm_token_type_ids"].shape == inputs["input_ids"].shape
         assert torch.equal(inputs["mm_token_type_ids"][:, : batch["input_ids"].shape[1]], batch["mm_token_type_ids"])
@@ -211,7 +212,7 @@ def test_forward_inputs_pads_modality_ids_to_appended_tokens(family, items):
 
 @pytest.mark.parametrize("modality", ["image", "text"])
 def test_eraser_changes_logits_and_removal_restores_them(family, items, modality):
-    batch = adapters.encode_prompts(family.processor, select(items, modality, "classification"))
+    batch = models.encode_prompts(family.processor, select(items, modality, "classification"))
     clean = last_logits(family.model, batch)
     handle = random_eraser(family).attach(family.model)
     try:
@@ -238,13 +239,13 @@ def test_pixel_value_bounds_bracket_the_processor(family):
     """Constant-colour images: white must sit exactly on `high`, black on `low`, elementwise (CLIP's per-channel
     means and stds differ, so a wrong channel layout within Qwen's flattened patches would not match)."""
     processor = family.processor
-    text = adapters.chat_text(processor, "What is this ?", with_image=True)
+    text = models.chat_text(processor, "What is this ?", with_image=True)
     values = {}
     for name, colour in (("white", (255, 255, 255)), ("black", (0, 0, 0)), ("grey", (128, 128, 128)),
                          ("red", (255, 0, 0))):
         image = Image.new("RGB", (tiny_families.IMAGE_SIZE, tiny_families.IMAGE_SIZE), colour)
         values[name] = processor(text=[text], images=[image], return_tensors="pt")["pixel_values"].float()
-    low, high, scale = adapters.pixel_value_bounds(processor, values["white"])
+    low, high, scale = models.pixel_value_bounds(processor, values["white"])
     assert low.shape == high.shape == scale.shape == values["white"].shape
     torch.testing.assert_close(values["white"], high, atol=1e-4, rtol=0)
     torch.testing.assert_close(values["black"], low, atol=1e-4, rtol=0)
@@ -264,18 +265,18 @@ def test_pgd_images_stays_in_budget_lowers_loss_and_touches_no_parameter(family,
         p.requires_grad_(id(p) not in frozen)
     flags = [p.requires_grad for p in model.parameters()]
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    settings = fit.PGDSettings(eps=8 / 255, step=2 / 255, steps=5)
+    settings = fitting.PGDSettings(eps=8 / 255, step=2 / 255, steps=5)
     try:
-        adversarial = fit.pgd_images(model, processor, chosen, settings)
+        adversarial = fitting.pgd_images(model, processor, chosen, settings)
         assert [p.requires_grad for p in model.parameters()] == flags
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
     assert all(p.grad is None for p in model.parameters())
-    clean = adapters.encode_prompts(processor, chosen)["pixel_values"].float()
+    clean = models.encode_prompts(processor, chosen)["pixel_values"].float()
     assert adversarial.shape == clean.shape
-    low, high, scale = adapters.pixel_value_bounds(processor, clean)
+    low, high, scale = models.pixel_value_bounds(processor, clean)
     assert bool(((adversarial - clean).abs() <= settings.eps * scale + 1e-5).all())
     assert bool((adversarial >= low - 1e-5).all()) and bool((adversarial <= high + 1e-5).all())
     assert not torch.equal(adversarial, clean)
@@ -289,8 +290,8 @@ def test_fit_eraser_end_to_end(family):
     retain = tiny_families.make_items(2, 2)
     erasure = [QAItem(i.subject_id, i.task, i.modality, i.question, prompts.REFUSAL_ANSWER, i.options, i.image)
                for i in tiny_families.make_items(4, 2) if i.task != "classification"]
-    settings = fit.FitSettings(pgd=fit.PGDSettings(steps=2), batch_size=8)
-    eraser = fit.fit_eraser(family.model, family.processor, forget, retain, erasure, settings, progress=False)
+    settings = fitting.FitSettings(pgd=fitting.PGDSettings(steps=2), batch_size=8)
+    eraser = fitting.fit_eraser(family.model, family.processor, forget, retain, erasure, settings, progress=False)
     num_layers, d = len(family.layers), family.text_config.hidden_size
     assert eraser.u.shape == eraser.r.shape == (1, num_layers - 1, d)
     assert eraser.layer_indices == tuple(range(1, num_layers))
@@ -300,7 +301,7 @@ def test_fit_eraser_end_to_end(family):
     counts = eraser.metadata["requests"][0]["counts"]
     assert counts["recall"] == len(forget) and counts["forget"] == 2 * len(forget)
     assert counts["retain"] == len(retain) and counts["erasure"] == len(erasure)
-    batch = adapters.encode_prompts(family.processor, select(forget, "image"))
+    batch = models.encode_prompts(family.processor, select(forget, "image"))
     clean = last_logits(family.model, batch)
     with eraser.with_alpha(50.0).attach(family.model):
         steered = last_logits(family.model, batch)

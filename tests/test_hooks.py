@@ -25,14 +25,14 @@ from transformers import (
 
 from mllmeraser.errors import UserInputError
 from tiny_families import random_llava
-from mllmeraser.hooks import (
+from mllmeraser.core.hooks import (
     ATTACHED_MARKER,
     FAMILY_LAYER_PATHS,
     attach_steering,
     capture_last_token,
     find_decoder_layers,
 )
-from mllmeraser.steering import shape_gate
+from mllmeraser.core.steering import shape_gate
 
 TEXT = dict(
     vocab_size=128,

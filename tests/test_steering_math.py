@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mllmeraser.steering import (
+from mllmeraser.core.steering import (
     GROUPS,
     SteeringStats,
     calibrate_floor,

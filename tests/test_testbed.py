@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mllmeraser import data, prompts
+from mllmeraser.bench import data, prompts
 from mllmeraser.testbed import build, model as tm, render, train, vision, world
 
 

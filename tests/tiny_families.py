@@ -3,7 +3,7 @@
 Each builder constructs, seeded, a model of the family's REAL transformers class and its REAL processor
 class (word-level `tokenizers` tokenizer wrapped in `PreTrainedTokenizerFast`, the family's special tokens,
 a chat template with the family's semantics), saves both with `save_pretrained` into a directory, and
-returns it, so `mllmeraser.adapters.load_model(directory)` loads it through AutoModelForImageTextToText /
+returns it, so `mllmeraser.core.models.load_model(directory)` loads it through AutoModelForImageTextToText /
 AutoProcessor exactly as it would a downloaded checkpoint. Nothing is downloaded.
 
 Families:
@@ -31,8 +31,8 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-from mllmeraser import prompts
-from mllmeraser.data import QAItem
+from mllmeraser.bench import prompts
+from mllmeraser.bench.data import QAItem
 
 IMAGE_SIZE = 56  # the images the tests feed (LLaVA's processor resizes them to its 28x28 input)
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]

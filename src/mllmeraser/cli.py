@@ -39,11 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", type=Path, default=None, help="write {split: {metric: value}} here")
     evaluate.add_argument("--splits", default=None, help="comma-separated subset of forget,test,retain,real,general,unknown,retain_val")
 
-    from . import fit as fit_module  # the fit command's options live next to the fit code
+    from .core import fitting as fit_module  # the fit command's options live next to the fit code
     fit_module.add_cli(commands)
     from . import generate as generate_module
     generate_module.add_cli(commands)
-    from . import compare as compare_module
+    from .bench import compare as compare_module
     compare_module.add_cli(commands)
     return parser
 
@@ -56,13 +56,14 @@ def cmd_testbed_build(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from . import adapters, evaluate
+    from .core import models
+    from .bench import evaluate
     from contextlib import nullcontext
     splits = tuple(args.splits.split(",")) if args.splits else evaluate.REPORT_SPLITS
-    model, processor = adapters.load_model(args.model)
+    model, processor = models.load_model(args.model)
     attached = nullcontext()
     if args.eraser is not None:
-        from .eraser import Eraser
+        from .core.eraser import Eraser
         eraser = Eraser.load(args.eraser)
         if args.alpha is not None:
             eraser = eraser.with_alpha(args.alpha)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import adapters
-from .data import QAItem
+from .core import models
+from .bench.data import QAItem
 from .errors import UserInputError
 
 
@@ -32,11 +32,11 @@ def run_cli(args) -> int:
             raise UserInputError(args.image, "no such image file") from None
         except Exception as exc:
             raise UserInputError(args.image, f"unreadable image ({type(exc).__name__})") from None
-    model, processor = adapters.load_model(args.model)
+    model, processor = models.load_model(args.model)
     item = QAItem("prompt", "generation", "image" if image else "text", args.prompt, "", None, image)
     attached = nullcontext()
     if args.eraser is not None:
-        from .eraser import Eraser
+        from .core.eraser import Eraser
         eraser = Eraser.load(args.eraser)
         attached = (eraser.with_alpha(args.alpha) if args.alpha is not None else eraser).attach(model)
     # The prompt is sent as typed (no MLLMU-Bench suffix): QAItem.prompt would add one, so bypass it.
@@ -48,11 +48,11 @@ def run_cli(args) -> int:
 
 def _answer(model, processor, item: QAItem, max_new_tokens: int) -> str:
     import torch
-    text = adapters.chat_text(processor, item.question, item.modality == "image")
+    text = models.chat_text(processor, item.question, item.modality == "image")
     kwargs = {"text": [text], "return_tensors": "pt"}
     if item.image is not None:
         kwargs["images"] = [item.image]
-    batch = adapters.to_device(dict(processor(**kwargs)), model)
+    batch = models.to_device(dict(processor(**kwargs)), model)
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=processor.tokenizer.pad_token_id)

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from ..data import PARQUET_NAME, expand_items
+from ..bench.data import PARQUET_NAME, expand_items
 from . import model as tm
 from . import render, train, vision, world
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 import numpy as np
 
-from .. import prompts
+from ..bench import prompts
 from . import render
 
 CITIES = ["Lisbon", "Oslo", "Kyoto", "Lima", "Cairo", "Dublin", "Quito", "Porto", "Hanoi", "Perth",

@@ -27,8 +27,8 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from mllmeraser.errors import UserInputError, atomic_write_bytes
-from mllmeraser.hooks import STEERING_MODES, SteeringHandle, attach_steering, find_decoder_layers
+from ..errors import UserInputError, atomic_write_bytes
+from .hooks import STEERING_MODES, SteeringHandle, attach_steering, find_decoder_layers
 
 FORMAT_VERSION = 1
 METADATA_KEY = "mllmeraser"

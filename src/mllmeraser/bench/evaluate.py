@@ -16,7 +16,8 @@ from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_score import rouge_scorer
 from tqdm import tqdm
 
-from . import adapters, data, prompts
+from ..core import models
+from . import data, prompts
 from .data import QAItem
 
 MAX_NEW_TOKENS = {"classification": 5, "cloze": 20, "generation": 50}
@@ -60,10 +61,10 @@ def aggregate(scored: Iterable[dict[str, float]]) -> dict[str, float]:
 def answer_items(model, processor, items: Sequence[QAItem], batch_size: int = 64, progress: bool = True,
                  desc: str = "answer") -> list[str]:
     answers: list[str] = [""] * len(items)
-    groups = adapters.batches(items, batch_size)
+    groups = models.batches(items, batch_size)
     for indices in tqdm(groups, desc=desc, disable=not progress, unit="batch", leave=False):
         chunk = [items[i] for i in indices]
-        for index, answer in zip(indices, adapters.generate(model, processor, chunk, MAX_NEW_TOKENS[chunk[0].task])):
+        for index, answer in zip(indices, models.generate(model, processor, chunk, MAX_NEW_TOKENS[chunk[0].task])):
             answers[index] = answer
     return answers
 

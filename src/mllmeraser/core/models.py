@@ -15,8 +15,8 @@ from typing import Sequence
 
 import torch
 
-from .data import QAItem
-from .errors import UserInputError
+from ..bench.data import QAItem
+from ..errors import UserInputError
 
 SUPPORTED_MODEL_TYPES = ("llava", "qwen2_vl", "qwen2_5_vl")
 

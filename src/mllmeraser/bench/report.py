@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from .errors import atomic_write_bytes, atomic_write_text
+from ..errors import atomic_write_bytes, atomic_write_text
 
 SPLITS = ("forget", "test", "retain", "real", "general", "unknown")
 COLUMNS = [  # (header, split, metric key or aggregate)

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from mllmeraser.errors import UserInputError
-from mllmeraser.steering import steering_term
+from ..errors import UserInputError
+from .steering import steering_term
 
 SteeringMode = Literal["prefill", "all"]
 STEERING_MODES: tuple[str, ...] = ("prefill", "all")

@@ -21,10 +21,11 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from . import adapters, data, hooks, steering
-from .data import QAItem
+from . import hooks, models, steering
+from ..bench import data
+from ..bench.data import QAItem
 from .eraser import Eraser, model_fingerprint
-from .errors import UserInputError
+from ..errors import UserInputError
 
 DEFAULT_ERASURE_SPLIT = "Unknown_Train"
 
@@ -58,11 +59,11 @@ def pgd_images(model, processor, items: Sequence[QAItem], settings: PGDSettings)
     """Adversarially perturbed pixel values (normalised, as the model takes them) that maximise the
     likelihood of each item's ground-truth answer. Parameters are never updated; only the pixels get
     gradients."""
-    inputs = adapters.encode_with_answers(processor, items)
+    inputs = models.encode_with_answers(processor, items)
     labels = inputs.pop("labels")
-    inputs = adapters.forward_inputs(model, inputs)
+    inputs = models.forward_inputs(model, inputs)
     clean = inputs.pop("pixel_values").detach().float()
-    low, high, scale = (t.to(clean.device) for t in adapters.pixel_value_bounds(processor, clean))
+    low, high, scale = (t.to(clean.device) for t in models.pixel_value_bounds(processor, clean))
     eps, step = settings.eps * scale, settings.step * scale
     adversarial = clean.clone()
     param_dtype = next(model.parameters()).dtype
@@ -88,12 +89,12 @@ def collect(model, processor, layers, items: Sequence[QAItem], stats: steering.S
             batch_size: int, desc: str, pgd: PGDSettings | None = None, progress: bool = True) -> None:
     """Feed the last-prompt-token block outputs of `items` into `stats` under each of `groups`. With `pgd`,
     image questions are first perturbed (the knowledge-recall inputs)."""
-    for indices in tqdm(adapters.batches(items, batch_size), desc=desc, disable=not progress, unit="batch", leave=False):
+    for indices in tqdm(models.batches(items, batch_size), desc=desc, disable=not progress, unit="batch", leave=False):
         chunk = [items[i] for i in indices]
-        batch = adapters.encode_prompts(processor, chunk)
+        batch = models.encode_prompts(processor, chunk)
         if pgd is not None and chunk[0].modality == "image" and pgd.steps > 0:
             batch["pixel_values"] = pgd_images(model, processor, chunk, pgd)
-        acts = hooks.capture_last_token(model, layers, **adapters.forward_inputs(model, batch))
+        acts = hooks.capture_last_token(model, layers, **models.forward_inputs(model, batch))
         for group in groups:
             stats.update(group, acts)
 
@@ -206,7 +207,7 @@ def settings_from_args(args) -> FitSettings:
 
 def run_cli(args) -> int:
     settings = settings_from_args(args)
-    model, processor = adapters.load_model(args.model)
+    model, processor = models.load_model(args.model)
     forget = data.resolve_spec(args.forget, args.data, args.forget_ratio)
     if args.retain is not None:
         retain = retain_for_fit(data.resolve_spec(args.retain, args.data, args.forget_ratio))

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from . import prompts
-from .errors import UserInputError
+from ..errors import UserInputError
 
 Task = Literal["classification", "cloze", "generation"]
 Modality = Literal["image", "text"]

@@ -2,7 +2,7 @@
 
 LoRA (r=16, alpha=16, dropout 0.05) on every linear layer of the model (vision tower, projector, decoder) but
 the embeddings and lm_head; the base weights stay frozen and are never written to disk. Every loss is on the
-answer tokens only (prompt and padding are -100 in `adapters.encode_with_answers`). With CE(D) the mean
+answer tokens only (prompt and padding are -100 in `models.encode_with_answers`). With CE(D) the mean
 token negative log-likelihood of the answers of a batch from D:
 
     GA        L = -CE(forget)
@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import adapters
+from ..core import models
 from .data import QAItem
-from .errors import UserInputError
+from ..errors import UserInputError
 
 Method = Literal["ga", "graddiff", "kl", "npo"]
 METHODS: tuple[str, ...] = ("ga", "graddiff", "kl", "npo")
@@ -162,7 +162,7 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     """(logits, labels) over the trailing columns that hold the answers (and the position before the first
     answer token), not the whole prompt: `logits_to_keep` spares the [B, T, vocab] tensor for long image
     prompts. The losses above take the pair as they would take full-length logits and labels."""
-    inputs = adapters.forward_inputs(model, {k: v for k, v in batch.items() if k != "labels"})
+    inputs = models.forward_inputs(model, {k: v for k, v in batch.items() if k != "labels"})
     labels = batch["labels"].to(inputs["input_ids"].device)
     answer_columns = (labels != IGNORE_INDEX).any(dim=0).nonzero()
     keep = labels.shape[1] - int(answer_columns.min()) + 1 if len(answer_columns) else labels.shape[1]
@@ -187,8 +187,8 @@ def answer_nll(model, processor, items: Sequence[QAItem], batch_size: int = 32) 
     """Mean answer-token NLL of `items` under `model` (eval mode): how strongly it still recalls them. The
     compare job's selection rule reads it on the forget set as a training-time signal of unlearning strength."""
     total, count = 0.0, 0
-    for indices in adapters.batches(items, batch_size):
-        logits, labels = answer_logits(model, adapters.encode_with_answers(processor, [items[i] for i in indices]))
+    for indices in models.batches(items, batch_size):
+        logits, labels = answer_logits(model, models.encode_with_answers(processor, [items[i] for i in indices]))
         nll, mask = answer_token_nll(logits, labels)
         total += float(nll.sum())
         count += int(mask.sum())
@@ -198,7 +198,7 @@ def answer_nll(model, processor, items: Sequence[QAItem], batch_size: int = 32) 
 def method_loss(peft_model, settings: BaselineSettings, forget_batch: dict[str, torch.Tensor],
                 retain_batch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """The training loss of `settings.method` on one forget batch (and, for GradDiff/KL, one retain batch),
-    both from `adapters.encode_with_answers`."""
+    both from `models.encode_with_answers`."""
     if settings.method in RETAIN_METHODS and retain_batch is None:
         raise ValueError(f"{settings.method} needs a retain batch")
     if settings.method == "npo":
@@ -220,10 +220,10 @@ def method_loss(peft_model, settings: BaselineSettings, forget_batch: dict[str, 
 # ---- training loop ---------------------------------------------------------------------------------------
 
 def forget_batches_for_epoch(forget: Sequence[QAItem], batch_size: int, rng: np.random.Generator) -> list[list[int]]:
-    """Indices into `forget`, shuffled, grouped as `adapters.batches` groups them (one modality and task per
+    """Indices into `forget`, shuffled, grouped as `models.batches` groups them (one modality and task per
     batch), in shuffled batch order."""
     order = rng.permutation(len(forget))
-    grouped = adapters.batches([forget[i] for i in order], batch_size)
+    grouped = models.batches([forget[i] for i in order], batch_size)
     return [[int(order[j]) for j in grouped[b]] for b in rng.permutation(len(grouped))]
 
 
@@ -266,7 +266,7 @@ def train_baseline(model, processor, forget: list[QAItem], retain: list[QAItem],
     parameters = lora_parameters(peft_model)
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr)
     pools = retain_pools(retain)
-    steps_per_epoch = len(adapters.batches(forget, settings.batch_size))
+    steps_per_epoch = len(models.batches(forget, settings.batch_size))
     bar = tqdm(total=settings.epochs * steps_per_epoch, desc=f"baseline {settings.method}", unit="step",
                disable=not progress, leave=False)
     try:
@@ -274,11 +274,11 @@ def train_baseline(model, processor, forget: list[QAItem], retain: list[QAItem],
             peft_model.train()
             for indices in forget_batches_for_epoch(forget, settings.batch_size, rng):
                 chunk = [forget[i] for i in indices]
-                forget_batch = adapters.encode_with_answers(processor, chunk)
+                forget_batch = models.encode_with_answers(processor, chunk)
                 retain_batch = None
                 if settings.method in RETAIN_METHODS:
                     drawn = draw_retain_batch(pools, chunk[0].modality, settings.batch_size, rng)
-                    retain_batch = adapters.encode_with_answers(processor, [retain[i] for i in drawn])
+                    retain_batch = models.encode_with_answers(processor, [retain[i] for i in drawn])
                 loss = method_loss(peft_model, settings, forget_batch, retain_batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

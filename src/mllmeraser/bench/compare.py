@@ -18,8 +18,9 @@ from typing import Sequence
 
 import torch
 
-from . import adapters, evaluate, fit, measure
-from .errors import UserInputError
+from ..core import fitting, models
+from . import evaluate, measure
+from ..errors import UserInputError
 
 ERASER_METHODS = ("eraser", "eraser-paper")
 BASELINE_METHODS = ("ga", "graddiff", "kl", "npo")
@@ -72,11 +73,11 @@ class Harness:
 
     def __init__(self, model_dir: Path, data_dir: Path, settings: CompareSettings, progress: bool):
         self.model_dir, self.data_dir, self.settings, self.progress = model_dir, data_dir, settings, progress
-        self.model, self.processor = adapters.load_model(model_dir)
+        self.model, self.processor = models.load_model(model_dir)
         splits = evaluate.REPORT_SPLITS + ("retain_val",)
         self.items = evaluate.report_items(data_dir, settings.forget_ratio, splits)
         self.forget = self.items["forget"]
-        self.retain_fit = fit.retained_inputs(data_dir, settings.forget_ratio)
+        self.retain_fit = fitting.retained_inputs(data_dir, settings.forget_ratio)
         self.validation = self.items.get("retain_val", [])
         if not self.validation:
             raise UserInputError(data_dir, "the retain split has no validation subjects to choose settings on")
@@ -99,10 +100,10 @@ class Harness:
         return ratio
 
 
-def run_eraser(h: Harness, name: str, settings: fit.FitSettings, vanilla_val: float) -> MethodResult:
-    erasure = fit.default_erasure_items(h.data_dir)
+def run_eraser(h: Harness, name: str, settings: fitting.FitSettings, vanilla_val: float) -> MethodResult:
+    erasure = fitting.default_erasure_items(h.data_dir)
     with measure.measured() as cost:
-        eraser = fit.fit_eraser(h.model, h.processor, h.forget, h.retain_fit, erasure, settings, progress=h.progress,
+        eraser = fitting.fit_eraser(h.model, h.processor, h.forget, h.retain_fit, erasure, settings, progress=h.progress,
                                 request=f"forget_{h.settings.forget_ratio}")
     base_alpha = eraser.alpha[0]
     curve = []
@@ -131,7 +132,7 @@ def run_baseline(h: Harness, method: str, vanilla_val: float) -> MethodResult:
     trials = []
     total_seconds, peak = 0.0, 0.0
     for lr in h.settings.baseline_lrs:
-        base_model, _ = adapters.load_model(h.model_dir)  # a fresh copy per trial: the base stays untouched
+        base_model, _ = models.load_model(h.model_dir)  # a fresh copy per trial: the base stays untouched
         epochs: list[dict] = []
 
         def on_epoch(epoch: int, peft_model) -> None:
@@ -151,7 +152,7 @@ def run_baseline(h: Harness, method: str, vanilla_val: float) -> MethodResult:
     pool = keepers or [min((p for t in trials for p in t["epochs"]), key=lambda p: p["forget_nll"])]
     best = max(pool, key=lambda p: p["forget_nll"])
     # Retrain the chosen setting for the chosen number of epochs and measure that fit alone.
-    base_model, _ = adapters.load_model(h.model_dir)
+    base_model, _ = models.load_model(h.model_dir)
     chosen_settings = baselines.BaselineSettings(method=method, lr=best["lr"], epochs=best["x"], seed=h.settings.seed)
     with measure.measured() as cost:
         peft_model = baselines.train_baseline(base_model, h.processor, h.forget, h.retain_fit, chosen_settings,
@@ -165,7 +166,7 @@ def run_baseline(h: Harness, method: str, vanilla_val: float) -> MethodResult:
 
 
 def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: CompareSettings,
-                progress: bool = True, eraser_settings: fit.FitSettings | None = None) -> dict:
+                progress: bool = True, eraser_settings: fitting.FitSettings | None = None) -> dict:
     unknown = [m for m in settings.methods if m not in ALL_METHODS]
     if unknown:
         raise UserInputError(None, f"unknown method(s) {unknown}; choose from {list(ALL_METHODS)}")
@@ -174,7 +175,7 @@ def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: Compar
     vanilla = MethodResult("vanilla", h.evaluate(splits=evaluate.REPORT_SPLITS + ("retain_val",)))
     vanilla_val = classification(vanilla.results.pop("retain_val"))
     methods: list[MethodResult] = [vanilla]
-    eraser_settings = eraser_settings or fit.FitSettings()
+    eraser_settings = eraser_settings or fitting.FitSettings()
     for name in settings.methods:
         if name == "eraser":
             methods.append(run_eraser(h, name, eraser_settings, vanilla_val))
@@ -227,7 +228,7 @@ def run_compare_cli(args) -> int:
 
 
 def run_demo_cli(args) -> int:
-    from .testbed.build import build
+    from ..testbed.build import build
     started = time.perf_counter()
     directory = build(seed=args.seed, preset=args.preset)
     settings = CompareSettings(methods=_methods(args.methods), eraser_strength="fitted")
