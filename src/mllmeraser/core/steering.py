@@ -1,8 +1,9 @@
 """The MLLMEraser equations, in pure torch: sufficient statistics, erasure direction, gates, gate shaping.
 
-Notation (see design/METHOD.md). A decoder has layers l = 1..L and hidden size d. h_l(x) is the residual
-stream leaving block l at the last prompt token of input x. Rows of H_f are forget activations, rows of H_r
-retain activations (n_f and n_r rows). At inference block l's output becomes
+Notation (README.md, section "The method, and where it differs from the original code"). A decoder has
+layers l = 1..L and hidden size d. h_l(x) is the residual stream leaving block l at the last prompt token of
+input x. Rows of H_f are forget activations, rows of H_r retain activations (n_f and n_r rows). At inference
+block l's output becomes
 
     h <- h + alpha * g(h_last . u_l) * r_l
 
@@ -245,23 +246,6 @@ def solve_gates(stats: SteeringStats, solver: str, **params: float) -> Tensor:
     return torch.stack(per_layer)
 
 
-def gate_moments(stats: SteeringStats, layer: int, u: Tensor) -> dict[str, float]:
-    """Mean and std of the gate h.u over forget and over retain at `layer`, from the statistics alone.
-
-    mean = u.s / n, var = u^T G u / n - mean^2 (population variance). Keys: forget_mean, forget_std,
-    retain_mean, retain_std.
-    """
-    u = u.to(torch.float64)
-    moments = {}
-    for group in GRAM_GROUPS:
-        gram, n = stats.gram(group)[layer], stats.counts[group]  # gram() raises on an empty group
-        mean = float(u @ stats.sums[group][layer]) / n
-        second = float(u @ gram @ u) / n
-        moments[f"{group}_mean"] = mean
-        moments[f"{group}_std"] = math.sqrt(max(second - mean * mean, 0.0))
-    return moments
-
-
 def shape_gate(g: Tensor, floor: float | Tensor = -math.inf, cap: float | Tensor = math.inf) -> Tensor:
     """Gate shaping at run time: g' = 0 where g < floor, else min(g, cap).
 
@@ -284,21 +268,3 @@ def steering_term(
     """
     gates = shape_gate(h_last.to(torch.float32) @ u.T, floor, cap)  # [batch, K]
     return (gates * alpha) @ r
-
-
-def calibrate_floor(moments: dict[str, float]) -> float:
-    """Gate floor between the retain and forget gate distributions: the midpoint in z-units.
-
-    t solves (t - mean_r) / std_r = (mean_f - t) / std_f, i.e. t = (mean_r std_f + mean_f std_r) /
-    (std_r + std_f): as many retain stds above the retain mean as forget stds below the forget mean, so for
-    Gaussian gates a retain sample passes the floor as often as a forget sample falls under it (equal error
-    rates). Plain midpoint if both stds are zero.
-    Raises ValueError when the mean gate of forget is not above that of retain (nothing to separate).
-    """
-    mean_f, std_f = moments["forget_mean"], moments["forget_std"]
-    mean_r, std_r = moments["retain_mean"], moments["retain_std"]
-    if not mean_f > mean_r:
-        raise ValueError(f"forget gate mean {mean_f:.4g} is not above retain gate mean {mean_r:.4g}")
-    if std_f + std_r == 0.0:
-        return (mean_f + mean_r) / 2
-    return (mean_r * std_f + mean_f * std_r) / (std_r + std_f)
