@@ -40,18 +40,17 @@ def time_generation(model, eraser: Eraser, inputs: dict, new_tokens: int, repeat
 
 
 def testbed_case(repeats: int) -> None:
-    from mllmeraser.core import fitting, models
-    from mllmeraser.data import load_split_items
-    from mllmeraser.testbed.build import build
+    from mllmeraser import build_testbed, default_erasure_items, load_model, load_split_items, retained_inputs
+    from mllmeraser.core.models import encode_prompts, to_device
 
-    directory = build(seed=0, preset="full")
-    model, processor = models.load_model(directory / "model")
+    directory = build_testbed(seed=0, preset="full")
+    model, processor = load_model(directory / "model")
     forget = load_split_items(directory / "data", "forget", 10)
-    retain = fitting.retained_inputs(directory / "data", 10)
-    erasure = fitting.default_erasure_items(directory / "data")
-    eraser = fitting.fit_eraser(model, processor, forget, retain, erasure, progress=False)
+    retain = retained_inputs(directory / "data", 10)
+    erasure = default_erasure_items(directory / "data")
+    eraser = Eraser.fit(model, processor, forget=forget, retain=retain, erasure=erasure, progress=False)
     items = [i for i in forget + retain if i.task == "generation" and i.modality == "image"][:32]
-    inputs = models.to_device(models.encode_prompts(processor, items), model)
+    inputs = to_device(encode_prompts(processor, items), model)
     ratio, base, treated = time_generation(model, eraser, inputs, 30, repeats)
     print(f"testbed LLaVA (d={eraser.hidden_size}, {len(eraser.layer_indices)} steered layers), batch 32 x 30 new tokens: "
           f"vanilla {base * 1000:.0f} ms, attached {treated * 1000:.0f} ms, ratio {ratio:.3f}")

@@ -1,4 +1,4 @@
-"""mllmeraser.baselines on a tiny LLaVA (testbed architecture and processor) that first learns a small world of
+"""mllmeraser.bench.baselines on a tiny LLaVA (testbed architecture and processor) that first learns a small world of
 facts: the losses' values at initialisation, what one epoch of each method does, that only LoRA trains, the
 adapter files, determinism."""
 
@@ -14,7 +14,7 @@ from PIL import Image
 from mllmeraser.bench import baselines
 from mllmeraser.core import models
 from mllmeraser.bench.baselines import BaselineSettings
-from mllmeraser.bench.data import QAItem
+from mllmeraser.core.inputs import QAItem
 from mllmeraser.errors import UserInputError
 from mllmeraser.testbed import model as tm
 

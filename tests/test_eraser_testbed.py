@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from mllmeraser.bench import compare, data, evaluate
-from mllmeraser.core import fitting
+from mllmeraser.core.fitting import FitSettings
 from mllmeraser.core.eraser import Eraser
 
 
@@ -28,9 +28,9 @@ def vanilla(testbed_model, items):
 def fitted(testbed_model, testbed_data, forget_ratio: int, **settings) -> Eraser:
     model, processor = testbed_model
     forget = data.load_split_items(testbed_data, "forget", forget_ratio)
-    retain = fitting.retained_inputs(testbed_data, forget_ratio)
-    return fitting.fit_eraser(model, processor, forget, retain, fitting.default_erasure_items(testbed_data),
-                          fitting.FitSettings(**settings), progress=False)
+    retain = data.retained_inputs(testbed_data, forget_ratio)
+    return Eraser.fit(model, processor, forget=forget, retain=retain, erasure=data.default_erasure_items(testbed_data),
+                      settings=FitSettings(**settings), progress=False)
 
 
 @pytest.fixture(scope="module")

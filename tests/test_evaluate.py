@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from mllmeraser.bench import evaluate, prompts
-from mllmeraser.bench.data import QAItem
+from mllmeraser.core.models import answer_items
+from mllmeraser.core.inputs import QAItem
 
 
 def test_classification_takes_the_first_alphanumeric_character():
@@ -47,8 +48,8 @@ def test_batched_generation_equals_unbatched(testbed_model, testbed_data):
     for task in ("classification", "cloze", "generation"):
         for modality in ("image", "text"):
             chosen += [i for i in items["retain"] if i.task == task and i.modality == modality][:6]
-    batched = evaluate.answer_items(model, processor, chosen, batch_size=64, progress=False)
-    single = [evaluate.answer_items(model, processor, [item], batch_size=1, progress=False)[0] for item in chosen]
+    batched = answer_items(model, processor, chosen, batch_size=64, progress=False)
+    single = [answer_items(model, processor, [item], batch_size=1, progress=False)[0] for item in chosen]
     assert batched == single
     assert len({len(processor.tokenizer(a)["input_ids"]) for a in batched}) > 1  # answers of several lengths
 

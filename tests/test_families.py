@@ -1,7 +1,7 @@
 """The harness on real model families: tiny random-weight checkpoints of their real transformers classes
 (LLaVA-1.5 as llava-hf lays it out, Qwen2.5-VL, Qwen2-VL; see tiny_families.py), saved and loaded offline
 through `models.load_model`, then driven through encoding, generation, capture, steering, scoring, PGD and
-a whole fitting."""
+a whole fit."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from PIL import Image
 
 import tiny_families
 from mllmeraser.bench import evaluate, prompts
-from mllmeraser.core import fitting, hooks, models
-from mllmeraser.bench.data import QAItem
+from mllmeraser.core import families, fitting, hooks, models
+from mllmeraser.core.inputs import QAItem
 from mllmeraser.core.eraser import Eraser
+from mllmeraser.errors import UserInputError
 
 FAMILIES = list(tiny_families.BUILDERS)
 IMAGE_TOKENS = 4  # llava: (28 / 14)^2 patches; qwen: a 4x4 patch grid merged 2x2
@@ -92,6 +93,13 @@ def test_load_model_gives_the_real_classes(family):
     assert family.processor.tokenizer.padding_side == "left"
     assert family.processor.tokenizer.pad_token is not None
     assert not family.model.training
+
+
+def test_the_registry_loads_exactly_the_families_tested_here(tmp_path):
+    assert set(families.LOADABLE) == set(tiny_families.BUILDERS)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')  # hookable, but not an image-text model
+    with pytest.raises(UserInputError, match="model_type 'llama' is not supported"):
+        models.load_model(tmp_path)
 
 
 def test_decoder_layers_are_the_language_decoder(family):
@@ -291,7 +299,8 @@ def test_fit_eraser_end_to_end(family):
     erasure = [QAItem(i.subject_id, i.task, i.modality, i.question, prompts.REFUSAL_ANSWER, i.options, i.image)
                for i in tiny_families.make_items(4, 2) if i.task != "classification"]
     settings = fitting.FitSettings(pgd=fitting.PGDSettings(steps=2), batch_size=8)
-    eraser = fitting.fit_eraser(family.model, family.processor, forget, retain, erasure, settings, progress=False)
+    eraser = Eraser.fit(family.model, family.processor, forget=forget, retain=retain, erasure=erasure, settings=settings,
+                        progress=False)
     num_layers, d = len(family.layers), family.text_config.hidden_size
     assert eraser.u.shape == eraser.r.shape == (1, num_layers - 1, d)
     assert eraser.layer_indices == tuple(range(1, num_layers))

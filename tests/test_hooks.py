@@ -1,4 +1,4 @@
-"""mllmeraser.hooks on tiny random-weight transformers models: layer lookup, capture, steering, removal."""
+"""mllmeraser.core.hooks on tiny random-weight transformers models: layer lookup, capture, steering, removal."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from transformers import (
 
 from mllmeraser.errors import UserInputError
 from tiny_families import random_llava
+from mllmeraser.core.families import FAMILIES
 from mllmeraser.core.hooks import (
     ATTACHED_MARKER,
-    FAMILY_LAYER_PATHS,
     attach_steering,
     capture_last_token,
     find_decoder_layers,
@@ -133,7 +133,7 @@ def greedy(model, input_ids, **kwargs):
 # ---- finding the decoder layers -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", sorted(FAMILY_LAYER_PATHS))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_find_decoder_layers_returns_the_text_decoder(family):
     model = BUILDERS[family]()
     assert model.config.model_type == family
@@ -141,7 +141,7 @@ def test_find_decoder_layers_returns_the_text_decoder(family):
     text_layers = model.get_decoder().layers  # the text decoder, never the vision tower
     assert len(layers) == len(text_layers) == 2
     assert all(a is b for a, b in zip(layers, text_layers))
-    assert names == [f"{FAMILY_LAYER_PATHS[family]}.{i}" for i in range(2)]
+    assert names == [f"{FAMILIES[family].layers_path}.{i}" for i in range(2)]
     assert all(type(layer).__name__.endswith("DecoderLayer") for layer in layers)
 
 

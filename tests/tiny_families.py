@@ -16,9 +16,10 @@ Families:
 
 No video processor is built: transformers' video processors (Qwen2VLVideoProcessor, the base class too)
 need torchvision, which is not installed, and the Qwen processors' __init__ refuses ``video_processor=None``
-(its class check cannot resolve the video base class without torchvision). `image_only_processor_class`
-makes a same-named subclass whose __init__ has no video_processor argument, so the processor is built and
-saved (processor_config.json names the real class) exactly as an image-only checkpoint would be.
+(its class check cannot resolve the video base class without torchvision). The library's processor quirk
+for these families, `families.image_only_processor_class`, makes a same-named subclass whose __init__ has
+no video_processor argument, so the processor is built and saved (processor_config.json names the real
+class) exactly as an image-only checkpoint would be.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from mllmeraser.bench import prompts
-from mllmeraser.bench.data import QAItem
+from mllmeraser.core.families import image_only_processor_class
+from mllmeraser.core.inputs import QAItem
 
 IMAGE_SIZE = 56  # the images the tests feed (LLaVA's processor resizes them to its 28x28 input)
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -167,16 +169,6 @@ QWEN_CHAT_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-def image_only_processor_class(base: type) -> type:
-    """`base` (a Qwen-VL processor class) without the video processor: ProcessorMixin reads a processor's
-    sub-processors from its __init__ signature, so dropping the argument drops the (torchvision-only) part."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        base.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-    return type(base.__name__, (base,), {"__init__": __init__, "__module__": __name__})
 
 
 def build_qwen_tokenizer(texts: Iterable[str]):

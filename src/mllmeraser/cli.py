@@ -1,23 +1,39 @@
-"""The `mllmeraser` command line. Bad input is one line on stderr and exit status 2, never a traceback."""
+"""The `mllmeraser` command line: every subcommand's options and handler. Bad input is one line on stderr and
+exit status 2, never a traceback."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
+from PIL import Image
+
+from .bench import compare, data, evaluate, report
+from .bench.data import FORGET_RATIOS, REPORT_SPLITS, VALIDATION_SPLIT
+from .core import models
+from .core.eraser import Eraser
+from .core.fitting import FitSettings, PGDSettings
+from .core.inputs import as_items
 from .errors import UserInputError, atomic_write_text
 
-
-def _add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("--model", required=required, help="checkpoint directory (or a model id in the local HF cache)")
+# ---- options --------------------------------------------------------------------------------------------
 
 
-def _add_eval_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="MLLMU-Bench directory (forget_10/, retain_90/, Test_Set/, ...)")
-    parser.add_argument("--forget-ratio", type=int, default=10, choices=(5, 10, 15))
-    parser.add_argument("--batch-size", type=int, default=64)
+def _add_model_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint directory (or a model id in the local HF cache)")
+
+
+def _add_forget_ratio_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--forget-ratio", type=int, default=10, choices=FORGET_RATIOS)
+
+
+def _add_eraser_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--eraser", type=Path, default=None, help="an eraser .safetensors to attach")
+    parser.add_argument("--alpha", type=float, default=None, help="override the eraser's strength")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,22 +46,74 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", type=Path, default=None, help="build directory (default: the per-user cache)")
     build.add_argument("--preset", default="full", choices=("full", "small"))
     build.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
+    build.set_defaults(handler=cmd_testbed_build)
 
-    evaluate = commands.add_parser("eval", help="MLLMU-Bench evaluation (optionally with an eraser attached)")
-    _add_model_args(evaluate)
-    _add_eval_args(evaluate)
-    evaluate.add_argument("--eraser", type=Path, default=None, help="an eraser .safetensors to attach")
-    evaluate.add_argument("--alpha", type=float, default=None, help="override the eraser's strength")
-    evaluate.add_argument("--json", type=Path, default=None, help="write {split: {metric: value}} here")
-    evaluate.add_argument("--splits", default=None, help="comma-separated subset of forget,test,retain,real,general,unknown,retain_val")
+    evaluate_cmd = commands.add_parser("eval", help="MLLMU-Bench evaluation (optionally with an eraser attached)")
+    _add_model_arg(evaluate_cmd)
+    evaluate_cmd.add_argument("--data", required=True, help="MLLMU-Bench directory (forget_10/, retain_90/, Test_Set/, ...)")
+    _add_forget_ratio_arg(evaluate_cmd)
+    evaluate_cmd.add_argument("--batch-size", type=int, default=64)
+    _add_eraser_args(evaluate_cmd)
+    evaluate_cmd.add_argument("--json", type=Path, default=None, help="write {split: {metric: value}} here")
+    evaluate_cmd.add_argument("--splits", default=None,
+                              help=f"comma-separated subset of {','.join(REPORT_SPLITS + (VALIDATION_SPLIT,))}")
+    evaluate_cmd.set_defaults(handler=cmd_eval)
 
-    from .core import fitting as fit_module  # the fit command's options live next to the fit code
-    fit_module.add_cli(commands)
-    from . import generate as generate_module
-    generate_module.add_cli(commands)
-    from .bench import compare as compare_module
-    compare_module.add_cli(commands)
+    fit = commands.add_parser("fit", help="fit an eraser for a forget request")
+    _add_model_arg(fit)
+    fit.add_argument("--data", default=None, help="MLLMU-Bench directory that split names refer to")
+    fit.add_argument("--forget", required=True, help="split name (forget_10), split dir/parquet, or JSONL")
+    fit.add_argument("--retain", default=None, help="split name (retain_90), split dir/parquet, or JSONL "
+                     "(default: the retain split under --data less its validation part, plus General_Train)")
+    fit.add_argument("--erasure", default=None, help=f"questions the model refuses (default: {data.ERASURE_SPLIT} under --data)")
+    fit.add_argument("--out", required=True, type=Path, help="eraser file (.safetensors)")
+    fit.add_argument("--solver", choices=("ridge", "paper"), default=FitSettings.solver)
+    fit.add_argument("--alpha", type=float, default=FitSettings.alpha)
+    fit.add_argument("--ratio", type=float, default=FitSettings.ratio)
+    fit.add_argument("--gamma", type=float, default=FitSettings.gamma)
+    fit.add_argument("--beta", type=float, default=FitSettings.beta)
+    fit.add_argument("--lam", type=float, default=FitSettings.lam)
+    fit.add_argument("--floor", type=float, default=FitSettings.floor)
+    fit.add_argument("--cap", type=float, default=FitSettings.cap)
+    fit.add_argument("--layers", default=None, help="comma-separated decoder layer indices (default 1..L-1)")
+    fit.add_argument("--layers-path", default=None, help="dotted path of the decoder layer list (overrides the family's)")
+    fit.add_argument("--mode", choices=("prefill", "all"), default="prefill")
+    fit.add_argument("--pgd-eps", type=float, default=PGDSettings.eps * 255, help="L-inf budget, in /255 units")
+    fit.add_argument("--pgd-step", type=float, default=PGDSettings.step * 255, help="step, in /255 units")
+    fit.add_argument("--pgd-steps", type=int, default=PGDSettings.steps)
+    _add_forget_ratio_arg(fit)
+    fit.set_defaults(handler=cmd_fit)
+
+    generate = commands.add_parser("generate", help="answer one prompt (with an eraser attached, if given)")
+    _add_model_arg(generate)
+    _add_eraser_args(generate)
+    generate.add_argument("--image", type=Path, default=None)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=50)
+    generate.set_defaults(handler=cmd_generate)
+
+    compare_cmd = commands.add_parser("compare", help="vanilla, eraser (default and paper) and the LoRA baselines, side by side")
+    _add_model_arg(compare_cmd)
+    compare_cmd.add_argument("--data", required=True)
+    _add_forget_ratio_arg(compare_cmd)
+    methods = compare.ALL_METHODS[1:]
+    compare_cmd.add_argument("--methods", default=",".join(methods), help=f"comma-separated subset of {','.join(methods)}")
+    compare_cmd.add_argument("--out", type=Path, default=Path("runs/compare"))
+    compare_cmd.add_argument("--baseline-epochs", type=int, default=compare.CompareSettings.baseline_epochs)
+    compare_cmd.add_argument("--baseline-lrs", default=",".join(str(x) for x in compare.CompareSettings.baseline_lrs))
+    compare_cmd.add_argument("--batch-size", type=int, default=64)
+    compare_cmd.set_defaults(handler=cmd_compare)
+
+    demo = commands.add_parser("demo", help="the main job: build/reuse the testbed, fit an eraser, before/after, report")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--preset", default="full", choices=("full", "small"))
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--methods", default="eraser,eraser-paper", help="add ga,graddiff,kl,npo for the baselines (slower)")
+    demo.set_defaults(handler=cmd_demo)
     return parser
+
+
+# ---- handlers -------------------------------------------------------------------------------------------
 
 
 def cmd_testbed_build(args) -> int:
@@ -55,20 +123,19 @@ def cmd_testbed_build(args) -> int:
     return 0
 
 
+def attached_eraser(model, path: Path | None, alpha: float | None) -> AbstractContextManager:
+    """The eraser file at `path` (with its strength replaced by `alpha`, if given) attached to `model`, or
+    nothing attached where no file is given; either way a context manager."""
+    if path is None:
+        return nullcontext()
+    eraser = Eraser.load(path)
+    return (eraser.with_alpha(alpha) if alpha is not None else eraser).attach(model)
+
+
 def cmd_eval(args) -> int:
-    from .core import models
-    from .bench import evaluate
-    from contextlib import nullcontext
-    splits = tuple(args.splits.split(",")) if args.splits else evaluate.REPORT_SPLITS
+    splits = tuple(args.splits.split(",")) if args.splits else REPORT_SPLITS
     model, processor = models.load_model(args.model)
-    attached = nullcontext()
-    if args.eraser is not None:
-        from .core.eraser import Eraser
-        eraser = Eraser.load(args.eraser)
-        if args.alpha is not None:
-            eraser = eraser.with_alpha(args.alpha)
-        attached = eraser.attach(model)
-    with attached:
+    with attached_eraser(model, args.eraser, args.alpha):
         results = evaluate.evaluate(model, processor, args.data, args.forget_ratio, splits, args.batch_size)
     print(evaluate.format_table(results))
     if args.json is not None:
@@ -77,13 +144,86 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def fit_settings(args) -> FitSettings:
+    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
+    return FitSettings(solver=args.solver, ratio=args.ratio, gamma=args.gamma, beta=args.beta, lam=args.lam,
+                       alpha=args.alpha, layers=layers, floor=args.floor, cap=args.cap, mode=args.mode,
+                       pgd=PGDSettings(args.pgd_eps / 255, args.pgd_step / 255, args.pgd_steps))
+
+
+def cmd_fit(args) -> int:
+    settings = fit_settings(args)
+    model, processor = models.load_model(args.model)
+    forget = data.resolve_spec(args.forget, args.data, args.forget_ratio)
+    if args.retain is not None:
+        retain, _ = data.validation_split(data.resolve_spec(args.retain, args.data, args.forget_ratio))
+    elif args.data is not None:
+        retain = data.retained_inputs(args.data, args.forget_ratio)
+    else:
+        raise UserInputError(None, "pass --retain SPEC, or --data DIR to fit on its retain split")
+    erasure = (data.resolve_spec(args.erasure, args.data, args.forget_ratio) if args.erasure
+               else data.default_erasure_items(args.data))
+    started = time.perf_counter()
+    eraser = Eraser.fit(model, processor, forget=forget, retain=retain, erasure=erasure, settings=settings,
+                        layers_path=args.layers_path, request=str(args.forget))
+    eraser.save(args.out)
+    seconds = time.perf_counter() - started
+    print(f"fitted eraser ({settings.solver}, {len(eraser.layer_indices)} layers, alpha {settings.alpha}) "
+          f"on {len(forget)} forget / {len(retain)} retain / {len(erasure)} erasure questions in {seconds:.1f}s")
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.1f} KiB)")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    image = None
+    if args.image is not None:
+        try:
+            image = Image.open(args.image).convert("RGB")
+        except FileNotFoundError:
+            raise UserInputError(args.image, "no such image file") from None
+        except Exception as exc:
+            raise UserInputError(args.image, f"unreadable image ({type(exc).__name__})") from None
+    model, processor = models.load_model(args.model)
+    item = as_items([(image, args.prompt, "")])  # a plain input: the prompt is sent as typed
+    with attached_eraser(model, args.eraser, args.alpha):
+        (answer,) = models.generate(model, processor, item, args.max_new_tokens)
+    print(answer)
+    return 0
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    return ("vanilla",) + tuple(m for m in text.split(",") if m and m != "vanilla")
+
+
+def _print_summary(summary: dict, out_dir: Path) -> None:
+    print(report.markdown_table(summary))
+    print(f"\nreport: {(out_dir / 'report.html').resolve()}")
+
+
+def cmd_compare(args) -> int:
+    settings = compare.CompareSettings(forget_ratio=args.forget_ratio, methods=_methods(args.methods),
+                                       batch_size=args.batch_size, baseline_epochs=args.baseline_epochs,
+                                       baseline_lrs=tuple(float(x) for x in args.baseline_lrs.split(",")))
+    summary = compare.run_compare(Path(args.model), Path(args.data), args.out, settings)
+    _print_summary(summary, args.out)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .testbed.build import build
+    started = time.perf_counter()
+    directory = build(seed=args.seed, preset=args.preset)
+    settings = compare.CompareSettings(methods=_methods(args.methods), eraser_strength="fitted")
+    summary = compare.run_compare(directory / "model", directory / "data", args.out, settings)
+    _print_summary(summary, args.out)
+    print(f"demo finished in {time.perf_counter() - started:.0f}s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    handlers = {"testbed": cmd_testbed_build, "eval": cmd_eval}
-    handler = handlers.get(args.command) or getattr(args, "handler", None)
+    args = build_parser().parse_args(argv)
     try:
-        return handler(args)
+        return args.handler(args)
     except UserInputError as exc:
         print(f"mllmeraser: error: {exc}", file=sys.stderr)
         return 2

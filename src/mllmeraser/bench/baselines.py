@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..core import models
-from .data import QAItem
+from ..core.inputs import QAItem
 from ..errors import UserInputError
 
 Method = Literal["ga", "graddiff", "kl", "npo"]

@@ -1,4 +1,4 @@
-"""`mllmeraser compare` and `mllmeraser demo`: every method on the same splits, one report.
+"""What `mllmeraser compare` and `mllmeraser demo` run: every method on the same splits, one report.
 
 Methods: vanilla; the eraser in its default mode and in the paper's mode (each also as a curve over its
 strength); the LoRA baselines GA, GradDiff, KL and NPO (each a curve over epochs). Settings are chosen on
@@ -11,16 +11,18 @@ quantity, not a reported metric). The reported splits never choose anything.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from ..core import fitting, models
-from . import evaluate, measure
+from ..core import models
+from ..core.eraser import Eraser
+from ..core.fitting import FitSettings
 from ..errors import UserInputError
+from . import baselines, data, evaluate, measure, report
+from .data import REPORT_SPLITS, VALIDATION_SPLIT
 
 ERASER_METHODS = ("eraser", "eraser-paper")
 BASELINE_METHODS = ("ga", "graddiff", "kl", "npo")
@@ -74,11 +76,10 @@ class Harness:
     def __init__(self, model_dir: Path, data_dir: Path, settings: CompareSettings, progress: bool):
         self.model_dir, self.data_dir, self.settings, self.progress = model_dir, data_dir, settings, progress
         self.model, self.processor = models.load_model(model_dir)
-        splits = evaluate.REPORT_SPLITS + ("retain_val",)
-        self.items = evaluate.report_items(data_dir, settings.forget_ratio, splits)
+        self.items = evaluate.report_items(data_dir, settings.forget_ratio, REPORT_SPLITS + (VALIDATION_SPLIT,))
         self.forget = self.items["forget"]
-        self.retain_fit = fitting.retained_inputs(data_dir, settings.forget_ratio)
-        self.validation = self.items.get("retain_val", [])
+        self.retain_fit = data.retained_inputs(data_dir, settings.forget_ratio)
+        self.validation = self.items.get(VALIDATION_SPLIT, [])
         if not self.validation:
             raise UserInputError(data_dir, "the retain split has no validation subjects to choose settings on")
         self.overhead_items = [i for i in self.forget + self.items["retain"] if i.task == "generation" and i.modality == "image"]
@@ -93,42 +94,40 @@ class Harness:
         """Wall time of greedy generation on the same prompts, treated over vanilla (one run, interleaved;
         attaching an eraser happens outside the timed region)."""
         def answer(model):
-            return lambda: evaluate.answer_items(model, self.processor, self.overhead_items, self.settings.batch_size,
+            return lambda: models.answer_items(model, self.processor, self.overhead_items, self.settings.batch_size,
                                                  progress=False)
 
         ratio, _, _ = measure.overhead_ratio(answer(self.model), answer(treated_model), repeats=5, context=context)
         return ratio
 
 
-def run_eraser(h: Harness, name: str, settings: fitting.FitSettings, vanilla_val: float) -> MethodResult:
-    erasure = fitting.default_erasure_items(h.data_dir)
+def run_eraser(h: Harness, name: str, settings: FitSettings, vanilla_val: float) -> MethodResult:
+    erasure = data.default_erasure_items(h.data_dir)
     with measure.measured() as cost:
-        eraser = fitting.fit_eraser(h.model, h.processor, h.forget, h.retain_fit, erasure, settings, progress=h.progress,
-                                request=f"forget_{h.settings.forget_ratio}")
+        eraser = Eraser.fit(h.model, h.processor, forget=h.forget, retain=h.retain_fit, erasure=erasure,
+                            settings=settings, request=f"forget_{h.settings.forget_ratio}", progress=h.progress)
     base_alpha = eraser.alpha[0]
     curve = []
     chosen_alpha = None
     for scale in sorted(h.settings.curve_scales):
         candidate = eraser.with_alpha(base_alpha * scale)
         with candidate.attach(h.model):
-            point = h.evaluate(splits=("forget", "retain", "retain_val"))
+            point = h.evaluate(splits=("forget", "retain", VALIDATION_SPLIT))
         curve.append({"x": base_alpha * scale, **point})
-        if classification(point["retain_val"]) >= RETAIN_KEEP * vanilla_val:
+        if classification(point[VALIDATION_SPLIT]) >= RETAIN_KEEP * vanilla_val:
             chosen_alpha = base_alpha * scale  # strengths ascend: the last one that keeps utility wins
     chosen_alpha = chosen_alpha if chosen_alpha is not None else base_alpha * min(h.settings.curve_scales)
     if h.settings.eraser_strength == "fitted":
         chosen_alpha = base_alpha
     chosen = eraser.with_alpha(chosen_alpha)
     with chosen.attach(h.model):
-        results = h.evaluate(splits=evaluate.REPORT_SPLITS)
+        results = h.evaluate(splits=REPORT_SPLITS)
     overhead = h.generation_time_ratio(h.model, context=lambda: chosen.attach(h.model))
     return MethodResult(name, results, cost.seconds, cost.peak_extra_mib, overhead,
                         {**asdict(settings), "alpha": chosen_alpha, "fitted_alpha": base_alpha}, curve)
 
 
 def run_baseline(h: Harness, method: str, vanilla_val: float) -> MethodResult:
-    from . import baselines
-
     trials = []
     total_seconds, peak = 0.0, 0.0
     for lr in h.settings.baseline_lrs:
@@ -136,7 +135,7 @@ def run_baseline(h: Harness, method: str, vanilla_val: float) -> MethodResult:
         epochs: list[dict] = []
 
         def on_epoch(epoch: int, peft_model) -> None:
-            point = h.evaluate(peft_model, splits=("forget", "retain", "retain_val"))
+            point = h.evaluate(peft_model, splits=("forget", "retain", VALIDATION_SPLIT))
             epochs.append({"x": epoch, "lr": lr, "forget_nll": baselines.answer_nll(peft_model, h.processor, h.forget), **point})
 
         baseline_settings = baselines.BaselineSettings(method=method, lr=lr, epochs=h.settings.baseline_epochs,
@@ -148,7 +147,7 @@ def run_baseline(h: Harness, method: str, vanilla_val: float) -> MethodResult:
         peak = max(peak, cost.peak_extra_mib)
         trials.append({"lr": lr, "epochs": epochs, "settings": asdict(baseline_settings)})
         del peft_model, base_model
-    keepers = [p for t in trials for p in t["epochs"] if classification(p["retain_val"]) >= RETAIN_KEEP * vanilla_val]
+    keepers = [p for t in trials for p in t["epochs"] if classification(p[VALIDATION_SPLIT]) >= RETAIN_KEEP * vanilla_val]
     pool = keepers or [min((p for t in trials for p in t["epochs"]), key=lambda p: p["forget_nll"])]
     best = max(pool, key=lambda p: p["forget_nll"])
     # Retrain the chosen setting for the chosen number of epochs and measure that fit alone.
@@ -157,7 +156,7 @@ def run_baseline(h: Harness, method: str, vanilla_val: float) -> MethodResult:
     with measure.measured() as cost:
         peft_model = baselines.train_baseline(base_model, h.processor, h.forget, h.retain_fit, chosen_settings,
                                               progress=h.progress)
-    results = h.evaluate(peft_model, splits=evaluate.REPORT_SPLITS)
+    results = h.evaluate(peft_model, splits=REPORT_SPLITS)
     overhead = h.generation_time_ratio(peft_model)
     curve = [p for t in trials for p in t["epochs"]]  # every grid point: one line per learning rate
     return MethodResult(method, results, cost.seconds, cost.peak_extra_mib, overhead,
@@ -166,16 +165,16 @@ def run_baseline(h: Harness, method: str, vanilla_val: float) -> MethodResult:
 
 
 def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: CompareSettings,
-                progress: bool = True, eraser_settings: fitting.FitSettings | None = None) -> dict:
+                progress: bool = True, eraser_settings: FitSettings | None = None) -> dict:
     unknown = [m for m in settings.methods if m not in ALL_METHODS]
     if unknown:
         raise UserInputError(None, f"unknown method(s) {unknown}; choose from {list(ALL_METHODS)}")
     torch.manual_seed(settings.seed)
     h = Harness(Path(model_dir), Path(data_dir), settings, progress)
-    vanilla = MethodResult("vanilla", h.evaluate(splits=evaluate.REPORT_SPLITS + ("retain_val",)))
-    vanilla_val = classification(vanilla.results.pop("retain_val"))
+    vanilla = MethodResult("vanilla", h.evaluate(splits=REPORT_SPLITS + (VALIDATION_SPLIT,)))
+    vanilla_val = classification(vanilla.results.pop(VALIDATION_SPLIT))
     methods: list[MethodResult] = [vanilla]
-    eraser_settings = eraser_settings or fitting.FitSettings()
+    eraser_settings = eraser_settings or FitSettings()
     for name in settings.methods:
         if name == "eraser":
             methods.append(run_eraser(h, name, eraser_settings, vanilla_val))
@@ -187,58 +186,5 @@ def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: Compar
                "eraser_strength": settings.eraser_strength,
                "retain_keep": RETAIN_KEEP, "vanilla_retain_val_classification": vanilla_val,
                "methods": [asdict(m) for m in methods]}
-    from . import report
     report.write_report(summary, Path(out_dir))
     return summary
-
-
-# ---- command line ----------------------------------------------------------------------------------------
-
-def add_cli(commands) -> None:
-    parser = commands.add_parser("compare", help="vanilla, eraser (default and paper) and the LoRA baselines, side by side")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--forget-ratio", type=int, default=10, choices=(5, 10, 15))
-    parser.add_argument("--methods", default=",".join(ALL_METHODS[1:]), help=f"comma-separated subset of {','.join(ALL_METHODS[1:])}")
-    parser.add_argument("--out", type=Path, default=Path("runs/compare"))
-    parser.add_argument("--baseline-epochs", type=int, default=CompareSettings.baseline_epochs)
-    parser.add_argument("--baseline-lrs", default=",".join(str(x) for x in CompareSettings.baseline_lrs))
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.set_defaults(handler=run_compare_cli)
-
-    demo = commands.add_parser("demo", help="the main job: build/reuse the testbed, fit an eraser, before/after, report")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--preset", default="full", choices=("full", "small"))
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
-    demo.add_argument("--methods", default="eraser,eraser-paper", help="add ga,graddiff,kl,npo for the baselines (slower)")
-    demo.set_defaults(handler=run_demo_cli)
-
-
-def _methods(text: str) -> tuple[str, ...]:
-    return ("vanilla",) + tuple(m for m in text.split(",") if m and m != "vanilla")
-
-
-def run_compare_cli(args) -> int:
-    settings = CompareSettings(forget_ratio=args.forget_ratio, methods=_methods(args.methods), batch_size=args.batch_size,
-                               baseline_epochs=args.baseline_epochs,
-                               baseline_lrs=tuple(float(x) for x in args.baseline_lrs.split(",")))
-    summary = run_compare(Path(args.model), Path(args.data), args.out, settings)
-    _print_summary(summary, args.out)
-    return 0
-
-
-def run_demo_cli(args) -> int:
-    from ..testbed.build import build
-    started = time.perf_counter()
-    directory = build(seed=args.seed, preset=args.preset)
-    settings = CompareSettings(methods=_methods(args.methods), eraser_strength="fitted")
-    summary = run_compare(directory / "model", directory / "data", args.out, settings)
-    _print_summary(summary, args.out)
-    print(f"demo finished in {time.perf_counter() - started:.0f}s")
-    return 0
-
-
-def _print_summary(summary: dict, out_dir: Path) -> None:
-    from . import report
-    print(report.markdown_table(summary))
-    print(f"\nreport: {(out_dir / 'report.html').resolve()}")

@@ -1,4 +1,5 @@
-"""MLLMU-Bench data: read a split's parquet, validate its schema, expand records into question items.
+"""MLLMU-Bench data: read a split's parquet, validate its schema, expand records into question items; the
+split names, the validation hold-out and which splits a fit uses by default.
 
 A split lives at `<data>/<split>/train-00000-of-00001.parquet` (the Hub layout). Records follow MLLMU-Bench:
 `ID`, `image {bytes, path}` (Test_Set: `images`, a list of them), `biography`, `Classification_Task
@@ -11,52 +12,32 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterable, Sequence, get_args
 
 import pyarrow.parquet as pq
 from PIL import Image
 
-from . import prompts
+from ..core.inputs import QAItem, Task
 from ..errors import UserInputError
 
-Task = Literal["classification", "cloze", "generation"]
-Modality = Literal["image", "text"]
 PARQUET_NAME = "train-00000-of-00001.parquet"
 
-# The report's split names -> the directory names MLLMU-Bench (and the testbed) use.
+# The report's split names -> the directory names MLLMU-Bench (and the testbed) use, in report order.
 SPLIT_DIRS = {
     "forget": "forget_{ratio}",
-    "retain": "retain_{keep}",
     "test": "Test_Set",
+    "retain": "retain_{keep}",
     "real": "Retain_Set",
     "general": "General_Set",  # testbed only: visual skills on synthetic scenes
     "unknown": "Unknown_Set",  # testbed only: never-seen subjects, the right answer is a refusal
 }
+REPORT_SPLITS = tuple(SPLIT_DIRS)
+VALIDATION_SPLIT = "retain_val"  # the retain split's validation hold-out (see validation_split), as a report split
+ERASURE_SPLIT = "Unknown_Train"  # testbed only: questions about strangers, answered with a refusal (trained)
+GENERAL_TRAIN = "General_Train"  # testbed only: the visual-skill questions the model was trained on
 FORGET_RATIOS = (5, 10, 15)
 IMAGE_TYPES = {"image_textual", "image"}  # MLLMU-Bench spells the image modality "Image_Textual"
-
-
-@dataclass(frozen=True)
-class QAItem:
-    """One question asked of the model: what it sees (image, prompt) and what counts as right (answer)."""
-
-    subject_id: str
-    task: Task
-    modality: Modality
-    question: str
-    answer: str  # classification: the correct letter; cloze and generation: the ground truth
-    options: dict[str, str] | None = None
-    image: Image.Image | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def prompt(self) -> str:
-        if self.task == "classification":
-            return prompts.classification_prompt(self.question, self.options or {})
-        if self.task == "cloze":
-            return prompts.cloze_prompt(self.question)
-        return prompts.generation_prompt(self.question)
 
 
 def split_dir_name(split: str, forget_ratio: int = 10) -> str:
@@ -167,13 +148,48 @@ def load_split_items(data_dir: str | Path, split: str, forget_ratio: int = 10) -
     path = split_parquet(data_dir, split_dir_name(split, forget_ratio))
     if not path.exists():
         return None
+    return read_items(path)
+
+
+def read_items(path: str | Path) -> list[QAItem]:
+    """Every question of one split (its directory or parquet file)."""
     return expand_items(read_records(path), path)
 
 
-def is_validation_subject(subject_id: str, fraction: float = 0.1) -> bool:
-    """A fixed, hash-chosen part of retain held out for choosing settings; reported numbers exclude it."""
+VALIDATION_FRACTION = 0.1
+
+
+def validation_split(items: Sequence[QAItem]) -> tuple[list[QAItem], list[QAItem]]:
+    """(the rest, the validation hold-out) of retain questions: a fixed, hash-chosen tenth of the subjects is
+    held out for choosing settings; it is never fitted on and never reported."""
+    rest: list[QAItem] = []
+    held_out: list[QAItem] = []
+    for item in items:
+        (held_out if _is_validation_subject(item.subject_id) else rest).append(item)
+    return rest, held_out
+
+
+def _is_validation_subject(subject_id: str) -> bool:
     digest = hashlib.sha256(f"mllmeraser-validation:{subject_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return int.from_bytes(digest[:8], "big") / 2**64 < VALIDATION_FRACTION
+
+
+def retained_inputs(data_dir: str | Path, forget_ratio: int = 10) -> list[QAItem]:
+    """The inputs the gate must leave alone: the retain split less its validation hold-out and, where the data
+    has it, the testbed's training-only General_Train (visual-skill prompts). The compare job, the demo, the
+    benchmarks and `mllmeraser fit` without `--retain` all fit on exactly this."""
+    retain, _ = validation_split(load_split_items(data_dir, "retain", forget_ratio) or [])
+    general = split_parquet(data_dir, GENERAL_TRAIN)
+    return retain + (read_items(general) if general.exists() else [])
+
+
+def default_erasure_items(data_dir: str | Path | None) -> list[QAItem]:
+    """Questions the model refuses, for the erasure direction: the testbed's Unknown_Train split."""
+    if data_dir is not None:
+        path = split_parquet(data_dir, ERASURE_SPLIT)
+        if path.exists():
+            return read_items(path)
+    raise UserInputError(data_dir, f"no {ERASURE_SPLIT} split here: pass --erasure SPEC (questions the model refuses)")
 
 
 def resolve_spec(spec: str, data_dir: str | Path | None, forget_ratio: int = 10) -> list[QAItem]:
@@ -186,12 +202,11 @@ def resolve_spec(spec: str, data_dir: str | Path | None, forget_ratio: int = 10)
     if candidate.suffix == ".jsonl":
         return read_jsonl_items(candidate)
     if candidate.exists():
-        return expand_items(read_records(candidate), candidate)
+        return read_items(candidate)
     if data_dir is None:
         raise UserInputError(spec, "no such file; to name a split, also pass --data DIR")
     directory = split_dir_name(spec, forget_ratio) if spec in SPLIT_DIRS else spec
-    path = split_parquet(data_dir, directory)
-    return expand_items(read_records(path), path)
+    return read_items(split_parquet(data_dir, directory))
 
 
 def read_jsonl_items(path: str | Path) -> list[QAItem]:
@@ -218,7 +233,7 @@ def read_jsonl_items(path: str | Path) -> list[QAItem]:
             except Exception as exc:
                 raise UserInputError(image_path, f"unreadable image ({_first_line(exc)}), named on line {number} of {path}") from None
         task = row.get("task", "generation")
-        if task not in ("classification", "cloze", "generation"):
+        if task not in get_args(Task):
             raise UserInputError(path, f"line {number}: task must be classification, cloze or generation")
         items.append(QAItem(str(row.get("id", number)), task, "image" if image else "text",
                             str(row["question"]), str(row["answer"]), row.get("options"), image))

@@ -14,14 +14,13 @@ from typing import Iterable, Sequence
 
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_score import rouge_scorer
-from tqdm import tqdm
 
-from ..core import models
+from ..core.inputs import QAItem
+from ..core.models import answer_items
+from ..errors import UserInputError
 from . import data, prompts
-from .data import QAItem
+from .data import REPORT_SPLITS, VALIDATION_SPLIT
 
-MAX_NEW_TOKENS = {"classification": 5, "cloze": 20, "generation": 50}
-REPORT_SPLITS = ("forget", "test", "retain", "real", "general", "unknown")
 _SCORER = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
 _SMOOTHING = SmoothingFunction().method1
 
@@ -58,17 +57,6 @@ def aggregate(scored: Iterable[dict[str, float]]) -> dict[str, float]:
     return {name: sums[name] / counts[name] for name in sorted(sums)}
 
 
-def answer_items(model, processor, items: Sequence[QAItem], batch_size: int = 64, progress: bool = True,
-                 desc: str = "answer") -> list[str]:
-    answers: list[str] = [""] * len(items)
-    groups = models.batches(items, batch_size)
-    for indices in tqdm(groups, desc=desc, disable=not progress, unit="batch", leave=False):
-        chunk = [items[i] for i in indices]
-        for index, answer in zip(indices, models.generate(model, processor, chunk, MAX_NEW_TOKENS[chunk[0].task])):
-            answers[index] = answer
-    return answers
-
-
 def score_items(model, processor, items: Sequence[QAItem], batch_size: int = 64, progress: bool = True,
                 desc: str = "answer") -> dict[str, float]:
     answers = answer_items(model, processor, items, batch_size, progress, desc)
@@ -80,22 +68,20 @@ def report_items(data_dir: str | Path, forget_ratio: int = 10,
     """The questions of each report split present in `data_dir` (a split the data lacks is left out)."""
     forget = data.load_split_items(data_dir, "forget", forget_ratio)
     if forget is None:
-        raise data.UserInputError(data.split_parquet(data_dir, data.split_dir_name("forget", forget_ratio)),
-                                  "no such parquet file (is --data an MLLMU-Bench directory?)")
+        raise UserInputError(data.split_parquet(data_dir, data.split_dir_name("forget", forget_ratio)),
+                             "no such parquet file (is --data an MLLMU-Bench directory?)")
     forget_ids = {item.subject_id for item in forget}
     items: dict[str, list[QAItem]] = {}
     for split in splits:
-        if split == "retain_val":
-            loaded = data.load_split_items(data_dir, "retain", forget_ratio)
-            loaded = [i for i in loaded or [] if data.is_validation_subject(i.subject_id)]
-        else:
-            loaded = forget if split == "forget" else data.load_split_items(data_dir, split, forget_ratio)
-        if loaded is None:
+        validation = split == VALIDATION_SPLIT
+        loaded = forget if split == "forget" else data.load_split_items(data_dir, "retain" if validation else split,
+                                                                        forget_ratio)
+        if loaded is None and not validation:
             continue
         if split == "test":  # Test_Set holds the largest forget set's subjects: keep this request's
             loaded = [i for i in loaded if i.subject_id in forget_ids] or loaded
-        if split == "retain":  # the validation hold-out chooses settings, so it is never reported
-            loaded = [i for i in loaded if not data.is_validation_subject(i.subject_id)]
+        if split == "retain" or validation:  # the validation hold-out chooses settings, so it is never reported
+            loaded = data.validation_split(loaded or [])[1 if validation else 0]
         items[split] = loaded
     return items
 

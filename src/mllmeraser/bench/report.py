@@ -8,8 +8,7 @@ import math
 from pathlib import Path
 
 from ..errors import atomic_write_bytes, atomic_write_text
-
-SPLITS = ("forget", "test", "retain", "real", "general", "unknown")
+from .data import REPORT_SPLITS
 COLUMNS = [  # (header, split, metric key or aggregate)
     ("forget cls img", "forget", "classification_image"), ("forget cls txt", "forget", "classification_text"),
     ("forget cloze", "forget", "cloze"), ("forget R-L", "forget", "rougeL"),
@@ -93,7 +92,7 @@ def _plot_splits(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    splits = [s for s in SPLITS[:-1] if any(s in m["results"] for m in summary["methods"])]
+    splits = [s for s in REPORT_SPLITS[:-1] if any(s in m["results"] for m in summary["methods"])]
     methods = summary["methods"]
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)

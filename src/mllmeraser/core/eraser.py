@@ -1,4 +1,5 @@
-"""The fitted eraser: a frozen set of steering terms, its model fingerprint, and its safetensors artifact.
+"""The eraser: a frozen set of steering terms, fitted by `Eraser.fit`, with its model fingerprint and its
+safetensors artifact (`save`, `load`), attached to a model by `attach`.
 
 An Eraser holds K deletion requests (terms) over L steered layers, factored: u and r are [K, L, d] float32
 (2 K L d numbers, never a d x d matrix). Block `layer_indices[l]` of the decoder list at `layers_path` gets
@@ -20,7 +21,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import safetensors
 import safetensors.torch
@@ -29,6 +30,10 @@ from torch import Tensor, nn
 
 from ..errors import UserInputError, atomic_write_bytes
 from .hooks import STEERING_MODES, SteeringHandle, attach_steering, find_decoder_layers
+from .inputs import PlainInput, QAItem, as_items
+
+if TYPE_CHECKING:
+    from .fitting import FitSettings
 
 FORMAT_VERSION = 1
 METADATA_KEY = "mllmeraser"
@@ -131,6 +136,31 @@ class Eraser:
         shared = {k: v for k, v in self.metadata.items() if k not in ("fingerprint", "requests")}
         per_term = self.metadata.get("requests") or [{} for _ in range(self.num_terms)]
         return [{**shared, **request} for request in per_term]
+
+    # ---- fitting --------------------------------------------------------------------------------
+
+    @classmethod
+    def fit(cls, model: nn.Module, processor, *, forget: Sequence[QAItem | PlainInput],
+            retain: Sequence[QAItem | PlainInput], erasure: Sequence[QAItem | PlainInput],
+            settings: FitSettings | None = None, layers_path: str | None = None, request: str = "forget",
+            progress: bool = True) -> Eraser:
+        """Fit one deletion request on `model` (see `fitting.py`; the model is never modified).
+
+        forget: questions whose knowledge is to go; retain: questions the eraser must leave alone; erasure:
+        questions the model refuses (the direction steers towards their activations). Each element is a QAItem
+        or a plain `(PIL image or None, question, answer)` tuple (asked verbatim, see `inputs.as_items`).
+        settings: a `fitting.FitSettings` (default FitSettings()); layers_path: the decoder-layer list, if not
+        the family's; request: the name recorded in the eraser's metadata.
+        """
+        from . import fitting  # fitting builds Erasers, so it imports this module: imported here
+
+        forget, retain, erasure = as_items(forget), as_items(retain), as_items(erasure)
+        if not forget or not retain or not erasure:
+            raise UserInputError(None, "fitting needs non-empty forget, retain and erasure sets")
+        settings = settings if settings is not None else fitting.FitSettings()
+        stats, path = fitting.fit_statistics(model, processor, forget=forget, retain=retain, erasure=erasure,
+                                             settings=settings, layers_path=layers_path, progress=progress)
+        return fitting.solve_eraser(stats, settings, path, model_fingerprint(model), request)
 
     # ---- applying -------------------------------------------------------------------------------
 

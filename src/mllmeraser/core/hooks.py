@@ -18,21 +18,11 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import UserInputError
+from .families import FAMILIES
 from .steering import steering_term
 
 SteeringMode = Literal["prefill", "all"]
 STEERING_MODES: tuple[str, ...] = ("prefill", "all")
-
-FAMILY_LAYER_PATHS: dict[str, str] = {
-    "llava": "model.language_model.layers",
-    "qwen2_vl": "model.language_model.layers",
-    "qwen2_5_vl": "model.language_model.layers",
-    "llama": "model.layers",
-    "qwen2": "model.layers",
-    "mistral": "model.layers",
-}
-"""Dotted path of the text decoder's layer ModuleList per `config.model_type` (verified in tests/test_hooks.py
-on tiny instances of the transformers 5 classes). Vision towers are never steered."""
 
 ATTACHED_MARKER = "_mllmeraser_steering"
 """Attribute set on a model while a SteeringHandle is attached to it."""
@@ -41,14 +31,14 @@ _OVERRIDE_HINT = "pass --layers-path with the dotted path to the text decoder's 
 
 
 def find_decoder_layers(model: nn.Module, path: str | None = None) -> tuple[list[str], list[nn.Module]]:
-    """Dotted names and modules of the text decoder layers, from `path` or the model family's known path."""
+    """Dotted names and modules of the text decoder layers, from `path` or the family's (`families.FAMILIES`)."""
     if path is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in FAMILY_LAYER_PATHS:
+        if model_type not in FAMILIES:
             raise UserInputError(
                 None, f"no known decoder-layer path for model_type {model_type!r}: {_OVERRIDE_HINT}"
             )
-        path = FAMILY_LAYER_PATHS[model_type]
+        path = FAMILIES[model_type].layers_path
     try:
         layer_list = model.get_submodule(path)
     except AttributeError as error:

@@ -1,8 +1,8 @@
-"""Model families: loading a checkpoint offline, and turning questions into the model's inputs.
+"""Talking to a model: loading a checkpoint offline, encoding prompts, batching, greedy answers.
 
 Prompts go through the checkpoint's own processor and chat template, so one harness drives the testbed
-LLaVA, llava-hf LLaVA-1.5 and Qwen2-VL / Qwen2.5-VL. Where a family keeps its decoder layers is in
-`hooks.py`; this module only knows how to talk to the model.
+LLaVA, llava-hf LLaVA-1.5 and Qwen2-VL / Qwen2.5-VL. What differs between the families (which load, where
+their decoder layers are, processor quirks) is in `families.py`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,14 @@ from typing import Sequence
 
 import torch
 
-from ..bench.data import QAItem
-from ..errors import UserInputError
+from tqdm import tqdm
 
-SUPPORTED_MODEL_TYPES = ("llava", "qwen2_vl", "qwen2_5_vl")
+from ..errors import UserInputError
+from .families import FAMILIES, LOADABLE, image_only_processor_class
+from .inputs import PlainInput, QAItem, as_items
+
+MAX_NEW_TOKENS = {"classification": 5, "cloze": 20, "generation": 50}
+"""How many tokens an answer may take, by task (MLLMU-Bench's protocol: a letter, a blank, a sentence)."""
 
 
 def _quiet_transformers() -> None:
@@ -45,8 +49,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
             model_type = json.loads(config_path.read_text()).get("model_type")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise UserInputError(config_path, f"not valid JSON ({exc})") from None
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise UserInputError(directory, f"model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}")
+        if model_type not in LOADABLE:
+            raise UserInputError(directory, f"model_type {model_type!r} is not supported; expected one of {LOADABLE}")
     try:
         processor = _load_processor(AutoProcessor, path)
         model = AutoModelForImageTextToText.from_pretrained(str(path), local_files_only=True, dtype=dtype or "auto")
@@ -60,26 +64,10 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     return model, processor
 
 
-# Families whose processor carries a video processor. transformers' video processors all need torchvision
-# (not a dependency of ours), so without it AutoProcessor cannot load these checkpoints at all, although images
-# never touch the video processor. See _load_processor.
-_VIDEO_PROCESSOR_FAMILIES = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
-
-
-def _image_only_processor_class(base: type) -> type:
-    """`base` without its video processor: ProcessorMixin reads a processor's sub-processors (what it loads,
-    checks and saves) from its __init__ signature, so an __init__ without `video_processor` drops that part.
-    Same class name, so a saved processor_config.json still names the real class."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        base.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-    return type(base.__name__, (base,), {"__init__": __init__, "__module__": __name__})
-
-
 def _load_processor(auto_processor, path):
-    """AutoProcessor, or, for a Qwen-VL checkpoint when torchvision is missing, the same processor class
-    without its video processor (AutoProcessor raises OSError there: it cannot build the video processor)."""
+    """AutoProcessor, or, for a family with an image-only processor quirk (Qwen-VL) when torchvision is
+    missing, the same processor class without its video processor (AutoProcessor raises OSError there: it
+    cannot build the video processor)."""
     try:
         return auto_processor.from_pretrained(str(path), local_files_only=True)
     except Exception:
@@ -90,10 +78,11 @@ def _load_processor(auto_processor, path):
         if is_torchvision_available():
             raise
         model_type = AutoConfig.from_pretrained(str(path), local_files_only=True).model_type
-        if model_type not in _VIDEO_PROCESSOR_FAMILIES:
+        family = FAMILIES.get(model_type)
+        if family is None or family.image_only_processor is None:
             raise
-        base = getattr(transformers, _VIDEO_PROCESSOR_FAMILIES[model_type])
-        return _image_only_processor_class(base).from_pretrained(str(path), local_files_only=True)
+        base = getattr(transformers, family.image_only_processor)
+        return image_only_processor_class(base).from_pretrained(str(path), local_files_only=True)
 
 
 def prepare_processor(processor) -> None:
@@ -177,6 +166,21 @@ def generate(model, processor, items: Sequence[QAItem], max_new_tokens: int) -> 
     return [text.strip() for text in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
+def answer_items(model, processor, items: Sequence[QAItem | PlainInput], batch_size: int = 64,
+                 progress: bool = True, desc: str = "answer") -> list[str]:
+    """Greedy answers to `items` (QAItems or plain (image or None, question, answer) tuples, see
+    `inputs.as_items`), in their order: batched by modality and task, each task's answer capped at
+    MAX_NEW_TOKENS."""
+    items = as_items(items)
+    answers: list[str] = [""] * len(items)
+    groups = batches(items, batch_size)
+    for indices in tqdm(groups, desc=desc, disable=not progress, unit="batch", leave=False):
+        chunk = [items[i] for i in indices]
+        for index, answer in zip(indices, generate(model, processor, chunk, MAX_NEW_TOKENS[chunk[0].task])):
+            answers[index] = answer
+    return answers
+
+
 def forward_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inputs for a plain forward pass that sees the positions `generate` would: with left padding a
     Llama-decoder LLaVA must number positions from the attention mask, not from the padded start.
@@ -184,7 +188,7 @@ def forward_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     batch = to_device(batch, model)
     # Per-token modality ids from the processor (Qwen-VL's mm_token_type_ids: 0 text, 1 image, 2 video) must
     # cover input_ids: a caller that appends answer tokens to an encoded prompt and extends only input_ids
-    # and attention_mask (as fit.pgd_images did before encode_with_answers) makes Qwen-VL's get_rope_index
+    # and attention_mask (as fitting.pgd_images did before encode_with_answers) makes Qwen-VL's get_rope_index
     # fail on the length mismatch. Appended tokens are text, so the ids are extended with zeros on the right.
     length = batch["input_ids"].shape[1] if "input_ids" in batch else None
     for key in ("mm_token_type_ids", "token_type_ids"):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..bench.data import QAItem
+from ..core.inputs import QAItem
 from . import model as tm
 from . import render
 
