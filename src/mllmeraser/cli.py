@@ -14,9 +14,9 @@ from PIL import Image
 
 from .bench import compare, data, evaluate, report
 from .bench.data import FORGET_RATIOS, REPORT_SPLITS, VALIDATION_SPLIT
-from .core import models
+from .core import gating, models
 from .core.eraser import Eraser
-from .core.fitting import FitSettings, PGDSettings
+from .core.fitting import GATES, FitSettings, PGDSettings
 from .core.inputs import as_items
 from .errors import UserInputError, atomic_write_text
 
@@ -67,7 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: the retain split under --data less its validation part, plus General_Train)")
     fit.add_argument("--erasure", default=None, help=f"questions the model refuses (default: {data.ERASURE_SPLIT} under --data)")
     fit.add_argument("--out", required=True, type=Path, help="eraser file (.safetensors)")
-    fit.add_argument("--solver", choices=("ridge", "paper"), default=FitSettings.solver)
+    fit.add_argument("--calibration", default=None, help="held-out questions about people outside forget and retain, "
+                     "on which the gate's threshold is calibrated (default: the validation people under --data; "
+                     "without --data: the retain questions, each left out of the gate in turn)")
+    fit.add_argument("--gate", choices=GATES, default=FitSettings.gate,
+                     help="knn (default) or ridge: one decision per prompt; paper: the paper's per-layer null-space gate")
+    fit.add_argument("--pooling", choices=gating.POOLINGS, default=FitSettings.pooling, help="prompt gates' input")
+    fit.add_argument("--decision-layer", type=int, default=FitSettings.decision_layer)
+    fit.add_argument("--neighbours", type=int, default=FitSettings.neighbours)
+    fit.add_argument("--max-fpr", type=float, default=FitSettings.max_fpr,
+                     help="the fraction of calibration prompts the gate's threshold lets through")
     fit.add_argument("--alpha", type=float, default=FitSettings.alpha)
     fit.add_argument("--ratio", type=float, default=FitSettings.ratio)
     fit.add_argument("--gamma", type=float, default=FitSettings.gamma)
@@ -75,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--lam", type=float, default=FitSettings.lam)
     fit.add_argument("--floor", type=float, default=FitSettings.floor)
     fit.add_argument("--cap", type=float, default=FitSettings.cap)
-    fit.add_argument("--layers", default=None, help="comma-separated decoder layer indices (default 1..L-1)")
+    fit.add_argument("--layers", default=None, help="comma-separated decoder layer indices "
+                     "(default: the decision layer to the last; paper: 1..L-1)")
     fit.add_argument("--layers-path", default=None, help="dotted path of the decoder layer list (overrides the family's)")
     fit.add_argument("--mode", choices=("prefill", "all"), default="prefill")
     fit.add_argument("--pgd-eps", type=float, default=PGDSettings.eps * 255, help="L-inf budget, in /255 units")
@@ -123,20 +133,29 @@ def cmd_testbed_build(args) -> int:
     return 0
 
 
-def attached_eraser(model, path: Path | None, alpha: float | None) -> AbstractContextManager:
-    """The eraser file at `path` (with its strength replaced by `alpha`, if given) attached to `model`, or
-    nothing attached where no file is given; either way a context manager."""
+def load_eraser(path: Path | None, alpha: float | None) -> Eraser | None:
+    """The eraser file at `path` (with its strength replaced by `alpha`, if given), or None where none is given."""
     if path is None:
-        return nullcontext()
+        return None
     eraser = Eraser.load(path)
-    return (eraser.with_alpha(alpha) if alpha is not None else eraser).attach(model)
+    return eraser.with_alpha(alpha) if alpha is not None else eraser
+
+
+def attached(model, eraser: Eraser | None) -> AbstractContextManager:
+    """`eraser` attached to `model`, or nothing attached; either way a context manager."""
+    return eraser.attach(model) if eraser is not None else nullcontext()
 
 
 def cmd_eval(args) -> int:
     splits = tuple(args.splits.split(",")) if args.splits else REPORT_SPLITS
     model, processor = models.load_model(args.model)
-    with attached_eraser(model, args.eraser, args.alpha):
-        results = evaluate.evaluate(model, processor, args.data, args.forget_ratio, splits, args.batch_size)
+    items = evaluate.report_items(args.data, args.forget_ratio, splits)
+    eraser = load_eraser(args.eraser, args.alpha)
+    with attached(model, eraser):
+        results = evaluate.evaluate(model, processor, args.data, items=items, batch_size=args.batch_size)
+    if eraser is not None and eraser.prompt_gate is not None:  # what the gate turned on, per split
+        for split, scores in evaluate.gate_scores(model, processor, eraser, items, args.batch_size).items():
+            results[split]["gate_fire_rate"] = evaluate.fire_rate(scores, eraser)
     print(evaluate.format_table(results))
     if args.json is not None:
         atomic_write_text(args.json, json.dumps(results, indent=2))
@@ -146,7 +165,8 @@ def cmd_eval(args) -> int:
 
 def fit_settings(args) -> FitSettings:
     layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
-    return FitSettings(solver=args.solver, ratio=args.ratio, gamma=args.gamma, beta=args.beta, lam=args.lam,
+    return FitSettings(gate=args.gate, pooling=args.pooling, decision_layer=args.decision_layer,
+                       neighbours=args.neighbours, max_fpr=args.max_fpr, ratio=args.ratio, gamma=args.gamma, beta=args.beta, lam=args.lam,
                        alpha=args.alpha, layers=layers, floor=args.floor, cap=args.cap, mode=args.mode,
                        pgd=PGDSettings(args.pgd_eps / 255, args.pgd_step / 255, args.pgd_steps))
 
@@ -163,13 +183,22 @@ def cmd_fit(args) -> int:
         raise UserInputError(None, "pass --retain SPEC, or --data DIR to fit on its retain split")
     erasure = (data.resolve_spec(args.erasure, args.data, args.forget_ratio) if args.erasure
                else data.default_erasure_items(args.data))
+    if args.calibration is not None:
+        calibration = data.resolve_spec(args.calibration, args.data, args.forget_ratio)
+    else:
+        calibration = data.validation_items(args.data, args.forget_ratio) if args.data is not None else None
     started = time.perf_counter()
-    eraser = Eraser.fit(model, processor, forget=forget, retain=retain, erasure=erasure, settings=settings,
-                        layers_path=args.layers_path, request=str(args.forget))
+    eraser = Eraser.fit(model, processor, forget=forget, retain=retain, erasure=erasure, calibration=calibration,
+                        settings=settings, layers_path=args.layers_path, request=str(args.forget))
     eraser.save(args.out)
     seconds = time.perf_counter() - started
-    print(f"fitted eraser ({settings.solver}, {len(eraser.layer_indices)} layers, alpha {settings.alpha}) "
+    print(f"fitted eraser ({settings.gate} gate, {len(eraser.layer_indices)} layers, alpha {settings.alpha}) "
           f"on {len(forget)} forget / {len(retain)} retain / {len(erasure)} erasure questions in {seconds:.1f}s")
+    gate = eraser.requests()[0].get("gate")
+    if gate is not None:
+        print(f"gate threshold {gate['threshold']:.4f}: fires on {gate['calibration_fpr']:.1%} of "
+              f"{gate['calibration_prompts']} calibration prompts ({gate['calibration_source']}) and "
+              f"{gate['forget_fire_rate']:.1%} of the forget prompts")
     print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.1f} KiB)")
     return 0
 
@@ -185,7 +214,7 @@ def cmd_generate(args) -> int:
             raise UserInputError(args.image, f"unreadable image ({type(exc).__name__})") from None
     model, processor = models.load_model(args.model)
     item = as_items([(image, args.prompt, "")])  # a plain input: the prompt is sent as typed
-    with attached_eraser(model, args.eraser, args.alpha):
+    with attached(model, load_eraser(args.eraser, args.alpha)):
         (answer,) = models.generate(model, processor, item, args.max_new_tokens)
     print(answer)
     return 0
@@ -213,7 +242,7 @@ def cmd_demo(args) -> int:
     from .testbed.build import build
     started = time.perf_counter()
     directory = build(seed=args.seed, preset=args.preset)
-    settings = compare.CompareSettings(methods=_methods(args.methods), eraser_strength="fitted")
+    settings = compare.CompareSettings(methods=_methods(args.methods))
     summary = compare.run_compare(directory / "model", directory / "data", args.out, settings)
     _print_summary(summary, args.out)
     print(f"demo finished in {time.perf_counter() - started:.0f}s")

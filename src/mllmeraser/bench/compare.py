@@ -2,25 +2,27 @@
 
 Methods: vanilla; the eraser in its default mode and in the paper's mode (each also as a curve over its
 strength); the LoRA baselines GA, GradDiff, KL and NPO (each a curve over epochs). Settings are chosen on
-the retain validation hold-out only, by one rule for all: the strongest setting whose validation
-classification accuracy stays >= RETAIN_KEEP x vanilla's. "Strongest" is the largest strength for the
+the validation people only (data.validation_items: held-out retain and real people), by one rule for all: the
+strongest setting whose validation classification accuracy stays >= RETAIN_KEEP x vanilla's; the eraser's
+prompt gate is calibrated on the same people. "Strongest" is the largest strength for the
 eraser and, for a baseline, the grid point with the highest forget-set training loss (a training-time
 quantity, not a reported metric). The reported splits never choose anything.
 """
 
 from __future__ import annotations
 
+import io
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from ..core import models
+from ..core import gating, models
 from ..core.eraser import Eraser
 from ..core.fitting import FitSettings
-from ..errors import UserInputError
+from ..errors import UserInputError, atomic_write_bytes
 from . import baselines, data, evaluate, measure, report
 from .data import REPORT_SPLITS, VALIDATION_SPLIT
 
@@ -29,9 +31,12 @@ BASELINE_METHODS = ("ga", "graddiff", "kl", "npo")
 ALL_METHODS = ("vanilla",) + ERASER_METHODS + BASELINE_METHODS
 RETAIN_KEEP = 0.97
 CURVE_SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # eraser strengths, as multiples of the fitted alpha
-# The paper's LLaVA-1.5 settings: hard null space, unshaped linear gate.
-PAPER_SETTINGS = {"solver": "paper", "ratio": 0.3, "gamma": 0.1, "alpha": 1.0, "floor": -math.inf, "cap": math.inf,
+# The paper's LLaVA-1.5 settings: hard null space, unshaped linear gate, per layer on the last token.
+PAPER_SETTINGS = {"gate": "paper", "ratio": 0.3, "gamma": 0.1, "alpha": 1.0, "floor": -math.inf, "cap": math.inf,
                   "normalise_gate": False}
+# Where the gate must stay off, against the forget people in new renderings (Test_Set): the gate's held-out AUROC.
+GATE_NEGATIVES = (VALIDATION_SPLIT, "real", "general", "unknown")
+EXAMPLE_SPLITS = ("forget", "retain", "real")  # the report's before/after answers: two people of each
 
 
 @dataclass
@@ -42,11 +47,7 @@ class CompareSettings:
     baseline_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
     baseline_epochs: int = 4
     curve_scales: tuple[float, ...] = CURVE_SCALES
-    overhead_prompts: int = 32
     seed: int = 0
-    # "validated": the eraser's strength is chosen by the validation rule, like every baseline's setting (compare);
-    # "fitted": it is reported at the strength it was fitted with, as a user would run it (demo).
-    eraser_strength: str = "validated"
 
 
 @dataclass
@@ -55,9 +56,12 @@ class MethodResult:
     results: dict[str, dict[str, float]]
     fit_seconds: float | None = None
     peak_extra_mib: float | None = None
-    generation_overhead: float | None = None
     settings: dict = field(default_factory=dict)
     curve: list[dict] = field(default_factory=list)  # [{"x": strength or epoch, "forget": {...}, "retain": {...}}]
+    # erasers: {"fire_rate": {split: fraction of prompts the gate turns on} (prompt gates), "auroc": held-out AUROC,
+    # "threshold": tau or None, "scores": {split: [gate scores]}}
+    gate: dict | None = None
+    eraser: Eraser | None = field(default=None, repr=False)  # the chosen eraser (not serialised)
 
 
 def classification(metrics: dict[str, float]) -> float:
@@ -82,30 +86,35 @@ class Harness:
         self.validation = self.items.get(VALIDATION_SPLIT, [])
         if not self.validation:
             raise UserInputError(data_dir, "the retain split has no validation subjects to choose settings on")
-        self.overhead_items = [i for i in self.forget + self.items["retain"] if i.task == "generation" and i.modality == "image"]
-        self.overhead_items = self.overhead_items[: settings.overhead_prompts]
 
     def evaluate(self, model=None, splits: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         chosen = {s: self.items[s] for s in (splits or self.items) if s in self.items}
         return evaluate.evaluate(model or self.model, self.processor, self.data_dir, items=chosen,
                                  batch_size=self.settings.batch_size, progress=self.progress)
 
-    def generation_time_ratio(self, treated_model, context=None) -> float:
-        """Wall time of greedy generation on the same prompts, treated over vanilla (one run, interleaved;
-        attaching an eraser happens outside the timed region)."""
-        def answer(model):
-            return lambda: models.answer_items(model, self.processor, self.overhead_items, self.settings.batch_size,
-                                                 progress=False)
 
-        ratio, _, _ = measure.overhead_ratio(answer(self.model), answer(treated_model), repeats=5, context=context)
-        return ratio
+
+def gate_diagnostics(h: Harness, eraser: Eraser) -> dict:
+    """The gate's scores on every report split and the validation people, the fraction of prompts it turns on
+    (prompt gates), and its held-out AUROC: Test_Set (forget people, new renderings) against GATE_NEGATIVES."""
+    raw = evaluate.gate_scores(h.model, h.processor, eraser, h.items, h.settings.batch_size)  # [N, K] per split
+    scores = {split: values.max(dim=1).values for split, values in raw.items()}
+    gate = eraser.prompt_gate
+    negatives = [scores[s] for s in GATE_NEGATIVES if s in scores]
+    auroc = gating.auroc(scores["test"], torch.cat(negatives)) if "test" in scores and negatives else math.nan
+    fire_rate = None if gate is None else {split: evaluate.fire_rate(values, eraser) for split, values in raw.items()}
+    return {"auroc": auroc, "fire_rate": fire_rate, "threshold": None if gate is None else list(gate.threshold),
+            "scores": {split: [round(float(x), 4) for x in values] for split, values in scores.items()}}
 
 
 def run_eraser(h: Harness, name: str, settings: FitSettings, vanilla_val: float) -> MethodResult:
+    """Fit on forget vs the retained inputs, calibrate the gate on the validation people, then choose the strength
+    by the validation rule; the report splits are measured at that one strength."""
     erasure = data.default_erasure_items(h.data_dir)
     with measure.measured() as cost:
         eraser = Eraser.fit(h.model, h.processor, forget=h.forget, retain=h.retain_fit, erasure=erasure,
-                            settings=settings, request=f"forget_{h.settings.forget_ratio}", progress=h.progress)
+                            calibration=h.validation, settings=settings, request=f"forget_{h.settings.forget_ratio}",
+                            progress=h.progress)
     base_alpha = eraser.alpha[0]
     curve = []
     chosen_alpha = None
@@ -117,14 +126,41 @@ def run_eraser(h: Harness, name: str, settings: FitSettings, vanilla_val: float)
         if classification(point[VALIDATION_SPLIT]) >= RETAIN_KEEP * vanilla_val:
             chosen_alpha = base_alpha * scale  # strengths ascend: the last one that keeps utility wins
     chosen_alpha = chosen_alpha if chosen_alpha is not None else base_alpha * min(h.settings.curve_scales)
-    if h.settings.eraser_strength == "fitted":
-        chosen_alpha = base_alpha
     chosen = eraser.with_alpha(chosen_alpha)
     with chosen.attach(h.model):
         results = h.evaluate(splits=REPORT_SPLITS)
-    overhead = h.generation_time_ratio(h.model, context=lambda: chosen.attach(h.model))
-    return MethodResult(name, results, cost.seconds, cost.peak_extra_mib, overhead,
-                        {**asdict(settings), "alpha": chosen_alpha, "fitted_alpha": base_alpha}, curve)
+    return MethodResult(name, results, cost.seconds, cost.peak_extra_mib,
+                        {**asdict(settings), "alpha": chosen_alpha, "fitted_alpha": base_alpha}, curve,
+                        gate=gate_diagnostics(h, chosen), eraser=chosen)
+
+
+def examples(h: Harness, methods: list[MethodResult], out_dir: Path, people: int = 2) -> list[dict]:
+    """Before/after answers for a few forget, retain and real people: each one's first image generation question,
+    answered by vanilla and by every eraser; the portraits are written to out_dir/examples/."""
+    rows = []
+    for split in EXAMPLE_SPLITS:
+        seen: list[str] = []
+        for item in h.items.get(split, []):
+            if item.task != "generation" or item.modality != "image" or item.subject_id in seen:
+                continue
+            seen.append(item.subject_id)
+            picture = Path("examples") / f"{item.subject_id}.png"
+            buffer = io.BytesIO()
+            item.image.save(buffer, format="PNG")
+            atomic_write_bytes(out_dir / picture, buffer.getvalue())
+            rows.append({"split": split, "subject": item.subject_id, "image": str(picture), "question": item.question,
+                         "item": item})
+            if len(seen) == people:
+                break
+    items = [row.pop("item") for row in rows]
+    answers = {"vanilla": models.answer_items(h.model, h.processor, items, progress=False)}
+    for m in methods:
+        if m.eraser is not None:
+            with m.eraser.attach(h.model):
+                answers[m.name] = models.answer_items(h.model, h.processor, items, progress=False)
+    for index, row in enumerate(rows):
+        row["answers"] = {name: values[index] for name, values in answers.items()}
+    return rows
 
 
 def run_baseline(h: Harness, method: str, vanilla_val: float) -> MethodResult:
@@ -157,9 +193,8 @@ def run_baseline(h: Harness, method: str, vanilla_val: float) -> MethodResult:
         peft_model = baselines.train_baseline(base_model, h.processor, h.forget, h.retain_fit, chosen_settings,
                                               progress=h.progress)
     results = h.evaluate(peft_model, splits=REPORT_SPLITS)
-    overhead = h.generation_time_ratio(peft_model)
     curve = [p for t in trials for p in t["epochs"]]  # every grid point: one line per learning rate
-    return MethodResult(method, results, cost.seconds, cost.peak_extra_mib, overhead,
+    return MethodResult(method, results, cost.seconds, cost.peak_extra_mib,
                         {**asdict(chosen_settings), "grid_seconds": round(total_seconds, 1),
                          "grid": [{"lr": t["lr"], "epochs": len(t["epochs"])} for t in trials]}, curve)
 
@@ -182,9 +217,10 @@ def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: Compar
             methods.append(run_eraser(h, name, replace(eraser_settings, **PAPER_SETTINGS), vanilla_val))
         elif name in BASELINE_METHODS:
             methods.append(run_baseline(h, name, vanilla_val))
+    out_dir = Path(out_dir)
     summary = {"model": str(model_dir), "data": str(data_dir), "forget_ratio": settings.forget_ratio,
-               "eraser_strength": settings.eraser_strength,
-               "retain_keep": RETAIN_KEEP, "vanilla_retain_val_classification": vanilla_val,
-               "methods": [asdict(m) for m in methods]}
+               "retain_keep": RETAIN_KEEP, "vanilla_validation_classification": vanilla_val,
+               "examples": examples(h, methods, out_dir),
+               "methods": [{f.name: getattr(m, f.name) for f in fields(m) if f.name != "eraser"} for m in methods]}
     report.write_report(summary, Path(out_dir))
     return summary

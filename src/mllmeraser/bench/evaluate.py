@@ -1,8 +1,8 @@
 """The MLLMU-Bench protocol: classification, cloze and generation (ROUGE, BLEU), image+text and text-only.
 
 `evaluate()` returns `{split: {metric: value}}` with values as fractions in [0, 1]. Splits: forget, test
-(new renderings / images of the forget subjects), retain (minus the validation hold-out), real
-(pre-existing knowledge), and, on the testbed, general (visual skills) and unknown (refusal rate).
+(new renderings / images of the forget subjects), retain and real (pre-existing knowledge), both less their
+validation people (the `validation` split, which chooses settings), and, on the testbed, general (visual skills) and unknown (refusal rate).
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ from typing import Iterable, Sequence
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_score import rouge_scorer
 
+import torch
+
+from ..core import fitting
+from ..core.eraser import Eraser
 from ..core.inputs import QAItem
 from ..core.models import answer_items
 from ..errors import UserInputError
@@ -73,15 +77,16 @@ def report_items(data_dir: str | Path, forget_ratio: int = 10,
     forget_ids = {item.subject_id for item in forget}
     items: dict[str, list[QAItem]] = {}
     for split in splits:
-        validation = split == VALIDATION_SPLIT
-        loaded = forget if split == "forget" else data.load_split_items(data_dir, "retain" if validation else split,
-                                                                        forget_ratio)
-        if loaded is None and not validation:
+        if split == VALIDATION_SPLIT:
+            items[split] = data.validation_items(data_dir, forget_ratio)
+            continue
+        loaded = forget if split == "forget" else data.load_split_items(data_dir, split, forget_ratio)
+        if loaded is None:
             continue
         if split == "test":  # Test_Set holds the largest forget set's subjects: keep this request's
             loaded = [i for i in loaded if i.subject_id in forget_ids] or loaded
-        if split == "retain" or validation:  # the validation hold-out chooses settings, so it is never reported
-            loaded = data.validation_split(loaded or [])[1 if validation else 0]
+        if split in data.VALIDATION_FRACTION:  # the validation people choose settings, so they are never reported
+            loaded = data.validation_split(loaded, split)[0]
         items[split] = loaded
     return items
 
@@ -94,16 +99,31 @@ def evaluate(model, processor, data_dir: str | Path, forget_ratio: int = 10, spl
             for split, split_items in items.items()}
 
 
+def gate_scores(model, processor, eraser: Eraser, items: dict[str, list[QAItem]],
+                batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """What the eraser's gate reads on each split's questions, {split: [N, K]} (see fitting.gate_scores)."""
+    return {split: fitting.gate_scores(model, processor, eraser, split_items, batch_size)
+            for split, split_items in items.items()}
+
+
+def fire_rate(scores: torch.Tensor, eraser: Eraser) -> float:
+    """The fraction of prompts on which at least one of the eraser's prompt gates fires (scores [N, K])."""
+    return float((scores > torch.tensor(eraser.prompt_gate.threshold)).any(dim=1).double().mean())
+
+
 HEADLINE = ("classification_image", "classification_text", "cloze_image", "cloze_text", "rougeL_image",
             "rougeL_text", "refusal_rate")
 
 
 def format_table(results: dict[str, dict[str, float]], columns: Sequence[str] = HEADLINE) -> str:
-    """A fixed-width table of one result set: a row per split, a column per headline metric."""
+    """A fixed-width table of one result set: a row per split, a column per headline metric (and the gate's
+    fire rate where the results have it)."""
+    if any("gate_fire_rate" in metrics for metrics in results.values()):
+        columns = (*columns, "gate_fire_rate")
     width = max(len(c) for c in columns)
-    header = "split".ljust(8) + "".join(c.rjust(width + 1) for c in columns)
+    header = "split".ljust(10) + "".join(c.rjust(width + 1) for c in columns)
     rows = [header, "-" * len(header)]
     for split, metrics in results.items():
         cells = "".join((f"{metrics[c]:.3f}" if c in metrics else "-").rjust(width + 1) for c in columns)
-        rows.append(split.ljust(8) + cells)
+        rows.append(split.ljust(10) + cells)
     return "\n".join(rows)

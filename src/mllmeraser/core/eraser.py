@@ -1,14 +1,19 @@
 """The eraser: a frozen set of steering terms, fitted by `Eraser.fit`, with its model fingerprint and its
 safetensors artifact (`save`, `load`), attached to a model by `attach`.
 
-An Eraser holds K deletion requests (terms) over L steered layers, factored: u and r are [K, L, d] float32
-(2 K L d numbers, never a d x d matrix). Block `layer_indices[l]` of the decoder list at `layers_path` gets
+An Eraser holds K deletion requests (terms) over L steered layers: directions r [K, L, d] float32 and one of
+two gates. Block `layer_indices[l]` of the decoder list at `layers_path` gets
 
-    h <- h + sum_k alpha_k * shape_gate(h_last . u[k, l]; floor_k, cap_k) * r[k, l]
+    per-layer gate (the paper's; u [K, L, d], never a d x d matrix):
+        h <- h + sum_k alpha_k * shape_gate(h_last . u[k, l]; floor_k, cap_k) * r[k, l]
+    prompt gate (gating.PromptGate, decided once per prompt at decoder layer `prompt_gate.layer`):
+        h <- h + sum_k alpha_k * g_k * r[k, l],   g_k = [s_k(pooled prompt) > tau_k]
 
-Artifact: one .safetensors file with tensors "u" and "r" and, under the `__metadata__` key "mllmeraser",
-one JSON string: format_version, layers_path, layer_indices, hidden_size, num_terms, dtype, mode, alpha,
-gate_floor, gate_cap (null = unbounded) and metadata (fingerprint, per-request fit settings and counts).
+Artifact: one .safetensors file with tensors "r", and "u" or the prompt gate's "gate.*" tensors, and, under
+the `__metadata__` key "mllmeraser", one JSON string: format_version, layers_path, layer_indices, hidden_size,
+num_terms, dtype, mode, alpha, gate_floor, gate_cap (null = unbounded), gate (the prompt gate's kind, pooling,
+layer, thresholds and neighbours, or null) and metadata (fingerprint, per-request fit settings, counts and the
+gate's calibration). Format 1 files (per-layer gates only) load unchanged.
 """
 
 from __future__ import annotations
@@ -29,13 +34,14 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserInputError, atomic_write_bytes
-from .hooks import STEERING_MODES, SteeringHandle, attach_steering, find_decoder_layers
+from .gating import PromptGate
+from .hooks import STEERING_MODES, SteeringHandle, attach_prompt_steering, attach_steering, find_decoder_layers
 from .inputs import PlainInput, QAItem, as_items
 
 if TYPE_CHECKING:
     from .fitting import FitSettings
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA_KEY = "mllmeraser"
 _FINGERPRINT_ROWS = 64
 
@@ -78,14 +84,16 @@ def _per_term(values: float | Sequence[float] | Tensor, num_terms: int, name: st
 class Eraser:
     """K deletion requests as steering terms over L decoder layers (see the module docstring).
 
-    u, r: [K, L, d] (a [L, d] tensor is read as K = 1), stored float32 on CPU. alpha, floor, cap: one float
-    per term (a scalar broadcasts); floor = -inf and cap = +inf is the paper's unbounded linear gate.
+    u, r: [K, L, d] (a [L, d] tensor is read as K = 1), stored float32 on CPU; u is None where a prompt_gate
+    decides instead (then every steered layer is at or after prompt_gate.layer). alpha, floor, cap: one float
+    per term (a scalar broadcasts); floor = -inf and cap = +inf is the paper's unbounded linear gate (floor and
+    cap shape per-layer gates only).
     metadata: JSON-serialisable; conventionally "fingerprint" (model_fingerprint of the fitted model, checked
     on attach) and "requests" (one dict per term: name, fit settings, counts). Other top-level keys describe
     every term of this eraser.
     """
 
-    u: Tensor
+    u: Tensor | None
     r: Tensor
     alpha: float | Sequence[float]  # normalised to tuple[float, ...] of length K
     layer_indices: Sequence[int]  # normalised to tuple[int, ...] of length L
@@ -95,27 +103,39 @@ class Eraser:
     floor: float | Sequence[float] = -math.inf  # normalised like alpha
     cap: float | Sequence[float] = math.inf  # normalised like alpha
     metadata: dict[str, Any] = field(default_factory=dict)
+    prompt_gate: PromptGate | None = None
 
     def __post_init__(self) -> None:
-        u, r = (t.detach().to(device="cpu", dtype=torch.float32) for t in (self.u, self.r))
-        if u.ndim == 2 and r.ndim == 2:
-            u, r = u[None], r[None]
-        num_terms = u.shape[0]
+        if (self.u is None) == (self.prompt_gate is None):
+            raise ValueError("an eraser needs exactly one gate: per-layer vectors u, or a prompt_gate")
+        r = self.r.detach().to(device="cpu", dtype=torch.float32)
+        u = None if self.u is None else self.u.detach().to(device="cpu", dtype=torch.float32)
+        if r.ndim == 2:
+            r, u = r[None], (u[None] if u is not None and u.ndim == 2 else u)
+        num_terms = r.shape[0]
         indices = [int(i) for i in self.layer_indices]
         if not indices or min(indices) < 0 or len(set(indices)) != len(indices):
             raise ValueError(f"layer_indices must be distinct non-negative layer numbers, got {indices}")
         expected = (num_terms, len(indices), self.hidden_size)
-        if tuple(u.shape) != expected or tuple(r.shape) != expected:
-            raise ValueError(f"u and r must be [K, L, d] = {list(expected)}, got {list(u.shape)} and {list(r.shape)}")
+        if tuple(r.shape) != expected or (u is not None and tuple(u.shape) != expected):
+            shapes = [list(t.shape) for t in (u, r) if t is not None]
+            raise ValueError(f"u and r must be [K, L, d] = {list(expected)}, got {shapes}")
         if num_terms < 1:
             raise ValueError("an eraser needs at least one term")
+        gate = self.prompt_gate
+        if gate is not None:
+            if gate.num_terms != num_terms or gate.hidden_size != self.hidden_size:
+                raise ValueError(f"prompt gate has {gate.num_terms} terms of width {gate.hidden_size}, "
+                                 f"directions {num_terms} of width {self.hidden_size}")
+            if min(indices) < gate.layer:
+                raise ValueError(f"a prompt gate decides at layer {gate.layer}: it cannot steer layer {min(indices)}")
         if self.mode not in STEERING_MODES:
             raise ValueError(f"mode must be one of {STEERING_MODES}, got {self.mode!r}")
         requests = self.metadata.get("requests")
         if requests is not None and len(requests) != num_terms:
             raise ValueError(f"metadata['requests'] has {len(requests)} entries, expected {num_terms}")
         metadata = json.loads(json.dumps(self.metadata, allow_nan=False))  # a JSON-pure private copy; raises if not
-        object.__setattr__(self, "u", u.contiguous())
+        object.__setattr__(self, "u", None if u is None else u.contiguous())
         object.__setattr__(self, "r", r.contiguous())
         object.__setattr__(self, "layer_indices", tuple(indices))
         object.__setattr__(self, "hidden_size", int(self.hidden_size))
@@ -125,7 +145,7 @@ class Eraser:
 
     @property
     def num_terms(self) -> int:
-        return self.u.shape[0]
+        return self.r.shape[0]
 
     @property
     def fingerprint(self) -> dict[str, Any] | None:
@@ -142,25 +162,29 @@ class Eraser:
     @classmethod
     def fit(cls, model: nn.Module, processor, *, forget: Sequence[QAItem | PlainInput],
             retain: Sequence[QAItem | PlainInput], erasure: Sequence[QAItem | PlainInput],
-            settings: FitSettings | None = None, layers_path: str | None = None, request: str = "forget",
-            progress: bool = True) -> Eraser:
+            calibration: Sequence[QAItem | PlainInput] | None = None, settings: FitSettings | None = None,
+            layers_path: str | None = None, request: str = "forget", progress: bool = True) -> Eraser:
         """Fit one deletion request on `model` (see `fitting.py`; the model is never modified).
 
         forget: questions whose knowledge is to go; retain: questions the eraser must leave alone; erasure:
-        questions the model refuses (the direction steers towards their activations). Each element is a QAItem
-        or a plain `(PIL image or None, question, answer)` tuple (asked verbatim, see `inputs.as_items`).
-        settings: a `fitting.FitSettings` (default FitSettings()); layers_path: the decoder-layer list, if not
-        the family's; request: the name recorded in the eraser's metadata.
+        questions the model refuses (the direction steers towards their activations); calibration: held-out
+        questions about people outside forget and retain, on which the prompt gate's threshold lets at most
+        settings.max_fpr through (None: the retain questions, each left out of the gate's bank in turn). Each
+        element is a QAItem or a plain `(PIL image or None, question, answer)` tuple (asked verbatim, see
+        `inputs.as_items`). settings: a `fitting.FitSettings` (default FitSettings()); layers_path: the
+        decoder-layer list, if not the family's; request: the name recorded in the eraser's metadata.
         """
         from . import fitting  # fitting builds Erasers, so it imports this module: imported here
 
         forget, retain, erasure = as_items(forget), as_items(retain), as_items(erasure)
+        calibration = as_items(calibration) if calibration is not None else None
         if not forget or not retain or not erasure:
             raise UserInputError(None, "fitting needs non-empty forget, retain and erasure sets")
         settings = settings if settings is not None else fitting.FitSettings()
-        stats, path = fitting.fit_statistics(model, processor, forget=forget, retain=retain, erasure=erasure,
-                                             settings=settings, layers_path=layers_path, progress=progress)
-        return fitting.solve_eraser(stats, settings, path, model_fingerprint(model), request)
+        stats, path, features = fitting.fit_statistics(model, processor, forget=forget, retain=retain, erasure=erasure,
+                                                       settings=settings, calibration=calibration,
+                                                       layers_path=layers_path, progress=progress)
+        return fitting.solve_eraser(stats, settings, path, model_fingerprint(model), request, features)
 
     # ---- applying -------------------------------------------------------------------------------
 
@@ -183,6 +207,9 @@ class Eraser:
         if check_fingerprint and self.fingerprint is not None:
             self._check_fingerprint(model_fingerprint(model))
         steered = [layers[i] for i in self.layer_indices]
+        if self.prompt_gate is not None:
+            return attach_prompt_steering(model, layers[self.prompt_gate.layer], steered, self.prompt_gate, self.r,
+                                          self.alpha, self.mode)
         return attach_steering(model, steered, self.u, self.r, self.alpha, self.floor, self.cap, self.mode)
 
     def _check_fingerprint(self, model_print: dict[str, Any]) -> None:
@@ -206,14 +233,17 @@ class Eraser:
                 raise ValueError(f"cannot combine erasers with different {name}: {mine!r} vs {theirs!r}")
         if self.fingerprint is not None and other.fingerprint is not None and self.fingerprint != other.fingerprint:
             raise ValueError("cannot combine erasers fitted on different models (fingerprints differ)")
+        if (self.prompt_gate is None) != (other.prompt_gate is None):
+            raise ValueError("cannot combine an eraser with a per-layer gate and one with a prompt gate")
         metadata = {"requests": self.requests() + other.requests()}
         fingerprint = self.fingerprint or other.fingerprint
         if fingerprint is not None:
             metadata["fingerprint"] = fingerprint
         return dataclasses.replace(
             self,
-            u=torch.cat([self.u, other.u]),
+            u=None if self.u is None else torch.cat([self.u, other.u]),
             r=torch.cat([self.r, other.r]),
+            prompt_gate=None if self.prompt_gate is None else self.prompt_gate.stack(other.prompt_gate),
             alpha=self.alpha + other.alpha,
             floor=self.floor + other.floor,
             cap=self.cap + other.cap,
@@ -237,8 +267,9 @@ class Eraser:
             metadata["fingerprint"] = self.fingerprint
         return dataclasses.replace(
             self,
-            u=self.u[keep],
+            u=None if self.u is None else self.u[keep],
             r=self.r[keep],
+            prompt_gate=None if self.prompt_gate is None else self.prompt_gate.select(keep),
             alpha=tuple(self.alpha[i] for i in keep),
             floor=tuple(self.floor[i] for i in keep),
             cap=tuple(self.cap[i] for i in keep),
@@ -260,13 +291,15 @@ class Eraser:
             "alpha": list(self.alpha),
             "gate_floor": [None if math.isinf(x) else x for x in self.floor],
             "gate_cap": [None if math.isinf(x) else x for x in self.cap],
+            "gate": None if self.prompt_gate is None else self.prompt_gate.header(),
             "metadata": self.metadata,
         }
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the artifact atomically: a reader sees the old file or the whole new one."""
         header = json.dumps(self.header(), allow_nan=False)
-        data = safetensors.torch.save({"u": self.u, "r": self.r}, metadata={METADATA_KEY: header})
+        tensors = {"r": self.r, **({"u": self.u} if self.u is not None else self.prompt_gate.tensors())}
+        data = safetensors.torch.save(tensors, metadata={METADATA_KEY: header})
         return atomic_write_bytes(path, data)
 
     @classmethod
@@ -282,19 +315,22 @@ class Eraser:
         except safetensors.SafetensorError as error:
             raise UserInputError(path, f"not a safetensors file ({error})") from None
         header = _parse_header(path, raw_metadata)
-        for name in ("u", "r"):
+        gate_header = header.get("gate")
+        dense = ("r",) if gate_header else ("u", "r")
+        for name in dense:
             if name not in tensors:
                 raise UserInputError(path, f"missing tensor {name!r}")
             if tensors[name].dtype != torch.float32:
                 raise UserInputError(path, f"tensor {name!r} is {tensors[name].dtype}, expected float32")
         try:
             expected = [header["num_terms"], len(header["layer_indices"]), header["hidden_size"]]
-            for name in ("u", "r"):
+            for name in dense:
                 if list(tensors[name].shape) != expected:
                     shape = list(tensors[name].shape)
                     raise UserInputError(path, f"tensor {name!r} has shape {shape}, expected {expected}")
             return cls(
-                u=tensors["u"],
+                u=None if gate_header else tensors["u"],
+                prompt_gate=PromptGate.from_parts(gate_header, tensors) if gate_header else None,
                 r=tensors["r"],
                 alpha=header["alpha"],
                 layer_indices=header["layer_indices"],

@@ -1,29 +1,35 @@
-"""Fitting an eraser: contrast sets -> activations -> sufficient statistics -> closed-form gates.
+"""Fitting an eraser: contrast sets -> activations -> sufficient statistics / pooled features -> closed forms.
 
 1. Knowledge-recall inputs: the forget questions, their images perturbed by PGD (the model's own gradient,
    L-inf budget, pixels kept in range, eval mode, no parameter touched) so the model recalls the fact as
    strongly as it can. Knowledge-erasure inputs: questions the model refuses (on the testbed, questions
-   about strangers) or any user-supplied set.
-2. Forget (gate target 1) and retain (gate target 0) inputs: the forget questions (clean and PGD) and the
-   retain questions (on a benchmark, less its validation hold-out, which only ever chooses settings).
-3. The last prompt token's block output at every decoder layer feeds float64 sufficient statistics
-   (`steering.SteeringStats`), then `steering.solve_gates` and `SteeringStats.direction` give (u_l, r_l).
-The equations are in steering.py; this module only gathers their inputs. The one call that runs it all is
-`Eraser.fit`.
+   about strangers) or any user-supplied set. Their last-prompt-token block outputs give the direction
+   r_l = mean(erasure) - mean(recall) (`steering.SteeringStats.direction`).
+2. The gate. Default, a prompt gate (`gating.py`): the pooled prompt feature at the decision layer of the
+   clean forget questions (fire) and of the retained questions (stay off) make a knn (or ridge) scorer; its
+   threshold is calibrated on held-out calibration prompts, people outside the fit (on a benchmark: its
+   validation hold-out), so that at most `max_fpr` of them pass. Those forwards stop at the decision layer.
+   `gate="paper"`: the paper's per-layer null-space gate on the last token (`steering.solve_gate_paper`),
+   from the Grams of every layer's last-token outputs of forget (clean and PGD) and retain questions.
+The equations are in steering.py and gating.py; this module only gathers their inputs. The one call that runs
+it all is `Eraser.fit`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
 import torch
 from tqdm import tqdm
 
 from ..errors import UserInputError
-from . import hooks, models, steering
+from . import gating, hooks, models, steering
 from .eraser import Eraser
 from .inputs import QAItem
+
+GATES = ("knn", "ridge", "paper")
 
 
 @dataclass(frozen=True)
@@ -35,20 +41,34 @@ class PGDSettings:
 
 @dataclass(frozen=True)
 class FitSettings:
-    # Defaults chosen on the testbed's retain validation hold-out only (README, "Results").
-    solver: str = "ridge"  # "ridge" (soft null space, our default) or "paper" (hard null-space projection)
+    # Defaults chosen on the testbed's validation people only (README, "Selective erasure").
+    gate: str = "knn"  # "knn" (default), "ridge" (linear, on the pooled prompt), "paper" (per-layer, last token)
+    pooling: str = "mean"  # prompt gates: "mean" (attention-masked mean over the prompt) or "last"
+    decision_layer: int = 1  # prompt gates: the decoder layer whose output decides; steering from there on
+    neighbours: int = 1  # knn: similarities averaged over this many nearest forget (and retain) prompts
+    max_fpr: float = 0.01  # prompt gates: the fraction of calibration prompts the threshold lets through
     ratio: float = 0.3  # paper: fraction of retain eigen-directions kept as the null space
     gamma: float = 0.1  # paper: ridge on the projected system
     beta: float = 16.0  # ridge: retain weight per sample relative to forget
-    lam: float = 1e-5  # ridge: L2 penalty relative to the mean eigenvalue (identity directions have little variance)
+    lam: float = 1e-5  # ridge: L2 penalty relative to the mean eigenvalue
     alpha: float = 1.0  # steering strength (positive erases: r points from recall to erasure)
-    layers: tuple[int, ...] | None = None  # steered decoder layers; None: 1..L-1 as in the paper
-    floor: float = 0.7  # gate shaping (steering.shape_gate): gates below the floor are 0, above the cap clipped
-    cap: float = 1.0
-    normalise_gate: bool = True  # rescale u_l so the mean gate over forget inputs is 1 (see solve_eraser)
+    layers: tuple[int, ...] | None = None  # steered decoder layers; None: decision_layer..L-1 (paper: 1..L-1)
+    floor: float = -math.inf  # paper gate shaping (steering.shape_gate): below the floor 0, above the cap clipped
+    cap: float = math.inf
+    normalise_gate: bool = False  # paper: rescale u_l so the mean gate over forget inputs is 1
     mode: str = "prefill"
     pgd: PGDSettings = field(default_factory=PGDSettings)
     batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.gate not in GATES:
+            raise UserInputError(None, f"gate must be one of {GATES}, got {self.gate!r}")
+        if self.pooling not in gating.POOLINGS:
+            raise UserInputError(None, f"pooling must be one of {gating.POOLINGS}, got {self.pooling!r}")
+        if not 0.0 <= self.max_fpr < 1.0:
+            raise UserInputError(None, f"max_fpr must be in [0, 1), got {self.max_fpr}")
+        if self.neighbours < 1:
+            raise UserInputError(None, f"neighbours must be >= 1, got {self.neighbours}")
 
 
 def pgd_images(model, processor, items: Sequence[QAItem], settings: PGDSettings) -> torch.Tensor:
@@ -81,54 +101,118 @@ def pgd_images(model, processor, items: Sequence[QAItem], settings: PGDSettings)
     return adversarial.detach()
 
 
-def collect(model, processor, layers, items: Sequence[QAItem], stats: steering.SteeringStats, groups: Sequence[str],
-            batch_size: int, desc: str, pgd: PGDSettings | None = None, progress: bool = True) -> None:
-    """Feed the last-prompt-token block outputs of `items` into `stats` under each of `groups`. With `pgd`,
-    image questions are first perturbed (the knowledge-recall inputs)."""
+def collect(model, processor, layers, items: Sequence[QAItem], stats: steering.SteeringStats | None,
+            groups: Sequence[str], batch_size: int, desc: str, pgd: PGDSettings | None = None, progress: bool = True,
+            pooled_layer: int | None = None, pooling: str = "mean") -> torch.Tensor | None:
+    """Feed the last-prompt-token block outputs of `items` at `layers` into `stats` under each of `groups`;
+    with `pooled_layer`, also return the pooled prompt features of that entry of `layers` [N, d] (in the
+    order of `models.batches`, grouped by modality and task). With `pgd`, image questions are first perturbed
+    (the knowledge-recall inputs). The forwards stop after the last of `layers`."""
+    pooled = []
     for indices in tqdm(models.batches(items, batch_size), desc=desc, disable=not progress, unit="batch", leave=False):
         chunk = [items[i] for i in indices]
         batch = models.encode_prompts(processor, chunk)
         if pgd is not None and chunk[0].modality == "image" and pgd.steps > 0:
             batch["pixel_values"] = pgd_images(model, processor, chunk, pgd)
-        acts = hooks.capture_last_token(model, layers, **models.forward_inputs(model, batch))
+        acts, features = hooks.capture(model, layers, pooled_layer, pooling, **models.forward_inputs(model, batch))
         for group in groups:
             stats.update(group, acts)
+        if features is not None:
+            pooled.append(features)
+    return torch.cat(pooled) if pooled else None
 
 
 def fit_statistics(model, processor, *, forget: Sequence[QAItem], retain: Sequence[QAItem], erasure: Sequence[QAItem],
-                   settings: FitSettings, layers_path: str | None = None,
-                   progress: bool = True) -> tuple[steering.SteeringStats, str]:
-    """The activations part: every contrast set through the model into one SteeringStats; also returns the
-    decoder-layer path the statistics were taken at."""
+                   settings: FitSettings, calibration: Sequence[QAItem] | None = None, layers_path: str | None = None,
+                   progress: bool = True) -> tuple[steering.SteeringStats, str, dict[str, torch.Tensor]]:
+    """The activations part: the contrast sets through the model into one SteeringStats (recall and erasure
+    sums; forget and retain Grams for the paper gate), and, for a prompt gate, the pooled features of the
+    forget, retain and calibration prompts at the decision layer. Also returns the decoder-layer path."""
     names, layers = hooks.find_decoder_layers(model, layers_path)
     path = names[0].rsplit(".", 1)[0]
     stats = steering.SteeringStats(len(layers), model.config.get_text_config().hidden_size)
     bs = settings.batch_size
-    collect(model, processor, layers, forget, stats, ("recall", "forget"), bs, "recall (PGD)", settings.pgd, progress)
-    collect(model, processor, layers, forget, stats, ("forget",), bs, "forget", None, progress)
+    features: dict[str, torch.Tensor] = {}
+    if settings.gate == "paper":
+        collect(model, processor, layers, forget, stats, ("recall", "forget"), bs, "recall (PGD)", settings.pgd, progress)
+        collect(model, processor, layers, forget, stats, ("forget",), bs, "forget", None, progress)
+        collect(model, processor, layers, retain, stats, ("retain",), bs, "retain", None, progress)
+    else:
+        decision = settings.decision_layer
+        if not 0 <= decision < len(layers):
+            raise UserInputError(None, f"decision_layer must be a decoder layer 0..{len(layers) - 1}, got {decision}")
+        upto = layers[: decision + 1]  # the gate's inputs need no layer after the decision layer
+
+        def pooled(items: Sequence[QAItem], desc: str) -> torch.Tensor:
+            return collect(model, processor, upto, items, None, (), bs, desc, None, progress, decision, settings.pooling)
+
+        collect(model, processor, layers, forget, stats, ("recall",), bs, "recall (PGD)", settings.pgd, progress)
+        features["forget"] = pooled(forget, "forget")
+        features["retain"] = pooled(retain, "retain")
+        if calibration:
+            features["calibration"] = pooled(calibration, "calibration")
     collect(model, processor, layers, erasure, stats, ("erasure",), bs, "erasure", None, progress)
-    collect(model, processor, layers, retain, stats, ("retain",), bs, "retain", None, progress)
-    return stats, path
+    return stats, path, features
+
+
+def fit_prompt_gate(features: dict[str, torch.Tensor], settings: FitSettings) -> tuple[gating.PromptGate, dict]:
+    """The prompt gate from pooled features, its threshold calibrated (see gating.calibrate), and a record of
+    the calibration for the eraser's metadata."""
+    forget, retain = features["forget"], features["retain"]
+    if settings.gate == "knn":
+        gate = gating.fit_knn(forget, retain, settings.pooling, settings.decision_layer, settings.neighbours)
+    else:
+        gate = gating.fit_ridge(forget, retain, settings.pooling, settings.decision_layer, settings.beta, settings.lam)
+    if "calibration" in features:
+        scores, source = gate.scores(features["calibration"])[:, 0], "held-out calibration prompts"
+    elif settings.gate == "knn":
+        scores, source = gating.leave_one_out_retain_scores(gate), "retain prompts, each left out of the bank"
+    else:
+        scores, source = gate.scores(retain)[:, 0], "retain prompts (in-sample)"
+    tau, fpr = gating.calibrate(scores, settings.max_fpr)
+    record = {"threshold": tau, "max_fpr": settings.max_fpr, "calibration_fpr": fpr,
+              "calibration_prompts": int(scores.numel()), "calibration_source": source,
+              "forget_fire_rate": float((gate.scores(forget)[:, 0] > tau).double().mean())}
+    return replace(gate, threshold=[tau], _device_cache={}), record
 
 
 def solve_eraser(stats: steering.SteeringStats, settings: FitSettings, layers_path: str, fingerprint: dict,
-                 request: str = "forget") -> Eraser:
+                 request: str = "forget", features: dict[str, torch.Tensor] | None = None) -> Eraser:
     """The closed-form part: gates and directions for the steered layers, packed as an Eraser."""
-    params = ({"ratio": settings.ratio, "gamma": settings.gamma} if settings.solver == "paper"
-              else {"beta": settings.beta, "lam": settings.lam})
-    gates = steering.solve_gates(stats, settings.solver, **params)
+    direction = stats.direction()
+    first = settings.decision_layer if settings.gate != "paper" else 1
+    steered = list(settings.layers) if settings.layers is not None else list(range(first, stats.num_layers))
+    if not steered or any(not first <= i < stats.num_layers for i in steered):
+        raise UserInputError(None, f"--layers must name decoder layers {first}..{stats.num_layers - 1}, got {steered}")
+    fit_record = {k: v for k, v in asdict(settings).items() if k not in ("floor", "cap", "alpha")}
+    request_meta = {"name": request, "counts": dict(stats.counts), "fit": fit_record}
+    common = dict(r=direction[steered].float(), alpha=settings.alpha, layer_indices=steered, layers_path=layers_path,
+                  hidden_size=stats.hidden_size, mode=settings.mode)
+    if settings.gate != "paper":
+        gate, record = fit_prompt_gate(features, settings)
+        request_meta["counts"].update({group: int(t.shape[0]) for group, t in features.items()})
+        request_meta["gate"] = record
+        return Eraser(u=None, prompt_gate=gate, metadata={"fingerprint": fingerprint, "requests": [request_meta]},
+                      **common)
+    gates = steering.solve_gates(stats, "paper", ratio=settings.ratio, gamma=settings.gamma)
     if settings.normalise_gate:
-        # The least-squares target on forget inputs is 1, but how close the solution gets depends on beta and
-        # lam; rescaling so the forget mean is exactly 1 gives alpha, floor and cap one meaning across settings.
+        # Rescaling so the forget mean is exactly 1 gives alpha, floor and cap one meaning across settings.
         forget_means = torch.stack([stats.sums["forget"][l] @ gates[l] for l in range(stats.num_layers)]) / stats.counts["forget"]
         gates = gates / forget_means[:, None]
-    direction = stats.direction()
-    steered = list(settings.layers) if settings.layers is not None else list(range(1, stats.num_layers))
-    if not steered or any(not 0 <= i < stats.num_layers for i in steered):
-        raise UserInputError(None, f"--layers must name decoder layers 0..{stats.num_layers - 1}, got {steered}")
-    meta = {"fingerprint": fingerprint,
-            "requests": [{"name": request, "counts": dict(stats.counts),
-                          "fit": {**{k: v for k, v in asdict(settings).items() if k not in ("floor", "cap", "alpha")}}}]}
-    return Eraser(u=gates[steered].float(), r=direction[steered].float(), alpha=settings.alpha,
-                  layer_indices=steered, layers_path=layers_path, hidden_size=stats.hidden_size,
-                  mode=settings.mode, floor=settings.floor, cap=settings.cap, metadata=meta)
+    return Eraser(u=gates[steered].float(), floor=settings.floor, cap=settings.cap,
+                  metadata={"fingerprint": fingerprint, "requests": [request_meta]}, **common)
+
+
+def gate_scores(model, processor, eraser: Eraser, items: Sequence[QAItem], batch_size: int = 64) -> torch.Tensor:
+    """What the eraser's gate reads for each of `items`, [N, K] in item order, with nothing attached: a prompt
+    gate's scores s_k (it fires where s_k > threshold_k), or a per-layer gate's value h_last . u_k at its first
+    steered layer. Forwards stop at the layer the gate reads."""
+    names, layers = hooks.find_decoder_layers(model, eraser.layers_path)
+    gate = eraser.prompt_gate
+    read = gate.layer if gate is not None else eraser.layer_indices[0]
+    out = torch.empty(len(items), eraser.num_terms)
+    for indices in models.batches(items, batch_size):
+        batch = models.forward_inputs(model, models.encode_prompts(processor, [items[i] for i in indices]))
+        last, pooled = hooks.capture(model, layers[: read + 1], read, gate.pooling if gate else "last", **batch)
+        out[indices] = (gate.scores(pooled) if gate is not None else last[:, read] @ eraser.u[:, 0].T).cpu()
+    return out
