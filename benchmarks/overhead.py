@@ -2,32 +2,49 @@
 
 1. The testbed model (built or reused from the cache), with an eraser fitted on its 10% forget request.
 2. A random-weight LlavaForConditionalGeneration whose language decoder has LLaVA-1.5-7B's width
-   (d=4096, 32 heads, MLP 11008, vocab 32000) and a few layers (`--layers`), the eraser on every layer.
-Prints the ratio attached / vanilla of median wall times (interleaved repeats). Target: <= 1.03.
-Run: python benchmarks/overhead.py [--layers 4] [--repeats 5] [--skip-testbed]
+   (d=4096, 32 heads, MLP 11008, vocab 32000) and a few layers (`--layers`), with two erasers in turn:
+   - the paper's per-layer gate on every layer;
+   - the default prompt gate (knn), deciding at layer 1 and steering layers 1..L-1. Its banks have
+     MLLMU-Bench's 10% scale: `--forget-prompts` forget and `--retain-prompts` retain prompts, float16. Its
+     threshold is -inf, so it always fires: the worst case.
+Prints the ratio attached / vanilla of median wall times (interleaved repeats) and the knn eraser's artifact
+size. Target: <= 1.03.
+Run: python benchmarks/overhead.py [--layers 4] [--repeats 9] [--skip-testbed]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from mllmeraser.bench import measure
+from mllmeraser.core import gating
 from mllmeraser.core.eraser import Eraser, model_fingerprint
 from mllmeraser.core.hooks import find_decoder_layers
 
 
-def random_eraser(model, layer_indices, alpha=0.5, seed=0) -> Eraser:
+def random_eraser(model, layer_indices, alpha=0.5, seed=0, bank: tuple[int, int] | None = None) -> Eraser:
+    """Random terms: a per-layer gate, or with `bank` = (forget, retain) prompts a knn prompt gate deciding at
+    the first of `layer_indices` that always fires."""
     names, layers = find_decoder_layers(model)
     d = model.config.get_text_config().hidden_size
     g = torch.Generator().manual_seed(seed)
-    u = torch.randn(len(layer_indices), d, generator=g) / d
     r = torch.randn(len(layer_indices), d, generator=g)
-    return Eraser(u=u, r=r, alpha=alpha, layer_indices=layer_indices, layers_path=names[0].rsplit(".", 1)[0],
-                  hidden_size=d, metadata={"fingerprint": model_fingerprint(model)})
+    common = dict(r=r, alpha=alpha, layer_indices=layer_indices, layers_path=names[0].rsplit(".", 1)[0], hidden_size=d,
+                  metadata={"fingerprint": model_fingerprint(model)})
+    if bank is None:
+        return Eraser(u=torch.randn(len(layer_indices), d, generator=g) / d, **common)
+    gate = gating.fit_knn(torch.randn(bank[0], d, generator=g), torch.randn(bank[1], d, generator=g), "mean",
+                          layer_indices[0])
+    gate = gating.PromptGate(**{**gate.header(), "threshold": [-math.inf]},
+                             **{k.removeprefix("gate."): v for k, v in gate.tensors().items()})
+    return Eraser(u=None, prompt_gate=gate, **common)
 
 
 def time_generation(model, eraser: Eraser, inputs: dict, new_tokens: int, repeats: int) -> tuple[float, float, float]:
@@ -56,7 +73,7 @@ def testbed_case(repeats: int) -> None:
           f"vanilla {base * 1000:.0f} ms, attached {treated * 1000:.0f} ms, ratio {ratio:.3f}")
 
 
-def wide_case(num_layers: int, repeats: int, prompt_tokens: int, new_tokens: int, batch: int) -> None:
+def wide_case(num_layers: int, repeats: int, prompt_tokens: int, new_tokens: int, batch: int, bank: tuple[int, int]) -> None:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(0)
@@ -66,13 +83,19 @@ def wide_case(num_layers: int, repeats: int, prompt_tokens: int, new_tokens: int
                               image_size=28, patch_size=14)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000)
     model = LlavaForConditionalGeneration(config).eval()
-    eraser = random_eraser(model, list(range(num_layers)))
     input_ids = torch.randint(0, 32000, (batch, prompt_tokens))
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    ratio, base, treated = time_generation(model, eraser, inputs, new_tokens, repeats)
-    print(f"random LLaVA-1.5-7B-width decoder (d=4096, {num_layers} layers, all steered), batch {batch} x "
-          f"{prompt_tokens} prompt + {new_tokens} new tokens: vanilla {base * 1000:.0f} ms, attached {treated * 1000:.0f} ms, "
-          f"ratio {ratio:.3f}")
+    shape = f"random LLaVA-1.5-7B-width decoder (d=4096, {num_layers} layers), batch {batch} x {prompt_tokens} prompt + {new_tokens} new tokens"
+    for name, eraser in (("paper per-layer gate, every layer", random_eraser(model, list(range(num_layers)))),
+                         (f"knn prompt gate at layer 1 ({bank[0]} + {bank[1]} bank rows), layers 1..{num_layers - 1}",
+                          random_eraser(model, list(range(1, num_layers)), bank=bank))):
+        ratio, base, treated = time_generation(model, eraser, inputs, new_tokens, repeats)
+        print(f"{shape}, {name}: vanilla {base * 1000:.0f} ms, attached {treated * 1000:.0f} ms, ratio {ratio:.3f}")
+        if eraser.prompt_gate is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                size = eraser.save(Path(tmp) / "e.safetensors").stat().st_size
+            print(f"  knn eraser artifact at d=4096: {size / 2**20:.1f} MiB "
+                  f"({(bank[0] + bank[1]) * 4096 * 2 / 2**20:.1f} MiB of it the float16 banks)")
 
 
 def main() -> int:
@@ -80,11 +103,14 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--skip-testbed", action="store_true")
+    parser.add_argument("--forget-prompts", type=int, default=1000, help="knn forget bank rows (MLLMU-Bench 10%%: ~1k)")
+    parser.add_argument("--retain-prompts", type=int, default=9000, help="knn retain bank rows (retain_90: ~9k)")
     args = parser.parse_args()
     started = time.perf_counter()
     if not args.skip_testbed:
         testbed_case(args.repeats)
-    wide_case(args.layers, args.repeats, prompt_tokens=600, new_tokens=20, batch=1)
+    wide_case(args.layers, args.repeats, prompt_tokens=600, new_tokens=20, batch=1,
+              bank=(args.forget_prompts, args.retain_prompts))
     print(f"({time.perf_counter() - started:.0f}s)")
     return 0
 

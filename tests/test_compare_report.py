@@ -17,7 +17,7 @@ from mllmeraser.bench import compare
 def compared(testbed_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     settings = compare.CompareSettings(methods=("vanilla", "eraser", "ga"), baseline_lrs=(3e-4,), baseline_epochs=2,
-                                       curve_scales=(0.5, 1.0), overhead_prompts=8)
+                                       curve_scales=(0.5, 1.0))
     summary = compare.run_compare(testbed_dir / "model", testbed_dir / "data", out, settings, progress=False)
     return summary, out
 
@@ -30,6 +30,14 @@ def test_compare_writes_every_artifact(compared):
     assert [m["name"] for m in on_disk["methods"]] == ["vanilla", "eraser", "ga"]
     table = (out / "results.md").read_text()
     assert table.count("\n") == 2 + 3 and "| eraser |" in table
+    # before/after examples: each one's portrait is written beside the report, with every method's answer
+    assert on_disk["examples"], "no before/after examples"
+    for example in on_disk["examples"]:
+        assert example["split"] in compare.EXAMPLE_SPLITS and example["question"]
+        assert (out / example["image"]).is_file() and (out / example["image"]).stat().st_size > 0, example["image"]
+        assert list(example["answers"]) == ["vanilla", "eraser"]
+    page = (out / "report.html").read_text()
+    assert "Before and after" in page and "Gate" in page
 
 
 def compare_plots():
@@ -43,11 +51,30 @@ def test_compare_measures_every_method_on_the_same_splits(compared):
     assert set(vanilla["results"]) == set(eraser["results"]) == set(ga["results"])
     assert eraser["fit_seconds"] > 0 and ga["fit_seconds"] > 0 and eraser["peak_extra_mib"] >= 0
     assert len(eraser["curve"]) == 2 and [(p["lr"], p["x"]) for p in ga["curve"]] == [(3e-4, 1), (3e-4, 2)]
-    assert eraser["generation_overhead"] > 0 and math.isfinite(eraser["generation_overhead"])
+    assert "generation_overhead" not in eraser and "eraser_strength" not in summary
     # the chosen strength is the largest whose validation accuracy stays >= RETAIN_KEEP x vanilla (else the smallest)
-    bar = compare.RETAIN_KEEP * summary["vanilla_retain_val_classification"]
-    keepers = [p["x"] for p in eraser["curve"] if compare.classification(p["retain_val"]) >= bar]
+    bar = compare.RETAIN_KEEP * summary["vanilla_validation_classification"]
+    keepers = [p["x"] for p in eraser["curve"] if compare.classification(p["validation"]) >= bar]
     assert eraser["settings"]["alpha"] == (max(keepers) if keepers else min(p["x"] for p in eraser["curve"]))
+
+
+def test_compare_reports_the_gate_of_every_eraser(compared):
+    summary, _ = compared
+    vanilla = summary["methods"][0]
+    for m in summary["methods"]:
+        if m["name"] not in compare.ERASER_METHODS:
+            assert m["gate"] is None, m["name"]
+            continue
+        gate = m["gate"]
+        assert 0.0 <= gate["auroc"] <= 1.0, gate["auroc"]
+        # scores on every report split and on the validation people
+        assert set(gate["scores"]) == set(vanilla["results"]) | {"validation"}
+        assert all(gate["scores"][s] for s in gate["scores"]), {s: len(v) for s, v in gate["scores"].items()}
+        if m["settings"]["gate"] == "paper":  # the paper's per-layer gate has no prompt threshold
+            assert gate["fire_rate"] is None and gate["threshold"] is None
+        else:
+            assert all(0.0 <= gate["fire_rate"][s] <= 1.0 for s in gate["scores"]), gate["fire_rate"]
+            assert gate["threshold"] and all(map(math.isfinite, gate["threshold"]))
 
 
 def render_dom(html_path, profile) -> str:
@@ -67,10 +94,11 @@ def test_report_renders_with_its_images_in_chromium(compared, tmp_path):
     match = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
     assert match, dom[:500]
     loaded, total = map(int, match.groups())
-    assert total == len(compare_plots()) and loaded == total
-    # a report whose plots went missing says so
+    examples = json.loads((out / "results.json").read_text())["examples"]
+    assert total == len(compare_plots()) + len(examples) and loaded == total
+    # a report whose plots and portraits went missing says so
     broken = tmp_path / "broken"
     broken.mkdir()
     shutil.copy(out / "report.html", broken / "report.html")
     dom = render_dom(broken / "report.html", tmp_path / "profile2")
-    assert 'data-images-loaded="0/3"' in dom and "failed to load" in dom
+    assert f'data-images-loaded="0/{total}"' in dom and "failed to load" in dom

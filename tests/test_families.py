@@ -293,23 +293,33 @@ def test_pgd_images_stays_in_budget_lowers_loss_and_touches_no_parameter(family,
 
 # ---- a whole fit --------------------------------------------------------------------------------------------
 
-def test_fit_eraser_end_to_end(family):
+@pytest.mark.parametrize("gate", ["knn", "paper"])
+def test_fit_eraser_end_to_end(family, gate):
     forget = tiny_families.make_items(0, 2)
     retain = tiny_families.make_items(2, 2)
     erasure = [QAItem(i.subject_id, i.task, i.modality, i.question, prompts.REFUSAL_ANSWER, i.options, i.image)
                for i in tiny_families.make_items(4, 2) if i.task != "classification"]
-    settings = fitting.FitSettings(pgd=fitting.PGDSettings(steps=2), batch_size=8)
+    settings = fitting.FitSettings(gate=gate, pgd=fitting.PGDSettings(steps=2), batch_size=8)
     eraser = Eraser.fit(family.model, family.processor, forget=forget, retain=retain, erasure=erasure, settings=settings,
                         progress=False)
     num_layers, d = len(family.layers), family.text_config.hidden_size
-    assert eraser.u.shape == eraser.r.shape == (1, num_layers - 1, d)
-    assert eraser.layer_indices == tuple(range(1, num_layers))
+    assert eraser.r.shape == (1, num_layers - 1, d)
+    assert eraser.layer_indices == tuple(range(1, num_layers))  # the paper's 1..L-1; the prompt gate decides at 1
     assert eraser.layers_path == "model.language_model.layers"
-    assert bool(torch.isfinite(eraser.u).all()) and bool(torch.isfinite(eraser.r).all())
+    assert bool(torch.isfinite(eraser.r).all())
     assert eraser.fingerprint["model_type"] == family.name
     counts = eraser.metadata["requests"][0]["counts"]
-    assert counts["recall"] == len(forget) and counts["forget"] == 2 * len(forget)
-    assert counts["retain"] == len(retain) and counts["erasure"] == len(erasure)
+    assert counts["recall"] == len(forget) and counts["erasure"] == len(erasure)
+    if gate == "paper":
+        assert eraser.u.shape == eraser.r.shape and bool(torch.isfinite(eraser.u).all())
+        assert counts["forget"] == 2 * len(forget) and counts["retain"] == len(retain)
+    else:
+        assert eraser.u is None and eraser.prompt_gate.layer == 1
+        assert counts["forget"] == len(forget) and counts["retain"] == len(retain)
+        assert eraser.prompt_gate.forget_bank.shape == (len(forget), d)
+        record = eraser.requests()[0]["gate"]
+        assert record["calibration_prompts"] == len(retain) and record["calibration_fpr"] <= settings.max_fpr
+        assert record["forget_fire_rate"] == 1.0  # every fitted forget prompt is its own nearest neighbour
     batch = models.encode_prompts(family.processor, select(forget, "image"))
     clean = last_logits(family.model, batch)
     with eraser.with_alpha(50.0).attach(family.model):

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--neighbours", type=int, default=FitSettings.neighbours)
     fit.add_argument("--max-fpr", type=float, default=FitSettings.max_fpr,
                      help="the fraction of calibration prompts the gate's threshold lets through")
+    fit.add_argument("--min-ratio", type=float, default=FitSettings.min_ratio,
+                     help="knn: fire only where the nearest forget prompt is at least this many times nearer than "
+                     "the nearest retained one (a floor under the calibrated threshold)")
     fit.add_argument("--alpha", type=float, default=FitSettings.alpha)
     fit.add_argument("--ratio", type=float, default=FitSettings.ratio)
     fit.add_argument("--gamma", type=float, default=FitSettings.gamma)
@@ -166,7 +169,7 @@ def cmd_eval(args) -> int:
 def fit_settings(args) -> FitSettings:
     layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
     return FitSettings(gate=args.gate, pooling=args.pooling, decision_layer=args.decision_layer,
-                       neighbours=args.neighbours, max_fpr=args.max_fpr, ratio=args.ratio, gamma=args.gamma, beta=args.beta, lam=args.lam,
+                       neighbours=args.neighbours, max_fpr=args.max_fpr, min_ratio=args.min_ratio, ratio=args.ratio, gamma=args.gamma, beta=args.beta, lam=args.lam,
                        alpha=args.alpha, layers=layers, floor=args.floor, cap=args.cap, mode=args.mode,
                        pgd=PGDSettings(args.pgd_eps / 255, args.pgd_step / 255, args.pgd_steps))
 

@@ -8,7 +8,8 @@ import math
 from pathlib import Path
 
 from ..errors import atomic_write_bytes, atomic_write_text
-from .data import REPORT_SPLITS
+from .data import REPORT_SPLITS, VALIDATION_SPLIT
+
 COLUMNS = [  # (header, split, metric key or aggregate)
     ("forget cls img", "forget", "classification_image"), ("forget cls txt", "forget", "classification_text"),
     ("forget cloze", "forget", "cloze"), ("forget R-L", "forget", "rougeL"),
@@ -17,7 +18,9 @@ COLUMNS = [  # (header, split, metric key or aggregate)
     ("real cls", "real", "classification"), ("real R-L", "real", "rougeL"),
     ("general cls", "general", "classification"), ("unknown refusal", "unknown", "refusal_rate"),
 ]
-PLOTS = ("tradeoff_classification.png", "tradeoff_rougeL.png", "splits.png")
+PLOTS = ("tradeoff_classification.png", "tradeoff_rougeL.png", "splits.png", "gate_scores.png")
+GATE_SPLITS = REPORT_SPLITS + (VALIDATION_SPLIT,)  # the gate table's columns and the gate plot's rows, in order
+LEGEND = {"loc": "upper left", "bbox_to_anchor": (1.01, 1), "borderaxespad": 0, "fontsize": 6}  # outside the axes
 
 
 def metric(metrics: dict[str, float] | None, key: str) -> float:
@@ -34,14 +37,16 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _finite(values) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(v)]
+
+
 def table_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["method"] + [c[0] for c in COLUMNS] + ["fit s", "peak MiB", "gen. overhead"]
+    header = ["method"] + [c[0] for c in COLUMNS] + ["fit s", "peak MiB"]
     rows = []
     for m in summary["methods"]:
         cells = [m["name"]] + [_fmt(metric(m["results"].get(split), key)) for _, split, key in COLUMNS]
-        overhead = m.get("generation_overhead")
-        cells += [_fmt(m.get("fit_seconds"), 1), _fmt(m.get("peak_extra_mib"), 0),
-                  "-" if overhead is None else f"{(overhead - 1) * 100:+.1f}%"]
+        cells += [_fmt(m.get("fit_seconds"), 1), _fmt(m.get("peak_extra_mib"), 0)]
         rows.append(cells)
     return header, rows
 
@@ -53,12 +58,35 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot_tradeoff(summary: dict, key: str, label: str, path: Path) -> None:
+def gated_methods(summary: dict) -> list[dict]:
+    """The methods with gate diagnostics (the erasers), in report order."""
+    return [m for m in summary["methods"] if m.get("gate")]
+
+
+def gate_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per eraser: held-out AUROC, the fraction of prompts the gate turns on per split, the threshold."""
+    header = ["method", "held-out AUROC"] + [f"fires on {s}" for s in GATE_SPLITS] + ["threshold"]
+    rows = []
+    for m in gated_methods(summary):
+        gate = m["gate"]
+        fire = gate.get("fire_rate") or {}
+        threshold = gate.get("threshold")
+        cells = [m["name"], _fmt(gate.get("auroc"))] + [_fmt(fire.get(s)) for s in GATE_SPLITS]
+        cells.append("-" if threshold is None else ", ".join(f"{t:.4g}" for t in threshold))
+        rows.append(cells)
+    return header, rows
+
+
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=110)
+
+def _plot_tradeoff(summary: dict, key: str, label: str, path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8.4, 4.8), dpi=110)
     for m in summary["methods"]:
         name = m["name"]
         point = (metric(m["results"].get("forget"), key), metric(m["results"].get("retain"), key))
@@ -82,20 +110,16 @@ def _plot_tradeoff(summary: dict, key: str, label: str, path: Path) -> None:
     ax.set_ylabel(f"retain {label} (higher is better)")
     ax.set_title(f"Forget vs retain: {label} (stars: chosen settings)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="lower left", ncol=2)
-    fig.tight_layout()
+    ax.legend(**LEGEND)
     _save(fig, path)
 
 
 def _plot_splits(summary: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     splits = [s for s in REPORT_SPLITS[:-1] if any(s in m["results"] for m in summary["methods"])]
     methods = summary["methods"]
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 4.2), dpi=110)
     for index, m in enumerate(methods):
         values = [metric(m["results"].get(s), "classification") for s in splits]
         ax.bar([i + index * width for i in range(len(splits))], [0 if math.isnan(v) else v for v in values],
@@ -104,7 +128,55 @@ def _plot_splits(summary: dict, path: Path) -> None:
     ax.set_ylabel("classification accuracy")
     ax.set_ylim(0, 1.05)
     ax.set_title("Per-split classification accuracy (image and text averaged)")
-    ax.legend(fontsize=7, ncol=4)
+    ax.legend(**{**LEGEND, "fontsize": 7})
+    _save(fig, path)
+
+
+def _plot_gate(summary: dict, path: Path) -> None:
+    """Per eraser, the distribution of its gate score on each split (box and points, one row per split) and
+    its threshold(s): a prompt whose score lies right of the line turns the steering on."""
+    plt = _pyplot()
+    methods = gated_methods(summary)
+    if not methods:
+        fig, ax = plt.subplots(figsize=(6, 1.2), dpi=110)
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no eraser in this run: no gate to show", ha="center", va="center")
+        _save(fig, path)
+        return
+    fig, axes = plt.subplots(len(methods), 1, figsize=(9, 0.45 * len(GATE_SPLITS) * len(methods) + 1.0),
+                             dpi=110, squeeze=False)
+    for ax, m in zip(axes[:, 0], methods):
+        gate = m["gate"]
+        scores = gate.get("scores") or {}
+        fire = gate.get("fire_rate") or {}
+        splits = [s for s in GATE_SPLITS if s in scores] + [s for s in scores if s not in GATE_SPLITS]
+        data = [_finite(scores[s]) for s in splits]
+        rows = list(range(len(splits)))[::-1]  # the first split on top
+        shown = [(d, r) for d, r in zip(data, rows) if d]
+        if shown:
+            ax.boxplot([d for d, _ in shown], positions=[r for _, r in shown], vert=False, widths=0.6,
+                       showfliers=False, medianprops={"color": "black"}, boxprops={"color": "0.4"},
+                       whiskerprops={"color": "0.4"}, capprops={"color": "0.4"})
+        for index, (values, row) in enumerate(zip(data, rows)):
+            jitter = [row + 0.25 * (((i * 0.6180339887) % 1.0) - 0.5) for i in range(len(values))]
+            ax.scatter(values, jitter, s=5, alpha=0.5, color=f"C{index % 10}", linewidths=0, zorder=3)
+        labels = []
+        for split, values in zip(splits, data):
+            rate = fire.get(split)
+            labels.append(f"{split} (n={len(values)}" + ("" if rate is None else f", fires {rate:.0%}") + ")")
+        ax.set_yticks(rows, labels, fontsize=7)
+        ax.set_ylim(-0.7, len(splits) - 0.3)
+        for k, tau in enumerate(_finite(gate.get("threshold") or [])):
+            ax.axvline(tau, color="crimson", ls="--", lw=1.2, label="threshold" if k == 0 else None)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(**LEGEND)
+        auroc = gate.get("auroc")
+        ax.set_title(f"{m['name']}: gate score per split (held-out AUROC {_fmt(auroc)}"
+                     + ("; per-layer gate, no prompt threshold" if gate.get("threshold") is None else "") + ")",
+                     fontsize=9)
+        ax.set_xlabel("gate score (max over the gate's terms)", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     _save(fig, path)
 
@@ -113,7 +185,7 @@ def _save(fig, path: Path) -> None:
     import io
     import matplotlib.pyplot as plt
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    fig.savefig(buffer, format="png", bbox_inches="tight")  # legends sit outside the axes: keep them in the PNG
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
 
@@ -127,18 +199,64 @@ window.addEventListener('load', function () {
   if (loaded < images.length) {
     var warning = document.createElement('p');
     warning.className = 'warning';
-    warning.textContent = (images.length - loaded) + ' image(s) failed to load: keep the PNG files beside report.html.';
+    warning.textContent = (images.length - loaded) + ' image(s) failed to load: keep the PNG files (and examples/) beside report.html.';
     document.body.insertBefore(warning, document.body.firstChild);
   }
 });
 </script>"""
 
 
-def render_html(summary: dict) -> str:
-    header, rows = table_rows(summary)
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
     table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
     table += "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    table += "</table>"
+    return table + "</table>"
+
+
+def _gate_section(summary: dict) -> str:
+    header, rows = gate_rows(summary)
+    if not rows:
+        return "<h2>Gate</h2><p>No eraser in this run.</p>"
+    negatives = ", ".join(s for s in (VALIDATION_SPLIT, "real", "general", "unknown"))
+    return f"""<h2>Gate</h2>
+<p>Where each eraser's gate turns the steering on. Held-out AUROC: gate scores on the forget people in new renderings
+(test) against {negatives}. "fires on": the fraction of a split's prompts whose score passes the threshold (calibrated on
+the validation people); "-" for the paper's per-layer gate, which has no prompt threshold. The score distributions are in
+<code>gate_scores.png</code> below.</p>
+{_html_table(header, rows)}"""
+
+
+def _answer_names(summary: dict) -> list[str]:
+    """The answer columns: vanilla, then the methods in report order, then any others the examples carry."""
+    present: list[str] = []
+    for example in summary.get("examples") or []:
+        present += [name for name in example.get("answers", {}) if name not in present]
+    order = ["vanilla"] + [m["name"] for m in summary["methods"] if m["name"] != "vanilla"]
+    return [n for n in order if n in present] + [n for n in present if n not in order]
+
+
+def _examples_section(summary: dict) -> str:
+    examples = summary.get("examples") or []
+    if not examples:
+        return "<h2>Before and after</h2><p>No examples in this run.</p>"
+    names = _answer_names(summary)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["portrait", "split", "question", *names])
+    rows = []
+    for e in examples:
+        src = html.escape(e["image"], quote=True)
+        alt = html.escape(f"{e['split']} person {e.get('subject', '')}", quote=True)
+        cells = [f'<td><img class="portrait" src="{src}" alt="{alt}" width="96" height="96"></td>',
+                 f"<td>{html.escape(e['split'])}</td>", f"<td>{html.escape(e['question'])}</td>"]
+        cells += [f"<td>{html.escape(e.get('answers', {}).get(n, '-'))}</td>" for n in names]
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f"""<h2>Before and after</h2>
+<p>Each person's first image question, answered by the unmodified model (vanilla) and with each eraser attached
+(greedy decoding). Forget people should lose their answers; retain and real people should keep them.</p>
+<table class="examples"><tr>{head}</tr>{''.join(rows)}</table>"""
+
+
+def render_html(summary: dict) -> str:
+    header, rows = table_rows(summary)
+    table = _html_table(header, rows)
     settings = "".join(f"<li><b>{html.escape(m['name'])}</b>: <code>{html.escape(json.dumps(_short_settings(m)))}</code></li>"
                        for m in summary["methods"] if m.get("settings"))
     images = "".join(f'<figure><img src="{name}" alt="{name}"><figcaption>{name}</figcaption></figure>' for name in PLOTS)
@@ -146,13 +264,16 @@ def render_html(summary: dict) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>mllmeraser: unlearning comparison</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} td:first-child,th:first-child{{text-align:left}}
-figure{{display:inline-block;margin:1em}} img{{max-width:560px}} .warning{{color:#b00;font-weight:bold}}</style>
+figure{{display:inline-block;margin:1em}} figure img{{max-width:720px}} .warning{{color:#b00;font-weight:bold}}
+table.examples td{{text-align:left;vertical-align:top}} img.portrait{{width:96px;height:96px;image-rendering:pixelated}}</style>
 </head><body>
 <h1>Unlearning comparison</h1>
 <p>Model <code>{html.escape(summary['model'])}</code>, data <code>{html.escape(summary['data'])}</code>,
-forget ratio {summary['forget_ratio']}%. {_selection_text(summary)} Fit time, peak extra memory and generation
-overhead are measured in this run.</p>
+forget ratio {summary['forget_ratio']}%. {_selection_text(summary)} Fit time and peak extra memory are measured in
+this run.</p>
 {table}
+{_examples_section(summary)}
+{_gate_section(summary)}
 <h2>Plots</h2>
 {images}
 <h2>Chosen settings</h2><ul>{settings}</ul>
@@ -162,16 +283,15 @@ overhead are measured in this run.</p>
 
 
 def _selection_text(summary: dict) -> str:
-    rule = (f"the strongest setting keeping its classification accuracy at or above {summary['retain_keep']:.2f} x "
-            f"vanilla ({summary['vanilla_retain_val_classification']:.3f})")
-    if summary.get("eraser_strength") == "fitted":
-        return (f"Erasers are shown at the strength they were fitted with (their curves show the others); baselines at "
-                f"the setting chosen on the retain validation hold-out only: {rule}.")
-    return f"Settings were chosen on the retain validation hold-out only: {rule}."
+    return (f"Every method's setting was chosen by one rule, on the validation people only (held-out retain and real "
+            f"people, never reported): the strongest setting whose validation classification accuracy stays at or "
+            f"above {summary['retain_keep']:.2f} x vanilla's ({summary['vanilla_validation_classification']:.3f}); "
+            f"the erasers' prompt gates are calibrated on the same people.")
 
 
 def _short_settings(m: dict) -> dict:
-    keep = ("solver", "alpha", "fitted_alpha", "ratio", "gamma", "beta", "lam", "method", "lr", "epochs", "grid_seconds")
+    keep = ("gate", "pooling", "decision_layer", "neighbours", "max_fpr", "alpha", "fitted_alpha", "ratio", "gamma",
+            "beta", "lam", "method", "lr", "epochs", "grid_seconds")
     return {k: v for k, v in m["settings"].items() if k in keep}
 
 
@@ -182,5 +302,6 @@ def write_report(summary: dict, out_dir: Path) -> Path:
     _plot_tradeoff(summary, "classification", "classification accuracy", out_dir / PLOTS[0])
     _plot_tradeoff(summary, "rougeL", "ROUGE-L", out_dir / PLOTS[1])
     _plot_splits(summary, out_dir / PLOTS[2])
+    _plot_gate(summary, out_dir / PLOTS[3])
     atomic_write_text(out_dir / "report.html", render_html(summary))
     return out_dir / "report.html"

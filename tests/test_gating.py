@@ -1,0 +1,203 @@
+"""The prompt gate: its equations (pooling, knn ratio, ridge, calibration, AUROC, composition) on random data,
+and its hooks on a tiny random-weight LLaVA (one decision per prompt, steering from the decision layer on,
+any padding side, detach restores the model bit for bit)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mllmeraser.core import gating
+from mllmeraser.core.eraser import Eraser
+from mllmeraser.core.hooks import attach_prompt_steering, capture, find_decoder_layers
+
+from test_hooks import PROMPT_A, PROMPT_B, greedy, left_padded_batch, logits, tiny_llava
+
+
+def features(n: int, d: int = 16, seed: int = 0, shift: float = 0.0) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed)) + shift
+
+
+# ---- equations ------------------------------------------------------------------------------------------------
+
+def test_pool_reads_only_the_real_positions_on_either_padding_side():
+    hidden = torch.randn(2, 5, 4)
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert torch.allclose(gating.pool(hidden, left, "mean")[0], hidden[0, 2:].mean(0))
+    assert torch.allclose(gating.pool(hidden, right, "mean")[0], hidden[0, :3].mean(0))
+    assert torch.equal(gating.pool(hidden, left, "last")[0], hidden[0, 4])
+    assert torch.equal(gating.pool(hidden, right, "last")[0], hidden[0, 2])
+    assert torch.equal(gating.pool(hidden, None, "last"), hidden[:, -1])
+    assert torch.allclose(gating.pool(hidden, None, "mean"), hidden.mean(1))
+
+
+def test_knn_score_is_the_log_distance_ratio_to_the_nearest_forget_and_retain_prompts():
+    forget, retain, queries = features(6, seed=1), features(9, seed=2), features(5, seed=3)
+    gate = gating.fit_knn(forget, retain, "mean", 1, neighbours=2)
+    unit = lambda x: x / x.norm(dim=1, keepdim=True)
+    bank_f = unit(forget).half().float()  # the banks are stored in float16
+    bank_r = unit(retain).half().float()
+    top_f = (unit(queries) @ bank_f.T).topk(2, dim=1).values.mean(1)
+    top_r = (unit(queries) @ bank_r.T).topk(2, dim=1).values.mean(1)
+    eps = gating.DISTANCE_FLOOR
+    expected = torch.log(1 - top_r + eps) - torch.log(1 - top_f + eps)
+    assert torch.allclose(gate.scores(queries)[:, 0], expected, atol=1e-5)
+    # a fitted forget prompt is its own nearest neighbour: it scores far above a retained one
+    assert gate.scores(forget)[:, 0].min() > gate.scores(retain)[:, 0].max()
+
+
+def test_calibration_lets_at_most_max_fpr_of_the_calibration_prompts_through():
+    scores = torch.tensor([0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 0.0])
+    tau, fpr = gating.calibrate(scores, 0.2)  # floor(0.2 * 10) = 2 may pass: 0.9 and 0.8
+    assert tau == pytest.approx(0.7) and fpr == pytest.approx(0.2)
+    tau, fpr = gating.calibrate(scores, 0.0)
+    assert tau == pytest.approx(0.9) and fpr == 0.0
+    with pytest.raises(ValueError):
+        gating.calibrate(scores, 1.0)
+
+
+def test_auroc_counts_ordered_pairs_and_half_ties():
+    assert gating.auroc(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0])) == 1.0
+    assert gating.auroc(torch.tensor([1.0]), torch.tensor([2.0])) == 0.0
+    assert gating.auroc(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 2.0])) == pytest.approx((0.5 + 0 + 1 + 1) / 4)
+
+
+def test_leave_one_out_scores_equal_refitting_without_each_retain_prompt():
+    forget, retain = features(4, seed=4), features(7, seed=5)
+    gate = gating.fit_knn(forget, retain, "mean", 1)
+    loo = gating.leave_one_out_retain_scores(gate)
+    for i in range(len(retain)):
+        rest = torch.cat([retain[:i], retain[i + 1:]])
+        alone = gating.fit_knn(forget, rest, "mean", 1).scores(retain[i: i + 1])[0, 0]
+        assert loo[i] == pytest.approx(float(alone), abs=1e-3)  # float16 banks on both sides
+
+
+def test_ridge_gate_scores_forget_at_one_on_average():
+    forget, retain = features(20, seed=6, shift=2.0), features(40, seed=7)
+    gate = gating.fit_ridge(forget, retain, "mean", 0, beta=1.0, lam=1e-3)
+    assert float(gate.scores(forget).mean()) == pytest.approx(1.0, abs=1e-4)
+    assert float(gate.scores(retain).mean()) < 0.5
+
+
+def test_stacked_gates_score_each_request_as_it_would_alone_and_select_undoes_stacking():
+    a = gating.fit_knn(features(5, seed=8), features(7, seed=9), "mean", 1)
+    b = gating.fit_knn(features(3, seed=10), features(6, seed=11), "mean", 1)
+    a, b = (g.__class__(**{**g.header(), "threshold": [t]}, **{k.removeprefix("gate."): v for k, v in g.tensors().items()})
+            for g, t in ((a, 0.1), (b, 0.2)))
+    both = a.stack(b)
+    queries = features(4, seed=12)
+    assert both.threshold == (0.1, 0.2)
+    assert torch.allclose(both.scores(queries), torch.cat([a.scores(queries), b.scores(queries)], dim=1))
+    assert torch.allclose(both.select([1]).scores(queries), b.scores(queries))
+    with pytest.raises(ValueError, match="pooling"):
+        a.stack(gating.fit_knn(features(2), features(2), "last", 1))
+
+
+# ---- hooks ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llava():
+    return tiny_llava()
+
+
+def calibrated_gate(llava, layers, decision: int, fire_on: torch.Tensor, threshold: float) -> gating.PromptGate:
+    """A knn gate whose forget bank holds the pooled features of `fire_on`, retain bank random features."""
+    _, pooled = capture(llava, layers[: decision + 1], decision, "mean", input_ids=fire_on)
+    gate = gating.fit_knn(pooled, features(8, d=pooled.shape[1], seed=13), "mean", decision)
+    return gating.PromptGate(**{**gate.header(), "threshold": [threshold]},
+                             **{k.removeprefix("gate."): v for k, v in gate.tensors().items()})
+
+
+def test_steering_adds_alpha_times_the_decision_times_r_from_the_decision_layer_on(llava):
+    _, layers = find_decoder_layers(llava)
+    gate = calibrated_gate(llava, layers, 1, PROMPT_A, threshold=1.0)
+    r = torch.randn(1, 1, llava.config.text_config.hidden_size)
+    outputs = {}
+    probe = [layer.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o.clone())) for i, layer in enumerate(layers)]
+    try:
+        logits(llava, input_ids=PROMPT_A)
+        clean = dict(outputs)
+        with attach_prompt_steering(llava, layers[1], [layers[1]], gate, r, [3.0]) as handle:
+            logits(llava, input_ids=PROMPT_A)
+            assert handle.decisions.tolist() == [[1.0]]  # PROMPT_A is in the forget bank: it fires
+            assert torch.equal(outputs[0], clean[0])  # the layer before the decision is never steered
+            assert torch.allclose(outputs[1], clean[1] + 3.0 * r[0, 0], atol=1e-5)
+            logits(llava, input_ids=PROMPT_B)
+            assert handle.decisions.tolist() == [[0.0]]  # an unrelated prompt: off
+    finally:
+        for hook in probe:
+            hook.remove()
+
+
+def test_the_runtime_decision_equals_the_offline_gate_score(llava):
+    _, layers = find_decoder_layers(llava)
+    gate = calibrated_gate(llava, layers, 1, PROMPT_A, threshold=0.5)
+    batch = left_padded_batch()
+    _, pooled = capture(llava, layers[:2], 1, "mean", **batch)
+    r = torch.randn(1, 1, llava.config.text_config.hidden_size)
+    with attach_prompt_steering(llava, layers[1], [layers[1]], gate, r, [1.0]) as handle:
+        logits(llava, **batch)
+        assert torch.allclose(handle.scores, gate.scores(pooled))
+        assert torch.equal(handle.decisions, gate.decide(pooled))
+
+
+def test_left_and_right_padding_and_batching_give_each_prompt_its_own_answer(llava):
+    _, layers = find_decoder_layers(llava)
+    gate = calibrated_gate(llava, layers, 0, PROMPT_A, threshold=1.0)
+    r = torch.randn(1, 2, llava.config.text_config.hidden_size) * 3
+    eraser = Eraser(u=None, r=r, alpha=1.0, layer_indices=[0, 1], layers_path="model.language_model.layers",
+                    hidden_size=r.shape[-1], prompt_gate=gate)
+    with eraser.attach(llava):
+        alone = [greedy(llava, p, attention_mask=torch.ones_like(p)).sequences[0, p.shape[1]:] for p in (PROMPT_A, PROMPT_B)]
+        batch = left_padded_batch()
+        together = greedy(llava, batch["input_ids"], attention_mask=batch["attention_mask"]).sequences[:, 7:]
+    assert torch.equal(together[0], alone[0]) and torch.equal(together[1], alone[1])
+    unsteered = greedy(llava, PROMPT_A, attention_mask=torch.ones_like(PROMPT_A)).sequences[0, PROMPT_A.shape[1]:]
+    assert not torch.equal(alone[0], unsteered)  # the forget prompt's answer changed
+    # right padding: the pooled feature reads the mask, so the decision is the same
+    right = torch.cat([PROMPT_B, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 4, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    _, by_mask = capture(llava, layers[:1], 0, "mean", input_ids=right, attention_mask=mask)
+    _, plain = capture(llava, layers[:1], 0, "mean", input_ids=PROMPT_B)
+    assert torch.allclose(by_mask, plain, atol=1e-5)
+
+
+def test_detaching_restores_logits_bit_for_bit_and_decode_steps_are_not_re_decided(llava):
+    _, layers = find_decoder_layers(llava)
+    gate = calibrated_gate(llava, layers, 0, PROMPT_A, threshold=1.0)
+    r = torch.randn(1, 2, llava.config.text_config.hidden_size)
+    before = logits(llava, input_ids=PROMPT_A)
+    calls = []
+    original = gate.scores
+    object.__setattr__(gate, "scores", lambda z: calls.append(z.shape[0]) or original(z))
+    with attach_prompt_steering(llava, layers[0], layers[:2], gate, r, [2.0]):
+        greedy(llava, PROMPT_A, attention_mask=torch.ones_like(PROMPT_A))
+    assert calls == [1]  # one decision for the prompt; the 4 decode steps reuse the KV cache's steering
+    assert torch.equal(logits(llava, input_ids=PROMPT_A), before)
+    assert not any(hasattr(llava, name) for name in ("_mllmeraser_steering",))
+
+
+def test_prompt_gated_eraser_round_trips_and_composes(tmp_path, llava):
+    _, layers = find_decoder_layers(llava)
+    d = llava.config.text_config.hidden_size
+    gate = calibrated_gate(llava, layers, 1, PROMPT_A, threshold=0.25)
+    eraser = Eraser(u=None, r=torch.randn(1, 1, d), alpha=1.5, layer_indices=[1], layers_path="model.language_model.layers",
+                    hidden_size=d, prompt_gate=gate, metadata={"requests": [{"name": "a"}]})
+    loaded = Eraser.load(eraser.save(tmp_path / "e.safetensors"))
+    queries = features(3, d=d, seed=14)
+    assert loaded.u is None and torch.equal(loaded.r, eraser.r) and loaded.alpha == (1.5,)
+    assert loaded.prompt_gate.header() == gate.header()
+    assert torch.equal(loaded.prompt_gate.scores(queries), gate.scores(queries))
+    both = eraser + loaded
+    assert both.num_terms == 2 and both.prompt_gate.num_terms == 2
+    assert torch.equal(both.drop(0).prompt_gate.scores(queries), gate.scores(queries))
+    with pytest.raises(ValueError, match="decides at layer 1"):
+        Eraser(u=None, r=torch.randn(1, 2, d), alpha=1.0, layer_indices=[0, 1], layers_path="x", hidden_size=d,
+               prompt_gate=gate)
+    with pytest.raises(ValueError, match="exactly one gate"):
+        Eraser(u=torch.zeros(1, 1, d), r=torch.zeros(1, 1, d), alpha=1.0, layer_indices=[1], layers_path="x",
+               hidden_size=d, prompt_gate=gate)
+    assert math.isfinite(gate.threshold[0])
