@@ -1,7 +1,7 @@
 """mllmeraser: make a multimodal LLM forget chosen knowledge at test time, by input-aware activation steering
 (MLLMEraser, arXiv 2510.04217). No parameter is updated; detaching the eraser restores the model exactly."""
 
-from .bench.data import default_erasure_items, load_split_items, retained_inputs
+from .bench.data import default_erasure_items, load_split_items, retained_inputs, validation_items
 from .core.eraser import Eraser
 from .core.fitting import FitSettings, PGDSettings
 from .core.inputs import QAItem
@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Eraser", "FitSettings", "PGDSettings", "QAItem", "UserInputError", "load_model", "answer_items",
-    "load_split_items", "retained_inputs", "default_erasure_items", "build_testbed",
+    "load_split_items", "retained_inputs", "validation_items", "default_erasure_items", "build_testbed",
 ]
 
 
