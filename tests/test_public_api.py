@@ -29,7 +29,8 @@ def test_readme_example_runs(testbed_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(mllmeraser, "build_testbed", lambda: testbed_dir, raising=False)
     monkeypatch.chdir(tmp_path)
     exec(compile(example, str(README), "exec"), {})  # its asserts: detached == before != attached
-    assert (tmp_path / "forget10.safetensors").stat().st_size < 16 * 1024
+    # the directions and the gate's float16 banks (small preset: 361 KiB); the bar on the testbed is 1 MiB
+    assert (tmp_path / "forget10.safetensors").stat().st_size < 1024 * 1024
     assert "of 10 answers changed" in capsys.readouterr().out
 
 
@@ -51,7 +52,9 @@ def test_plain_tuples_fit_exactly_as_their_items(testbed_model, testbed_data):
     mixed = Eraser.fit(model, processor, forget=items["forget"][:4] + tuples["forget"][4:], retain=tuples["retain"],
                        erasure=items["erasure"], settings=settings, progress=False)
     for other in (from_items, mixed):
-        assert torch.equal(from_tuples.u, other.u) and torch.equal(from_tuples.r, other.r)
+        assert torch.equal(from_tuples.r, other.r)
+        ours, theirs = from_tuples.prompt_gate.tensors(), other.prompt_gate.tensors()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
         assert from_tuples.header() == other.header()
     assert answer_items(model, processor, tuples["forget"], progress=False) == \
         answer_items(model, processor, items["forget"], progress=False)

@@ -169,7 +169,8 @@ def cmd_eval(args) -> int:
 def fit_settings(args) -> FitSettings:
     layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
     return FitSettings(gate=args.gate, pooling=args.pooling, decision_layer=args.decision_layer,
-                       neighbours=args.neighbours, max_fpr=args.max_fpr, min_ratio=args.min_ratio, ratio=args.ratio, gamma=args.gamma, beta=args.beta, lam=args.lam,
+                       neighbours=args.neighbours, max_fpr=args.max_fpr, min_ratio=args.min_ratio,
+                       ratio=args.ratio, gamma=args.gamma, beta=args.beta, lam=args.lam,
                        alpha=args.alpha, layers=layers, floor=args.floor, cap=args.cap, mode=args.mode,
                        pgd=PGDSettings(args.pgd_eps / 255, args.pgd_step / 255, args.pgd_steps))
 

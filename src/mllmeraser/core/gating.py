@@ -157,9 +157,13 @@ class PromptGate:
         return ratio_score(top_mean(z @ t["forget_bank"].T, t["forget_owner"], self.num_terms, self.neighbours),
                            top_mean(z @ t["retain_bank"].T, t["retain_owner"], self.num_terms, self.neighbours))
 
+    def fires(self, scores: Tensor) -> Tensor:
+        """g [batch, K] float32 in {0, 1} from scores [batch, K]: s_k > tau_k."""
+        return (scores > self._on(scores.device)["threshold"]).to(torch.float32)
+
     def decide(self, z: Tensor) -> Tensor:
         """g [batch, K] float32 in {0, 1}: which requests fire for each prompt."""
-        return (self.scores(z) > self._on(z.device)["threshold"]).to(torch.float32)
+        return self.fires(self.scores(z))
 
     def tensors(self) -> dict[str, Tensor]:
         names = ("forget_bank", "forget_owner", "retain_bank", "retain_owner") if self.kind == "knn" else ("u",)

@@ -241,7 +241,7 @@ class _PromptSteering:
         if self.gate is not None and (prefill or handle.decisions is None):
             z = gating.pool(hidden, _mask_for(handle.attention_mask, hidden), self.gate.pooling)
             handle.scores = self.gate.scores(z)
-            handle.decisions = (handle.scores > self.gate._on(z.device)["threshold"]).to(torch.float32)
+            handle.decisions = self.gate.fires(handle.scores)
         if self.r is None:
             return None  # the decision layer is not itself steered
         if self.r.device != hidden.device:
