@@ -280,6 +280,8 @@ class Eraser:
 
     def header(self) -> dict[str, Any]:
         """The JSON stored under __metadata__["mllmeraser"] (infinite gate bounds as null)."""
+        if self.prompt_gate is not None and not all(math.isfinite(t) for t in self.prompt_gate.threshold):
+            raise ValueError(f"prompt gate thresholds must be finite (calibrate first), got {self.prompt_gate.threshold}")
         return {
             "format_version": FORMAT_VERSION,
             "layers_path": self.layers_path,
