@@ -23,8 +23,20 @@ from .errors import UserInputError, atomic_write_text
 # ---- options --------------------------------------------------------------------------------------------
 
 
-def _add_model_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory (or a model id in the local HF cache)")
+def _add_model_arg(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    if required:
+        parser.add_argument("--model", required=True, help="checkpoint directory (or a model id in the local HF cache)")
+    parser.add_argument("--device", default=None, help="where the model runs, e.g. cuda, cuda:1, cpu "
+                        "(default: cuda where there is a GPU, else cpu)")
+    parser.add_argument("--dtype", default=None, choices=sorted(models.DTYPES),
+                        help="weights' dtype (default: bfloat16 on a GPU, float32 on the CPU; auto: the checkpoint's)")
+    parser.add_argument("--device-map", default=None, help="'auto' spreads the model over every visible GPU "
+                        "(then the CPU) with accelerate; --device is then ignored")
+
+
+def model_options(args) -> dict:
+    """load_model's placement keywords from the --device/--dtype/--device-map options."""
+    return {"device": args.device, "dtype": args.dtype, "device_map": args.device_map}
 
 
 def _add_forget_ratio_arg(parser: argparse.ArgumentParser) -> None:
@@ -122,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preset", default="full", choices=("full", "small"))
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--methods", default="eraser,eraser-paper", help="add ga,graddiff,kl,npo for the baselines (slower)")
+    _add_model_arg(demo, required=False)
     demo.set_defaults(handler=cmd_demo)
     return parser
 
@@ -151,7 +164,7 @@ def attached(model, eraser: Eraser | None) -> AbstractContextManager:
 
 def cmd_eval(args) -> int:
     splits = tuple(args.splits.split(",")) if args.splits else REPORT_SPLITS
-    model, processor = models.load_model(args.model)
+    model, processor = models.load_model(args.model, **model_options(args))
     items = evaluate.report_items(args.data, args.forget_ratio, splits)
     eraser = load_eraser(args.eraser, args.alpha)
     with attached(model, eraser):
@@ -177,7 +190,7 @@ def fit_settings(args) -> FitSettings:
 
 def cmd_fit(args) -> int:
     settings = fit_settings(args)
-    model, processor = models.load_model(args.model)
+    model, processor = models.load_model(args.model, **model_options(args))
     forget = data.resolve_spec(args.forget, args.data, args.forget_ratio)
     if args.retain is not None:
         retain, _ = data.validation_split(data.resolve_spec(args.retain, args.data, args.forget_ratio))
@@ -216,7 +229,7 @@ def cmd_generate(args) -> int:
             raise UserInputError(args.image, "no such image file") from None
         except Exception as exc:
             raise UserInputError(args.image, f"unreadable image ({type(exc).__name__})") from None
-    model, processor = models.load_model(args.model)
+    model, processor = models.load_model(args.model, **model_options(args))
     item = as_items([(image, args.prompt, "")])  # a plain input: the prompt is sent as typed
     with attached(model, load_eraser(args.eraser, args.alpha)):
         (answer,) = models.generate(model, processor, item, args.max_new_tokens)
@@ -236,7 +249,8 @@ def _print_summary(summary: dict, out_dir: Path) -> None:
 def cmd_compare(args) -> int:
     settings = compare.CompareSettings(forget_ratio=args.forget_ratio, methods=_methods(args.methods),
                                        batch_size=args.batch_size, baseline_epochs=args.baseline_epochs,
-                                       baseline_lrs=tuple(float(x) for x in args.baseline_lrs.split(",")))
+                                       baseline_lrs=tuple(float(x) for x in args.baseline_lrs.split(",")),
+                                       **model_options(args))
     summary = compare.run_compare(Path(args.model), Path(args.data), args.out, settings)
     _print_summary(summary, args.out)
     return 0
@@ -246,7 +260,7 @@ def cmd_demo(args) -> int:
     from .testbed.build import build
     started = time.perf_counter()
     directory = build(seed=args.seed, preset=args.preset)
-    settings = compare.CompareSettings(methods=_methods(args.methods))
+    settings = compare.CompareSettings(methods=_methods(args.methods), **model_options(args))
     summary = compare.run_compare(directory / "model", directory / "data", args.out, settings)
     _print_summary(summary, args.out)
     print(f"demo finished in {time.perf_counter() - started:.0f}s")

@@ -48,6 +48,12 @@ class CompareSettings:
     baseline_epochs: int = 4
     curve_scales: tuple[float, ...] = CURVE_SCALES
     seed: int = 0
+    device: str | None = None  # models.load_model's placement: default cuda + bfloat16 where there is a GPU
+    dtype: str | None = None
+    device_map: str | None = None
+
+    def model_options(self) -> dict:
+        return {"device": self.device, "dtype": self.dtype, "device_map": self.device_map}
 
 
 @dataclass
@@ -79,7 +85,7 @@ class Harness:
 
     def __init__(self, model_dir: Path, data_dir: Path, settings: CompareSettings, progress: bool):
         self.model_dir, self.data_dir, self.settings, self.progress = model_dir, data_dir, settings, progress
-        self.model, self.processor = models.load_model(model_dir)
+        self.model, self.processor = models.load_model(model_dir, **settings.model_options())
         self.items = evaluate.report_items(data_dir, settings.forget_ratio, REPORT_SPLITS + (VALIDATION_SPLIT,))
         self.forget = self.items["forget"]
         self.retain_fit = data.retained_inputs(data_dir, settings.forget_ratio)
@@ -167,7 +173,7 @@ def run_baseline(h: Harness, method: str, vanilla_val: float) -> MethodResult:
     trials = []
     total_seconds, peak = 0.0, 0.0
     for lr in h.settings.baseline_lrs:
-        base_model, _ = models.load_model(h.model_dir)  # a fresh copy per trial: the base stays untouched
+        base_model, _ = models.load_model(h.model_dir, **h.settings.model_options())  # a fresh copy per trial: the base stays untouched
         epochs: list[dict] = []
 
         def on_epoch(epoch: int, peft_model) -> None:
@@ -187,7 +193,7 @@ def run_baseline(h: Harness, method: str, vanilla_val: float) -> MethodResult:
     pool = keepers or [min((p for t in trials for p in t["epochs"]), key=lambda p: p["forget_nll"])]
     best = max(pool, key=lambda p: p["forget_nll"])
     # Retrain the chosen setting for the chosen number of epochs and measure that fit alone.
-    base_model, _ = models.load_model(h.model_dir)
+    base_model, _ = models.load_model(h.model_dir, **h.settings.model_options())
     chosen_settings = baselines.BaselineSettings(method=method, lr=best["lr"], epochs=best["x"], seed=h.settings.seed)
     with measure.measured() as cost:
         peft_model = baselines.train_baseline(base_model, h.processor, h.forget, h.retain_fit, chosen_settings,

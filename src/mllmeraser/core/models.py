@@ -35,11 +35,46 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
-    """Load (model, processor) from a local checkpoint directory or the local HF cache, never the network."""
+DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+"""What --dtype accepts: a name, or "auto" for the dtype the checkpoint was saved in."""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device`, or the default: the first GPU where there is one, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UserInputError(None, f"--device {device!r} is not a torch device ({exc})") from None
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | str:
+    """`dtype` (a torch dtype, a name in DTYPES), or the default: bfloat16 on a GPU, float32 elsewhere (half
+    precision on a CPU is slow and its matmuls are not bit-reproducible across machines)."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserInputError(None, f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
+               device_map: str | dict | None = None):
+    """Load (model, processor) from a local checkpoint directory or the local HF cache, never the network.
+
+    device: where the model goes (default: cuda where available, else cpu); dtype: a torch dtype or a name in
+    DTYPES (default: bfloat16 on a GPU, float32 on the CPU); device_map: handed to `from_pretrained` (e.g.
+    "auto": the layers spread over every visible GPU, then the CPU), in which case `device` is ignored.
+    """
     _quiet_transformers()
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
     directory = Path(path)
     if directory.exists():
         config_path = directory / "config.json"
@@ -53,13 +88,17 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
             raise UserInputError(directory, f"model_type {model_type!r} is not supported; expected one of {LOADABLE}")
     try:
         processor = _load_processor(AutoProcessor, path)
-        model = AutoModelForImageTextToText.from_pretrained(str(path), local_files_only=True, dtype=dtype or "auto")
+        placement = {"device_map": device_map} if device_map is not None else {}
+        model = AutoModelForImageTextToText.from_pretrained(str(path), local_files_only=True, dtype=torch_dtype,
+                                                            **placement)
     except UserInputError:
         raise
     except Exception as exc:  # transformers raises OSError, ValueError, safetensors errors, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserInputError(path, f"cannot load checkpoint offline ({type(exc).__name__}: {first})") from None
-    model.to(device).eval()
+    if device_map is None:
+        model.to(target)
+    model.eval()
     prepare_processor(processor)
     return model, processor
 
