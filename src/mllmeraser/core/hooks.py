@@ -1,7 +1,14 @@
-"""Attaching steering to a model: find its decoder layers, capture last-token activations, add the term.
+"""Attaching steering to a model: find its decoder layers, capture activations, add the steering term.
 
-Hooks only (forward hooks on the decoder layers, removed in `finally`); modules are never replaced, so
-state_dict keys and the model's own code stay untouched.
+Hooks only: forward hooks on the decoder layers and a forward pre-hook on the model (it reads the attention
+mask and how much is cached, so each forward knows which of its positions belong to the prompt), all removed
+in `finally`. Modules are never replaced, so state_dict keys and the model's own code stay untouched. The one
+other thing an attachment changes is `model.generate`, wrapped on the instance while attached: it tells the
+hooks where the prompt ends, which a forward without a KV cache or a chunk of a chunked prefill cannot know.
+
+Steering is decided once per prompt and applied to the prompt's positions (mode "prefill"), so every
+generation path (cached or not, chunked prefill, beam search, assisted decoding, one-token prompts, left or
+right padding) gives the tokens one cached forward over the prompt would: see SteeringHandle.
 
 Decoder layers in transformers v5 return a Tensor (the hidden states); older code returned a tuple whose
 first element is the hidden states. Both are handled.
@@ -9,6 +16,8 @@ first element is the hidden states. Both are handled.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Literal
@@ -20,7 +29,7 @@ from torch.utils.hooks import RemovableHandle
 from ..errors import UserInputError
 from .families import FAMILIES
 from . import gating
-from .steering import steering_term
+from .steering import shape_gate
 
 SteeringMode = Literal["prefill", "all"]
 STEERING_MODES: tuple[str, ...] = ("prefill", "all")
@@ -70,10 +79,10 @@ class _StopForward(Exception):
 
 
 def capture_last_token(model: nn.Module, layers: Sequence[nn.Module], **inputs: Any) -> Tensor:
-    """Block outputs at the last position for each of `layers`, [batch, num_layers, d] float32 on CPU.
+    """Block outputs at each row's last real token for each of `layers`, [batch, num_layers, d] float32 on CPU.
 
-    Runs `model(**inputs)` under no_grad; inputs must be LEFT-padded so the last position is the last
-    prompt token of every row. The forward stops right after the last requested layer. Hooks already on
+    Runs `model(**inputs)` under no_grad; the last real token is read from the inputs' 2-D attention mask (any
+    padding side), or is the last position where there is none. The forward stops right after the last requested layer. Hooks already on
     the model (e.g. an attached eraser) run first, so their effect is included.
     """
     return capture(model, layers, **inputs)[0]
@@ -83,7 +92,7 @@ def capture(model: nn.Module, layers: Sequence[nn.Module], pooled_layer: int | N
             **inputs: Any) -> tuple[Tensor, Tensor | None]:
     """(last-position block outputs [batch, num_layers, d], and the pooled prompt feature [batch, d] of
     `layers[pooled_layer]` under the inputs' attention mask (gating.pool), or None), float32 on CPU, from one
-    forward pass that stops after the last requested layer. Inputs must be left-padded (see capture_last_token).
+    forward pass that stops after the last requested layer (see capture_last_token).
     """
     captured: list[Tensor | None] = [None] * len(layers)
     pooled: list[Tensor] = []
@@ -92,7 +101,9 @@ def capture(model: nn.Module, layers: Sequence[nn.Module], pooled_layer: int | N
     def make_hook(index: int):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             hidden = _hidden_states(output)
-            captured[index] = hidden[:, -1, :].to(device="cpu", dtype=torch.float32)
+            last = last_real_positions(_mask_for(mask, hidden), hidden.shape[1], hidden.shape[0]).to(hidden.device)
+            captured[index] = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].to(
+                device="cpu", dtype=torch.float32)
             if index == pooled_layer:
                 pooled.append(gating.pool(hidden, _mask_for(mask, hidden), pooling).cpu())
             if all(c is not None for c in captured):
@@ -125,46 +136,83 @@ def _mask_for(mask: Tensor | None, hidden: Tensor) -> Tensor | None:
     return mask[:, -hidden.shape[1]:] if mask.shape[1] >= hidden.shape[1] else None
 
 
-class _LayerSteering:
-    """Forward hook of one layer: output += steering_term(output[:, -1, :], u, r, alpha, floor, cap)."""
+def last_real_positions(mask: Tensor | None, length: int, batch: int) -> Tensor:
+    """Per row, the index of the last position whose mask is 1 among the first `length` columns (the last
+    real prompt token, whatever the padding side); `length - 1` for every row without a mask."""
+    if mask is None:
+        return torch.full((batch,), length - 1, dtype=torch.long)
+    columns = mask[:, :length].to(device="cpu", dtype=torch.long)
+    positions = torch.arange(1, columns.shape[1] + 1)
+    return (columns * positions).argmax(dim=1)
 
-    def __init__(self, u: Tensor, r: Tensor, alpha: Tensor, floor: Tensor, cap: Tensor, mode: str):
-        self.terms = (u, r, alpha, floor, cap)  # u, r: [K, d]; alpha, floor, cap: (K,); float32
-        self.mode = mode
 
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
-        hidden = _hidden_states(output)
-        if self.mode == "prefill" and hidden.shape[1] <= 1:
-            return None  # a decode step: the prefill's steering reaches it through the KV cache
-        if self.terms[0].device != hidden.device:
-            self.terms = tuple(t.to(hidden.device) for t in self.terms)
-        delta = steering_term(hidden[:, -1, :], *self.terms)  # [batch, d] float32
-        return _replace_hidden_states(output, hidden + delta[:, None, :].type_as(hidden))
+def _rows(values: Tensor, batch: int) -> Tensor:
+    """Per-prompt values [B, ...] for a forward of `batch` rows: generate expands each prompt into consecutive
+    rows (beams, num_return_sequences), so B divides `batch` and row i belongs to prompt i // (batch / B)."""
+    if values.shape[0] == batch:
+        return values
+    if batch % values.shape[0]:
+        raise RuntimeError(f"a forward of {batch} rows cannot carry the decisions of {values.shape[0]} prompts")
+    return values.repeat_interleave(batch // values.shape[0], dim=0)
+
+
+class _Prompt:
+    """What one prompt's steering is fixed by, from its first forward on: the prompt's length T (positions
+    0..T-1, padded coordinates), its 2-D mask over those positions, and the gate's decisions, taken once."""
+
+    def __init__(self, length: int, mask: Tensor | None):
+        self.length, self.mask = length, mask
+        self.decisions: Tensor | None = None  # prompt gate: g [B, K]
+        self.scores: Tensor | None = None
+        self.layer_gates: dict[int, Tensor] = {}  # per-layer gate: shape_gate(h_last . u_l) [B, K], by layer
 
 
 class SteeringHandle:
-    """Steering hooks attached to one model; `.remove()` (idempotent) or use as a context manager."""
+    """Steering hooks attached to one model; `.remove()` (idempotent) or use as a context manager.
+
+    It also tracks which positions belong to the prompt, so every generation path steers the same positions
+    with the same gate values as one cached forward over the prompt would:
+      * a forward with nothing cached (no `cache`/`past_key_values`, or an empty one) starts a new prompt,
+        all of whose positions are the prompt, unless it is a later step of one `model.generate` call;
+      * `model.generate` (wrapped while attached) fixes the prompt to its input: a generation without a KV
+        cache re-runs prompt and answer at every step, and only the prompt's positions are steered, with the
+        decisions of the first step; chunked prefill decides from the whole prompt before the first chunk
+        (one extra forward up to the decision layer); assisted decoding's verification passes and decode steps
+        start beyond the prompt and are left alone (mode "prefill"), seeing the steering through the cache.
+    """
 
     def __init__(self, model: nn.Module):
         self.model = model
         self._hooks: list[RemovableHandle] = []
-        # A prompt gate's state: the 2-D attention mask of the forward in flight (read by a pre-hook on the
-        # model), and the last decisions g [batch, K] and scores s [batch, K] of the decision layer.
-        self.attention_mask: Tensor | None = None
-        self.decisions: Tensor | None = None
-        self.scores: Tensor | None = None
+        self.attention_mask: Tensor | None = None  # the 2-D mask of the forward in flight, or None
+        self.start = 0  # the position (padded coordinates) of the forward in flight's first row entry
+        self.prompt: _Prompt | None = None
+        self._generation: dict[str, Any] | None = None  # generate()'s inputs, while a generate call runs
+        self._suspended = False  # True during the decision pre-pass: the hooks stand aside
+
+    @property
+    def decisions(self) -> Tensor | None:
+        """The prompt gate's last decisions g [batch, K] (None before the first prompt)."""
+        return None if self.prompt is None else self.prompt.decisions
+
+    @property
+    def scores(self) -> Tensor | None:
+        return None if self.prompt is None else self.prompt.scores
 
     @property
     def attached(self) -> bool:
         return getattr(self.model, ATTACHED_MARKER, None) is self
 
     def remove(self) -> None:
-        """Remove every hook this handle added and the model's marker; a second call does nothing."""
+        """Remove every hook this handle added, the generate wrapper and the model's marker; a second call does
+        nothing."""
         try:
             for hook in self._hooks:
                 hook.remove()
         finally:
             self._hooks.clear()
+            if getattr(self.model.__dict__.get("generate"), "_mllmeraser_handle", None) is self:
+                del self.model.__dict__["generate"]
             if self.attached:
                 delattr(self.model, ATTACHED_MARKER)
 
@@ -175,6 +223,146 @@ class SteeringHandle:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.remove()
+
+    # ---- which positions are the prompt ---------------------------------------------------------------
+
+    def _begin_forward(self, module: nn.Module, args: Any, kwargs: dict) -> None:
+        if self._suspended:
+            return
+        mask = kwargs.get("attention_mask")
+        self.attention_mask = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        self.start = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(tokens, Tensor):
+            tokens = kwargs.get("inputs_embeds")
+        length = self.start + (tokens.shape[1] if isinstance(tokens, Tensor) and tokens.ndim >= 2 else 0)
+        generation = self._generation
+        if generation is not None:
+            if generation["first"]:  # the first forward of a generate call: the prompt is generate's input
+                generation["first"] = False
+                prompt_length = generation["length"] or length
+                self.prompt = _Prompt(prompt_length, self._prompt_mask(prompt_length, generation["mask"]))
+        elif self.start == 0:  # nothing cached: a new prompt, and all of this forward is the prompt
+            self.prompt = _Prompt(length, self._prompt_mask(length, None))
+
+    def _prompt_mask(self, length: int, fallback: Tensor | None) -> Tensor | None:
+        mask = self.attention_mask if self.attention_mask is not None else fallback
+        return None if mask is None else mask[:, :length]
+
+    def steered_slice(self, seq: int) -> slice | None:
+        """The positions of the forward in flight (seq of them, from self.start) to steer: the prompt's
+        (mode "prefill"), or None where there are none."""
+        prompt = self.prompt
+        if prompt is None:
+            return None
+        end = min(seq, prompt.length - self.start)
+        return slice(0, end) if end > 0 else None
+
+    def _generate(self, original, *args: Any, **kwargs: Any) -> Any:
+        if self._generation is not None:  # a generate call inside one (an assistant sharing the model)
+            return original(*args, **kwargs)
+        stored = dict(kwargs)
+        tokens = args[0] if args and isinstance(args[0], Tensor) else stored.pop("inputs", None)
+        if isinstance(tokens, Tensor):
+            stored["input_ids"] = tokens
+        prompt = stored.get("input_ids", stored.get("inputs_embeds"))
+        mask = stored.get("attention_mask")
+        self._generation = {"first": True, "length": prompt.shape[1] if isinstance(prompt, Tensor) else None,
+                            "mask": mask if isinstance(mask, Tensor) and mask.ndim == 2 else None, "inputs": stored}
+        try:
+            return original(*args, **kwargs)
+        finally:
+            self._generation = None
+
+    def _wrap_generate(self) -> None:
+        original = self.model.generate
+        if not callable(original):
+            return
+
+        @functools.wraps(original)
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            return self._generate(original, *args, **kwargs)
+
+        generate._mllmeraser_handle = self  # type: ignore[attr-defined]
+        self.model.__dict__["generate"] = generate
+
+    def prompt_features(self, decision_layer: nn.Module, pooling: str) -> Tensor:
+        """The pooled prompt feature [B, d] at `decision_layer` from generate()'s whole input, by one forward
+        that stops there: the decision of a prompt whose first forward holds only part of it (chunked prefill)."""
+        from . import models  # models does not import hooks; imported here to keep hooks light at import
+
+        generation = self._generation
+        if generation is None:
+            raise RuntimeError("the prompt's first forward does not hold all of it, and no generate call says what "
+                               "the prompt is: feed a prompt in one forward, or generate")
+        forward = inspect.signature(self.model.forward).parameters
+        inputs = {key: value for key, value in generation["inputs"].items() if isinstance(value, Tensor)
+                  and (key in forward or key in ("input_ids", "mm_token_type_ids", "token_type_ids"))}
+        self._suspended = True
+        try:
+            _, pooled = capture(self.model, [decision_layer], 0, pooling, **models.forward_inputs(self.model, inputs))
+        finally:
+            self._suspended = False
+        return pooled
+
+
+def _new_handle(model: nn.Module) -> SteeringHandle:
+    if hasattr(model, ATTACHED_MARKER):
+        raise RuntimeError("an eraser is already attached to this model: remove its handle before attaching another")
+    handle = SteeringHandle(model)
+    setattr(model, ATTACHED_MARKER, handle)
+    return handle
+
+
+def _start_tracking(handle: SteeringHandle) -> None:
+    handle._hooks.append(handle.model.register_forward_pre_hook(handle._begin_forward, with_kwargs=True))
+    handle._wrap_generate()
+
+
+def _add(hidden: Tensor, delta: Tensor, positions: slice | None) -> Tensor:
+    """hidden + delta [batch, d] at `positions` (None: every position), in the hidden dtype."""
+    delta = delta[:, None, :].type_as(hidden)
+    if positions is None or (positions.start == 0 and positions.stop >= hidden.shape[1]):
+        return hidden + delta
+    steered = hidden.clone()
+    steered[:, positions] += delta
+    return steered
+
+
+class _LayerSteering:
+    """Forward hook of one layer under the paper's per-layer gate: at the prompt's first forward, the gate
+    value g_l = shape_gate(h_last . u_l) is read at each row's last real prompt token and kept; every forward
+    then adds sum_k alpha_k g_lk r_lk to the prompt's positions (mode "all": to every position)."""
+
+    def __init__(self, handle: SteeringHandle, index: int, u: Tensor, r: Tensor, alpha: Tensor, floor: Tensor,
+                 cap: Tensor, mode: str):
+        self.handle, self.index, self.mode = handle, index, mode
+        self.terms = (u, r, alpha, floor, cap)  # u, r: [K, d]; alpha, floor, cap: (K,); float32
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        handle = self.handle
+        if handle._suspended or handle.prompt is None:
+            return None
+        hidden = _hidden_states(output)
+        positions = handle.steered_slice(hidden.shape[1])
+        if positions is None and self.mode == "prefill":
+            return None  # a decode step: the prefill's steering reaches it through the KV cache
+        if self.terms[0].device != hidden.device:
+            self.terms = tuple(t.to(hidden.device) for t in self.terms)
+        u, r, alpha, floor, cap = self.terms
+        prompt = handle.prompt
+        gates = prompt.layer_gates.get(self.index)
+        if gates is None:
+            last = last_real_positions(prompt.mask, prompt.length, hidden.shape[0]).to(hidden.device) - handle.start
+            if bool(((last < 0) | (last >= hidden.shape[1])).any()):
+                raise RuntimeError("the paper's gate reads the last prompt token at every layer, and this forward does "
+                                   "not hold it (chunked prefill?): generate without prefill_chunk_size, or use a "
+                                   "prompt gate")
+            h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].to(torch.float32)
+            gates = prompt.layer_gates[self.index] = shape_gate(h_last @ u.T, floor, cap)  # [B, K]
+        delta = (_rows(gates, hidden.shape[0]) * alpha) @ r  # [batch, d] float32
+        return _replace_hidden_states(output, _add(hidden, delta, positions if self.mode == "prefill" else None))
 
 
 def attach_steering(
@@ -187,12 +375,14 @@ def attach_steering(
     cap: Sequence[float],
     mode: SteeringMode = "prefill",
 ) -> SteeringHandle:
-    """Hook `layers` so block l's output gets + sum_k alpha_k shape_gate(h_last . u[k, l]) r[k, l].
+    """Hook `layers` so block l's output gets + sum_k alpha_k shape_gate(h_last . u[k, l]) r[k, l] on the
+    prompt's positions, h_last being each row's last real prompt token (read from the attention mask, so any
+    padding side works) when the prompt is first seen.
 
-    h_last is each row's last position, so batches must be LEFT-padded.
-    u, r: [K, len(layers), d]; alpha, floor, cap: K values. mode 'prefill' (the paper) steers only forwards
-    with sequence length > 1; 'all' steers every forward, single-token decode steps included. At most one
-    attachment per model: a second raises RuntimeError until the first handle is removed.
+    u, r: [K, len(layers), d]; alpha, floor, cap: K values. mode 'prefill' (the paper) steers the prompt's
+    positions only, on every generation path (see SteeringHandle); 'all' steers every position, generated ones
+    included, with the prompt's gate values. At most one attachment per model: a second raises RuntimeError
+    until the first handle is removed.
 
     The hooks are prepended, so every other forward hook on a layer sees the steered output, whenever it was
     registered (transformers 5 installs its output_hidden_states hooks lazily, on first use).
@@ -207,8 +397,9 @@ def attach_steering(
     per_term = [torch.tensor(values, dtype=torch.float32) for values in (alpha, floor, cap)]
     handle = _new_handle(model)
     try:
+        _start_tracking(handle)
         for index, layer in enumerate(layers):
-            hook = _LayerSteering(u[:, index].float(), r[:, index].float(), *per_term, mode=mode)
+            hook = _LayerSteering(handle, index, u[:, index].float(), r[:, index].float(), *per_term, mode=mode)
             handle._hooks.append(layer.register_forward_hook(hook, prepend=True))
     except BaseException:
         handle.remove()
@@ -216,38 +407,37 @@ def attach_steering(
     return handle
 
 
-def _new_handle(model: nn.Module) -> SteeringHandle:
-    if hasattr(model, ATTACHED_MARKER):
-        raise RuntimeError("an eraser is already attached to this model: remove its handle before attaching another")
-    handle = SteeringHandle(model)
-    setattr(model, ATTACHED_MARKER, handle)
-    return handle
-
-
 class _PromptSteering:
     """Forward hook of one layer under a prompt gate: at the decision layer, pool the prompt and decide
-    g [batch, K] once; at every steered layer, output += (g * alpha) @ r_l."""
+    g [batch, K] once per prompt; at every steered layer, add (g * alpha) @ r_l to the prompt's positions."""
 
     def __init__(self, handle: SteeringHandle, gate: gating.PromptGate | None, r: Tensor | None, alpha: Tensor,
                  mode: str):
         self.handle, self.gate, self.r, self.alpha, self.mode = handle, gate, r, alpha, mode
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
-        hidden = _hidden_states(output)
-        prefill = hidden.shape[1] > 1
-        if not prefill and self.mode == "prefill":
-            return None  # a decode step: the prefill's steering reaches it through the KV cache
         handle = self.handle
-        if self.gate is not None and (prefill or handle.decisions is None):
-            z = gating.pool(hidden, _mask_for(handle.attention_mask, hidden), self.gate.pooling)
-            handle.scores = self.gate.scores(z)
-            handle.decisions = self.gate.fires(handle.scores)
-        if self.r is None:
-            return None  # the decision layer is not itself steered
+        if handle._suspended or handle.prompt is None:
+            return None
+        hidden = _hidden_states(output)
+        positions = handle.steered_slice(hidden.shape[1])
+        if positions is None and self.mode == "prefill":
+            return None  # a decode step: the prefill's steering reaches it through the KV cache
+        prompt = handle.prompt
+        if self.gate is not None and prompt.decisions is None:
+            if handle.start == 0 and positions is not None and positions.stop == prompt.length:
+                mask = None if prompt.mask is None else prompt.mask.to(hidden.device)
+                z = gating.pool(hidden[:, : prompt.length], mask, self.gate.pooling)
+            else:  # the forward holds part of the prompt (chunked prefill): decide from all of it first
+                z = handle.prompt_features(module, self.gate.pooling)
+            prompt.scores = self.gate.scores(z)
+            prompt.decisions = self.gate.fires(prompt.scores)
+        if self.r is None or prompt.decisions is None:
+            return None  # the decision layer is not itself steered, or this prompt was never decided
         if self.r.device != hidden.device:
             self.r, self.alpha = self.r.to(hidden.device), self.alpha.to(hidden.device)
-        delta = (handle.decisions.to(hidden.device) * self.alpha) @ self.r  # [batch, d] float32
-        return _replace_hidden_states(output, hidden + delta[:, None, :].type_as(hidden))
+        delta = (_rows(prompt.decisions.to(hidden.device), hidden.shape[0]) * self.alpha) @ self.r  # [batch, d]
+        return _replace_hidden_states(output, _add(hidden, delta, positions if self.mode == "prefill" else None))
 
 
 def attach_prompt_steering(
@@ -260,12 +450,12 @@ def attach_prompt_steering(
     mode: SteeringMode = "prefill",
 ) -> SteeringHandle:
     """Hook `layers` (all at or after `decision_layer` in the forward) so block l's output gets
-    + sum_k alpha_k g_k r[k, l], with g = gate.decide(pooled prompt at `decision_layer`) made once per prompt.
+    + sum_k alpha_k g_k r[k, l] on the prompt's positions, with g = gate.decide(pooled prompt at
+    `decision_layer`) made once per prompt (see SteeringHandle for what a prompt is on each generation path).
 
     The attention mask is read from the model's own forward call (a pre-hook on `model`), so left and right
-    padding both pool the real positions only. mode 'prefill' decides and steers on forwards with more than one
-    position; 'all' also steers single-token decode steps, with the prefill's decision. Same one-attachment
-    rule as attach_steering.
+    padding both pool the real positions only. mode 'prefill' steers the prompt's positions; 'all' also steers
+    generated positions, with the prompt's decision. Same one-attachment rule as attach_steering.
     """
     if mode not in STEERING_MODES:
         raise ValueError(f"mode must be one of {STEERING_MODES}, got {mode!r}")
@@ -276,13 +466,8 @@ def attach_prompt_steering(
         raise ValueError(f"alpha needs {num_terms} values")
     handle = _new_handle(model)
     alpha_t = torch.tensor(alpha, dtype=torch.float32)
-
-    def read_mask(module: nn.Module, args: Any, kwargs: dict) -> None:
-        mask = kwargs.get("attention_mask")
-        handle.attention_mask = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
-
     try:
-        handle._hooks.append(model.register_forward_pre_hook(read_mask, with_kwargs=True))
+        _start_tracking(handle)
         steered = {id(layer): index for index, layer in enumerate(layers)}
         if id(decision_layer) not in steered:
             hook = _PromptSteering(handle, gate, None, alpha_t, mode)
