@@ -330,7 +330,32 @@ def _add(hidden: Tensor, delta: Tensor, positions: slice | None) -> Tensor:
     return steered
 
 
-class _LayerSteering:
+class _Steering:
+    """A steered layer's forward hook: what every gate shares. Nothing happens while the handle stands aside
+    or before a prompt; in mode "prefill" a forward holding none of the prompt's positions (a decode step) is
+    left alone, the prefill's steering reaching it through the KV cache. `steer` adds the gate's term."""
+
+    handle: SteeringHandle
+    mode: str
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        handle = self.handle
+        if handle._suspended or handle.prompt is None:
+            return None
+        hidden = _hidden_states(output)
+        positions = handle.steered_slice(hidden.shape[1])
+        if positions is None and self.mode == "prefill":
+            return None
+        delta = self.steer(module, hidden, positions)  # [batch, d] float32, or None
+        if delta is None:
+            return None
+        return _replace_hidden_states(output, _add(hidden, delta, positions if self.mode == "prefill" else None))
+
+    def steer(self, module: nn.Module, hidden: Tensor, positions: slice | None) -> Tensor | None:
+        raise NotImplementedError
+
+
+class _LayerSteering(_Steering):
     """Forward hook of one layer under the paper's per-layer gate: at the prompt's first forward, the gate
     value g_l = shape_gate(h_last . u_l) is read at each row's last real prompt token and kept; every forward
     then adds sum_k alpha_k g_lk r_lk to the prompt's positions (mode "all": to every position)."""
@@ -340,14 +365,8 @@ class _LayerSteering:
         self.handle, self.index, self.mode = handle, index, mode
         self.terms = (u, r, alpha, floor, cap)  # u, r: [K, d]; alpha, floor, cap: (K,); float32
 
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+    def steer(self, module: nn.Module, hidden: Tensor, positions: slice | None) -> Tensor | None:
         handle = self.handle
-        if handle._suspended or handle.prompt is None:
-            return None
-        hidden = _hidden_states(output)
-        positions = handle.steered_slice(hidden.shape[1])
-        if positions is None and self.mode == "prefill":
-            return None  # a decode step: the prefill's steering reaches it through the KV cache
         if self.terms[0].device != hidden.device:
             self.terms = tuple(t.to(hidden.device) for t in self.terms)
         u, r, alpha, floor, cap = self.terms
@@ -361,8 +380,7 @@ class _LayerSteering:
                                    "prompt gate")
             h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].to(torch.float32)
             gates = prompt.layer_gates[self.index] = shape_gate(h_last @ u.T, floor, cap)  # [B, K]
-        delta = (_rows(gates, hidden.shape[0]) * alpha) @ r  # [batch, d] float32
-        return _replace_hidden_states(output, _add(hidden, delta, positions if self.mode == "prefill" else None))
+        return (_rows(gates, hidden.shape[0]) * alpha) @ r
 
 
 def attach_steering(
@@ -407,7 +425,7 @@ def attach_steering(
     return handle
 
 
-class _PromptSteering:
+class _PromptSteering(_Steering):
     """Forward hook of one layer under a prompt gate: at the decision layer, pool the prompt and decide
     g [batch, K] once per prompt; at every steered layer, add (g * alpha) @ r_l to the prompt's positions."""
 
@@ -415,14 +433,8 @@ class _PromptSteering:
                  mode: str):
         self.handle, self.gate, self.r, self.alpha, self.mode = handle, gate, r, alpha, mode
 
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+    def steer(self, module: nn.Module, hidden: Tensor, positions: slice | None) -> Tensor | None:
         handle = self.handle
-        if handle._suspended or handle.prompt is None:
-            return None
-        hidden = _hidden_states(output)
-        positions = handle.steered_slice(hidden.shape[1])
-        if positions is None and self.mode == "prefill":
-            return None  # a decode step: the prefill's steering reaches it through the KV cache
         prompt = handle.prompt
         if self.gate is not None and prompt.decisions is None:
             if handle.start == 0 and positions is not None and positions.stop == prompt.length:
@@ -436,8 +448,7 @@ class _PromptSteering:
             return None  # the decision layer is not itself steered, or this prompt was never decided
         if self.r.device != hidden.device:
             self.r, self.alpha = self.r.to(hidden.device), self.alpha.to(hidden.device)
-        delta = (_rows(prompt.decisions.to(hidden.device), hidden.shape[0]) * self.alpha) @ self.r  # [batch, d]
-        return _replace_hidden_states(output, _add(hidden, delta, positions if self.mode == "prefill" else None))
+        return (_rows(prompt.decisions.to(hidden.device), hidden.shape[0]) * self.alpha) @ self.r
 
 
 def attach_prompt_steering(
