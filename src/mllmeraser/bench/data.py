@@ -1,27 +1,36 @@
-"""MLLMU-Bench data: read a split's parquet, validate its schema, expand records into question items; the
-split names, the validation hold-out and which splits a fit uses by default.
+"""MLLMU-Bench data: read a split's parquet shards, validate its schema, expand records into question items;
+the split names, the validation hold-out and which splits a fit uses by default.
 
-A split lives at `<data>/<split>/train-00000-of-00001.parquet` (the Hub layout). Records follow MLLMU-Bench:
-`ID`, `image {bytes, path}` (Test_Set: `images`, a list of them), `biography`, `Classification_Task
-{Image_Textual_Questions, Pure_Text_Questions}`, `Generation_Task [{Type, Question, Ground_Truth}]`,
-`Mask_Task [{Type, Question, Ground_Truth}]`. Every problem is a `UserInputError` naming the file.
+A split is read from `<data>/<split>/`: every shard `<name>-NNNNN-of-NNNNN.parquet` in it, in shard order
+(the Hub layout; MLLMU-Bench's Test_Set is `train-00000-of-00002.parquet` and `train-00001-of-00002.parquet`),
+or the one parquet file there whatever its name; where that directory is missing, from the Hub's flat layout
+`<data>/data/<split>-NNNNN-of-NNNNN.parquet`. A shard missing from its `-of-N` count is an error. Records
+follow MLLMU-Bench: `ID`, `image {bytes, path}` (Test_Set: `images`, a list of them), `biography`,
+`Classification_Task {Image_Textual_Questions, Pure_Text_Questions}`, `Generation_Task [{Type, Question,
+Ground_Truth}]`, `Mask_Task [{Type, Question, Ground_Truth}]`. Images stay encoded in the items and are decoded
+when an item's `.image` is read. Every problem is a `UserInputError` naming the file.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence, get_args
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from ..core.inputs import QAItem, Task
+from ..core.inputs import EncodedImage, QAItem, Task
 from ..errors import UserInputError
 
-PARQUET_NAME = "train-00000-of-00001.parquet"
+PARQUET_NAME = "train-00000-of-00001.parquet"  # what a one-shard split is called (the testbed writes it)
+SHARD_NAME = re.compile(r"(?P<stem>.+)-(?P<index>\d+)-of-(?P<count>\d+)\.parquet")
+FLAT_LAYOUT_DIR = "data"  # the Hub's other layout: <data>/data/<split>-NNNNN-of-NNNNN.parquet
 
 # The report's split names -> the directory names MLLMU-Bench (and the testbed) use, in report order.
 SPLIT_DIRS = {
@@ -33,9 +42,11 @@ SPLIT_DIRS = {
     "unknown": "Unknown_Set",  # testbed only: never-seen subjects, the right answer is a refusal
 }
 REPORT_SPLITS = tuple(SPLIT_DIRS)
+TESTBED_ONLY_SPLITS = ("general", "unknown")  # absent from the real benchmark: skipped with a warning there
 VALIDATION_SPLIT = "validation"  # the validation people (see validation_split) of retain and real, as a report split
 ERASURE_SPLIT = "Unknown_Train"  # testbed only: questions about strangers, answered with a refusal (trained)
 GENERAL_TRAIN = "General_Train"  # testbed only: the visual-skill questions the model was trained on
+FULL_SET = "Full_Set"  # MLLMU-Bench: every fictitious profile (forget + retain); its evaluation draws few-shot examples here
 FORGET_RATIOS = (5, 10, 15)
 IMAGE_TYPES = {"image_textual", "image"}  # MLLMU-Bench spells the image modality "Image_Textual"
 
@@ -48,21 +59,85 @@ def split_dir_name(split: str, forget_ratio: int = 10) -> str:
     return SPLIT_DIRS[split].format(ratio=forget_ratio, keep=100 - forget_ratio)
 
 
-def split_parquet(data_dir: str | Path, split_dir: str) -> Path:
-    return Path(data_dir) / split_dir / PARQUET_NAME
+def split_location(data_dir: str | Path, split_dir: str) -> Path:
+    """Where a split is expected: its directory under `data_dir` (what errors about a missing split name)."""
+    return Path(data_dir) / split_dir
 
 
-def read_records(parquet_path: str | Path) -> list[dict]:
-    """Read one split's records, checking the MLLMU-Bench schema; a broken file is a one-line error."""
+def split_shards(data_dir: str | Path, split_dir: str) -> list[Path] | None:
+    """The parquet files of a split in shard order, or None where `data_dir` has no such split in either
+    layout (its own directory, or the flat `data/<split>-NNNNN-of-NNNNN.parquet`)."""
+    directory = split_location(data_dir, split_dir)
+    if directory.is_dir():
+        return shard_files(directory)
+    flat = Path(data_dir) / FLAT_LAYOUT_DIR
+    return (shard_files(flat, stem=split_dir) or None) if flat.is_dir() else None
+
+
+def missing_split(data_dir: str | Path, split_dir: str, why: str = "") -> UserInputError:
+    """The error for a split the data lacks, naming the file a one-shard split would be."""
+    return UserInputError(split_location(data_dir, split_dir) / PARQUET_NAME, f"no such parquet file{why}")
+
+
+def shard_files(directory: Path, stem: str | None = None) -> list[Path]:
+    """The shards `<stem>-NNNNN-of-NNNNN.parquet` in `directory` (of the one stem there, or of `stem`), in shard
+    order; without shard names, the one parquet file there. An empty split directory, a shard missing from the
+    `-of-N` count, or files of several stems are errors naming the directory."""
+    files = sorted(directory.glob("*.parquet"))
+    named = {path: SHARD_NAME.fullmatch(path.name) for path in files}
+    if stem is not None:
+        named = {path: match for path, match in named.items() if match and match["stem"] == stem}
+        if not named:
+            return []
+    if not named:
+        raise UserInputError(directory, "no parquet file in this split directory")
+    plain = [path.name for path, match in named.items() if match is None]
+    if plain:
+        if len(named) == 1:
+            return list(named)
+        raise UserInputError(directory, f"{plain[0]} is not named as a shard (<name>-NNNNN-of-NNNNN.parquet) "
+                                        f"and there are other parquet files beside it")
+    stems = sorted({match["stem"] for match in named.values()})
+    counts = sorted({match["count"] for match in named.values()})
+    if len(stems) > 1 or len(counts) > 1:
+        raise UserInputError(directory, f"shards of several sets here ({', '.join(p.name for p in named)}); "
+                                        f"expected one <name>-NNNNN-of-NNNNN.parquet series")
+    total, width = int(counts[0]), len(next(iter(named.values()))["index"])
+    by_index = {int(match["index"]): path for path, match in named.items()}
+    for index in range(total):
+        if index not in by_index:
+            raise UserInputError(directory, f"missing shard {stems[0]}-{index:0{width}d}-of-{counts[0]}.parquet "
+                                            f"(the shard names say {total})")
+    extra = sorted(set(by_index) - set(range(total)))
+    if extra:
+        raise UserInputError(by_index[extra[0]], f"shard index {extra[0]} is beyond the -of-{counts[0]} count")
+    return [by_index[index] for index in range(total)]
+
+
+def read_records(parquet_path: str | Path, ids: Iterable[str] | None = None) -> list[dict]:
+    """Read one split's records (a split directory: every shard in order; or one parquet file), checking the
+    MLLMU-Bench schema; only the subjects in `ids` where given. A broken file is a one-line error naming it."""
     path = Path(parquet_path)
-    if path.is_dir():
-        path = path / PARQUET_NAME
+    shards = shard_files(path) if path.is_dir() else [path]
+    return [record for shard in shards for record in _read_shard(shard, ids)]
+
+
+def read_split_records(data_dir: str | Path, split_dir: str, ids: Iterable[str] | None = None) -> list[dict] | None:
+    """A split's records by directory name (either layout), or None where the data has no such split."""
+    shards = split_shards(data_dir, split_dir)
+    return None if shards is None else [record for shard in shards for record in _read_shard(shard, ids)]
+
+
+def _read_shard(path: Path, ids: Iterable[str] | None) -> list[dict]:
     if not path.is_file():
         raise UserInputError(path, "no such parquet file")
     try:
-        records = pq.read_table(path).to_pylist()
+        table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for a corrupt or truncated file
         raise UserInputError(path, f"not a readable parquet file ({type(exc).__name__}: {_first_line(exc)})") from None
+    if ids is not None and "ID" in table.column_names:
+        table = table.filter(pc.is_in(table["ID"], value_set=pa.array(sorted(ids)).cast(table["ID"].type)))
+    records = table.to_pylist()
     for index, record in enumerate(records):
         _check_record(path, index, record)
     return records
@@ -95,26 +170,50 @@ def _check_record(path: Path, index: int, record: dict) -> None:
                 raise UserInputError(path, f"{where}: a {column} entry lacks Type/Question/Ground_Truth")
 
 
-def decode_image(path: Path, subject_id: str, image_field) -> Image.Image:
-    data = image_field.get("bytes") if isinstance(image_field, dict) else image_field
-    if not data:
-        raise UserInputError(path, f"subject {subject_id}: image has no bytes")
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except Exception as exc:
-        raise UserInputError(path, f"subject {subject_id}: unreadable image ({_first_line(exc)})") from None
-    return image.convert("RGB")
-
-
-def record_images(path: Path, record: dict) -> list[Image.Image]:
-    """The record's images: one for most splits, several for Test_Set (new renderings of the subject)."""
-    subject_id = str(record["ID"])
+def record_images(path: Path, record: dict) -> list[EncodedImage]:
+    """The record's images, still encoded: one for most splits, several for Test_Set (new renderings of the
+    subject). Their headers are checked here; their pixels are decoded where an item's `.image` is read."""
+    label = f"subject {record['ID']}"
     if record.get("images"):
-        return [decode_image(path, subject_id, field) for field in record["images"]]
+        return [EncodedImage(_image_bytes(field), str(path), label) for field in record["images"]]
     if record.get("image"):
-        return [decode_image(path, subject_id, record["image"])]
+        return [EncodedImage(_image_bytes(record["image"]), str(path), label)]
     return []
+
+
+def _image_bytes(image_field) -> bytes | None:
+    return image_field.get("bytes") if isinstance(image_field, dict) else image_field
+
+
+@dataclass(frozen=True)
+class RecordQuestion:
+    """One question of a record, as stored: `index` is its position in its list (Image_Textual_Questions or
+    Pure_Text_Questions for classification; Mask_Task; Generation_Task), `answer` the stored answer
+    (Correct_Answer or Ground_Truth)."""
+
+    task: Task
+    modality: str  # "image" or "text"
+    index: int
+    question: str
+    answer: str
+    options: dict[str, str] | None = None
+
+
+def record_questions(record: dict) -> list[RecordQuestion]:
+    """Every question of one record, in the order items are made: classification (image, then text), cloze
+    (Mask_Task), generation (Generation_Task)."""
+    questions = []
+    classification = record.get("Classification_Task") or {}
+    for key, modality in (("Image_Textual_Questions", "image"), ("Pure_Text_Questions", "text")):
+        for index, q in enumerate(classification.get(key) or []):
+            options = {k: str(v) for k, v in (q["Options"] or {}).items() if v is not None}
+            questions.append(RecordQuestion("classification", modality, index, q["Question"],
+                                            str(q["Correct_Answer"]), options))
+    for column, task in (("Mask_Task", "cloze"), ("Generation_Task", "generation")):
+        for index, q in enumerate(record.get(column) or []):
+            modality = "image" if str(q["Type"]).lower() in IMAGE_TYPES else "text"
+            questions.append(RecordQuestion(task, modality, index, q["Question"], str(q["Ground_Truth"])))
+    return questions
 
 
 def expand_items(records: Iterable[dict], path: str | Path = "<records>") -> list[QAItem]:
@@ -124,35 +223,31 @@ def expand_items(records: Iterable[dict], path: str | Path = "<records>") -> lis
     for record in records:
         subject_id = str(record["ID"])
         images = record_images(path, record)
-        classification = record.get("Classification_Task") or {}
-        for key, modality in (("Image_Textual_Questions", "image"), ("Pure_Text_Questions", "text")):
-            for q in classification.get(key) or []:
-                options = {k: str(v) for k, v in (q["Options"] or {}).items() if v is not None}
-                answer = str(q["Correct_Answer"]).strip()[:1].upper()
-                items += _with_images(subject_id, "classification", modality, q["Question"], answer, options, images)
-        for column, task in (("Mask_Task", "cloze"), ("Generation_Task", "generation")):
-            for q in record.get(column) or []:
-                modality = "image" if str(q["Type"]).lower() in IMAGE_TYPES else "text"
-                items += _with_images(subject_id, task, modality, q["Question"], str(q["Ground_Truth"]), None, images)
+        for q in record_questions(record):
+            answer = q.answer.strip()[:1].upper() if q.task == "classification" else q.answer
+            if q.modality == "text":
+                items.append(QAItem(subject_id, q.task, "text", q.question, answer, q.options))
+            else:
+                items += [QAItem(subject_id, q.task, "image", q.question, answer, q.options, image) for image in images]
     return items
-
-
-def _with_images(subject_id, task, modality, question, answer, options, images) -> list[QAItem]:
-    if modality == "text":
-        return [QAItem(subject_id, task, "text", question, answer, options)]
-    return [QAItem(subject_id, task, "image", question, answer, options, image) for image in images]
 
 
 def load_split_items(data_dir: str | Path, split: str, forget_ratio: int = 10) -> list[QAItem] | None:
     """Items of a report split, or None where the data has no such split (e.g. no General_Set)."""
-    path = split_parquet(data_dir, split_dir_name(split, forget_ratio))
-    if not path.exists():
-        return None
-    return read_items(path)
+    return load_dir_items(data_dir, split_dir_name(split, forget_ratio))
+
+
+def load_dir_items(data_dir: str | Path, split_dir: str) -> list[QAItem] | None:
+    """Items of a split by directory name (either layout, every shard), or None where the data has none."""
+    shards = split_shards(data_dir, split_dir)
+    return None if shards is None else [item for shard in shards for item in read_items(shard)]
 
 
 def read_items(path: str | Path) -> list[QAItem]:
     """Every question of one split (its directory or parquet file)."""
+    path = Path(path)
+    if path.is_dir():
+        return [item for shard in shard_files(path) for item in read_items(shard)]
     return expand_items(read_records(path), path)
 
 
@@ -189,17 +284,23 @@ def retained_inputs(data_dir: str | Path, forget_ratio: int = 10) -> list[QAItem
     has it, the testbed's training-only General_Train (visual-skill prompts). The compare job, the demo, the
     benchmarks and `mllmeraser fit` without `--retain` all fit on exactly this."""
     retain, _ = validation_split(load_split_items(data_dir, "retain", forget_ratio) or [])
-    general = split_parquet(data_dir, GENERAL_TRAIN)
-    return retain + (read_items(general) if general.exists() else [])
+    return retain + (load_dir_items(data_dir, GENERAL_TRAIN) or [])
 
 
 def default_erasure_items(data_dir: str | Path | None) -> list[QAItem]:
-    """Questions the model refuses, for the erasure direction: the testbed's Unknown_Train split."""
-    if data_dir is not None:
-        path = split_parquet(data_dir, ERASURE_SPLIT)
-        if path.exists():
-            return read_items(path)
-    raise UserInputError(data_dir, f"no {ERASURE_SPLIT} split here: pass --erasure SPEC (questions the model refuses)")
+    """Questions the model refuses, for the erasure direction: the testbed's Unknown_Train split. The real
+    MLLMU-Bench has none, so there `--erasure SPEC` must name such questions."""
+    items = load_dir_items(data_dir, ERASURE_SPLIT) if data_dir is not None else None
+    if items is None:
+        raise UserInputError(data_dir, f"no {ERASURE_SPLIT} split here (the testbed's questions about strangers; "
+                                       f"the real MLLMU-Bench has none): pass --erasure SPEC, questions this model "
+                                       f"refuses (a split, parquet, or JSONL of {{image, question, answer}})")
+    return items
+
+
+def erasure_items(spec: str | None, data_dir: str | Path | None, forget_ratio: int = 10) -> list[QAItem]:
+    """The erasure inputs of a fit: `--erasure SPEC` where given, else the data's Unknown_Train."""
+    return resolve_spec(spec, data_dir, forget_ratio) if spec else default_erasure_items(data_dir)
 
 
 def resolve_spec(spec: str, data_dir: str | Path | None, forget_ratio: int = 10) -> list[QAItem]:
@@ -216,7 +317,10 @@ def resolve_spec(spec: str, data_dir: str | Path | None, forget_ratio: int = 10)
     if data_dir is None:
         raise UserInputError(spec, "no such file; to name a split, also pass --data DIR")
     directory = split_dir_name(spec, forget_ratio) if spec in SPLIT_DIRS else spec
-    return read_items(split_parquet(data_dir, directory))
+    items = load_dir_items(data_dir, directory)
+    if items is None:
+        raise missing_split(data_dir, directory)
+    return items
 
 
 def read_jsonl_items(path: str | Path) -> list[QAItem]:

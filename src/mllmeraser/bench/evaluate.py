@@ -8,6 +8,7 @@ validation people (the `validation` split, which chooses settings), and, on the 
 from __future__ import annotations
 
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -69,19 +70,28 @@ def score_items(model, processor, items: Sequence[QAItem], batch_size: int = 64,
 
 def report_items(data_dir: str | Path, forget_ratio: int = 10,
                  splits: Sequence[str] = REPORT_SPLITS) -> dict[str, list[QAItem]]:
-    """The questions of each report split present in `data_dir` (a split the data lacks is left out)."""
+    """The questions of each report split in `data_dir`. A testbed-only split the data lacks (general, unknown)
+    is skipped with a one-line warning on stderr; any other missing split is an error."""
     forget = data.load_split_items(data_dir, "forget", forget_ratio)
     if forget is None:
-        raise UserInputError(data.split_parquet(data_dir, data.split_dir_name("forget", forget_ratio)),
-                             "no such parquet file (is --data an MLLMU-Bench directory?)")
+        raise data.missing_split(data_dir, data.split_dir_name("forget", forget_ratio),
+                                 " (is --data an MLLMU-Bench directory?)")
     forget_ids = {item.subject_id for item in forget}
     items: dict[str, list[QAItem]] = {}
     for split in splits:
         if split == VALIDATION_SPLIT:
+            for needed in data.VALIDATION_FRACTION:  # never a shorter validation set without a word
+                if data.split_shards(data_dir, data.split_dir_name(needed, forget_ratio)) is None:
+                    raise data.missing_split(data_dir, data.split_dir_name(needed, forget_ratio))
             items[split] = data.validation_items(data_dir, forget_ratio)
             continue
         loaded = forget if split == "forget" else data.load_split_items(data_dir, split, forget_ratio)
         if loaded is None:
+            directory = data.split_dir_name(split, forget_ratio)
+            if split not in data.TESTBED_ONLY_SPLITS:
+                raise data.missing_split(data_dir, directory)
+            print(f"mllmeraser: warning: no {directory} split in {data_dir}; the {split} split is skipped "
+                  f"(only the offline testbed has it)", file=sys.stderr)
             continue
         if split == "test":  # Test_Set holds the largest forget set's subjects: keep this request's
             loaded = [i for i in loaded if i.subject_id in forget_ids] or loaded

@@ -3,20 +3,58 @@
 The item's tasks are MLLMU-Bench's (classification, cloze, generation), and so is the instruction its prompt
 ends with: that one dependency on the benchmark, its prompt strings (`bench/prompts.py`), is imported here
 explicitly. A `verbatim` item skips it: its prompt is its question exactly as given.
+
+An item's image may be held encoded (`EncodedImage`: the file's bytes, as a benchmark split stores them) and is
+then decoded each time `item.image` is read, never cached: thousands of items cost their files' bytes, not
+their decoded pixels.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
 from PIL import Image
 
 from ..bench import prompts as mllmu_prompts
+from ..errors import UserInputError
 
 Task = Literal["classification", "cloze", "generation"]
 Modality = Literal["image", "text"]
 PlainInput = tuple["Image.Image | None", str, str]  # (image or None, question, answer)
+
+
+class EncodedImage:
+    """An image kept as its encoded bytes (PNG, JPEG, ...), decoded to RGB on every `decode()`. The bytes are
+    checked against the formats Pillow knows when the object is made (a header check, nothing decoded), so
+    empty or foreign bytes are a one-line error naming `source` at once; a file that passes the check but is
+    broken further in is one when it is first decoded."""
+
+    __slots__ = ("data", "source", "label")
+
+    def __init__(self, data: bytes | None, source: str, label: str):
+        self.data, self.source, self.label = data, source, label
+        if not data:
+            raise UserInputError(source, f"{label}: image has no bytes")
+        if not _known_format(data):
+            raise UserInputError(source, f"{label}: unreadable image (not an image format Pillow reads)")
+
+    def decode(self) -> Image.Image:
+        try:
+            image = Image.open(io.BytesIO(self.data))
+            image.load()
+        except Exception as exc:
+            lines = str(exc).strip().splitlines()
+            raise UserInputError(self.source, f"{self.label}: unreadable image "
+                                              f"({lines[0] if lines else type(exc).__name__})") from None
+        return image.convert("RGB")
+
+
+def _known_format(data: bytes) -> bool:
+    """Whether a Pillow format claims these bytes' first 16 (what Image.open itself reads to choose one)."""
+    Image.init()
+    return any(accept is not None and accept(data[:16]) for _, accept in Image.OPEN.values())
 
 
 @dataclass(frozen=True)
@@ -29,8 +67,13 @@ class QAItem:
     question: str
     answer: str  # classification: the correct letter; cloze and generation: the ground truth
     options: dict[str, str] | None = None
-    image: Image.Image | None = field(default=None, compare=False, repr=False)
+    image: Image.Image | None = field(default=None, compare=False, repr=False)  # also takes an EncodedImage
     verbatim: bool = False  # True: the prompt is `question` as given, with no MLLMU-Bench instruction
+
+    @property
+    def image_source(self) -> Image.Image | EncodedImage | None:
+        """The image as held: a PIL image, an EncodedImage (not decoded by reading this) or None."""
+        return self.__dict__.get("_image")
 
     @property
     def prompt(self) -> str:
@@ -41,6 +84,23 @@ class QAItem:
         if self.task == "cloze":
             return mllmu_prompts.cloze_prompt(self.question)
         return mllmu_prompts.generation_prompt(self.question)
+
+
+class _ImageOnRead:
+    """`QAItem.image`: stores what the item was given; reading it gives a PIL image (an EncodedImage is decoded
+    anew on each read) or None."""
+
+    def __get__(self, item, owner=None):
+        if item is None:
+            return None
+        held = item.__dict__.get("_image")
+        return held.decode() if isinstance(held, EncodedImage) else held
+
+    def __set__(self, item, value) -> None:  # reached only from the dataclass __init__ (the item is frozen)
+        item.__dict__["_image"] = value
+
+
+QAItem.image = _ImageOnRead()
 
 
 def as_items(inputs: Iterable[QAItem | PlainInput]) -> list[QAItem]:
