@@ -14,6 +14,7 @@ from PIL import Image
 
 from .bench import compare, data, evaluate, report
 from .bench.data import FORGET_RATIOS, REPORT_SPLITS, VALIDATION_SPLIT
+from .bench.protocols import PROTOCOLS
 from .core import gating, models
 from .core.eraser import Eraser
 from .core.fitting import GATES, FitSettings, PGDSettings
@@ -48,6 +49,12 @@ def _add_eraser_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=None, help="override the eraser's strength")
 
 
+def _add_protocol_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--protocol", default="testbed", choices=PROTOCOLS,
+                        help="testbed (default): chat template, no few-shot, every Test_Set image; mllmu: "
+                        "MLLMU-Bench's own evaluation script (docs/mllmu_protocol.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mllmeraser", description=__import__("mllmeraser").__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd.add_argument("--json", type=Path, default=None, help="write {split: {metric: value}} here")
     evaluate_cmd.add_argument("--splits", default=None,
                               help=f"comma-separated subset of {','.join(REPORT_SPLITS + (VALIDATION_SPLIT,))}")
+    _add_protocol_arg(evaluate_cmd)
     evaluate_cmd.set_defaults(handler=cmd_eval)
 
     fit = commands.add_parser("fit", help="fit an eraser for a forget request")
@@ -127,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare_cmd.add_argument("--baseline-epochs", type=int, default=compare.CompareSettings.baseline_epochs)
     compare_cmd.add_argument("--baseline-lrs", default=",".join(str(x) for x in compare.CompareSettings.baseline_lrs))
     compare_cmd.add_argument("--batch-size", type=int, default=64)
+    _add_protocol_arg(compare_cmd)
     compare_cmd.set_defaults(handler=cmd_compare)
 
     demo = commands.add_parser("demo", help="the main job: build/reuse the testbed, fit an eraser, before/after, report")
@@ -165,11 +174,13 @@ def attached(model, eraser: Eraser | None) -> AbstractContextManager:
 def cmd_eval(args) -> int:
     splits = tuple(args.splits.split(",")) if args.splits else REPORT_SPLITS
     model, processor = models.load_model(args.model, **model_options(args))
-    items = evaluate.report_items(args.data, args.forget_ratio, splits)
+    items = evaluate.report_items(args.data, args.forget_ratio, splits, args.protocol)
     eraser = load_eraser(args.eraser, args.alpha)
     with attached(model, eraser):
-        results = evaluate.evaluate(model, processor, args.data, items=items, batch_size=args.batch_size)
-    if eraser is not None and eraser.prompt_gate is not None:  # what the gate turned on, per split
+        results = evaluate.evaluate(model, processor, args.data, args.forget_ratio, items=items,
+                                    batch_size=args.batch_size, protocol=args.protocol)
+    # What the gate turned on, per split (read on the testbed protocol's prompts, so reported with it only).
+    if eraser is not None and eraser.prompt_gate is not None and args.protocol == "testbed":
         for split, scores in evaluate.gate_scores(model, processor, eraser, items, args.batch_size).items():
             results[split]["gate_fire_rate"] = evaluate.fire_rate(scores, eraser)
     print(evaluate.format_table(results))
@@ -250,7 +261,7 @@ def cmd_compare(args) -> int:
     settings = compare.CompareSettings(forget_ratio=args.forget_ratio, methods=_methods(args.methods),
                                        batch_size=args.batch_size, baseline_epochs=args.baseline_epochs,
                                        baseline_lrs=tuple(float(x) for x in args.baseline_lrs.split(",")),
-                                       **model_options(args))
+                                       protocol=args.protocol, **model_options(args))
     summary = compare.run_compare(Path(args.model), Path(args.data), args.out, settings)
     _print_summary(summary, args.out)
     return 0

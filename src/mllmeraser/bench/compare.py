@@ -6,7 +6,8 @@ the validation people only (data.validation_items: held-out retain and real peop
 strongest setting whose validation classification accuracy stays >= RETAIN_KEEP x vanilla's; the eraser's
 prompt gate is calibrated on the same people. "Strongest" is the largest strength for the
 eraser and, for a baseline, the grid point with the highest forget-set training loss (a training-time
-quantity, not a reported metric). The reported splits never choose anything.
+quantity, not a reported metric). The reported splits never choose anything, whatever the protocol: the
+validation people are left out of the reported retain and real splits under `--protocol mllmu` too.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..core import gating, models
 from ..core.eraser import Eraser
 from ..core.fitting import FitSettings
 from ..errors import UserInputError, atomic_write_bytes
-from . import baselines, data, evaluate, measure, report
+from . import baselines, data, evaluate, measure, protocols, report
 from .data import REPORT_SPLITS, VALIDATION_SPLIT
 
 ERASER_METHODS = ("eraser", "eraser-paper")
@@ -48,6 +49,7 @@ class CompareSettings:
     baseline_epochs: int = 4
     curve_scales: tuple[float, ...] = CURVE_SCALES
     seed: int = 0
+    protocol: str = "testbed"  # or "mllmu": MLLMU-Bench's own evaluation script (protocols.py)
     device: str | None = None  # models.load_model's placement: default cuda + bfloat16 where there is a GPU
     dtype: str | None = None
     device_map: str | None = None
@@ -86,7 +88,9 @@ class Harness:
     def __init__(self, model_dir: Path, data_dir: Path, settings: CompareSettings, progress: bool):
         self.model_dir, self.data_dir, self.settings, self.progress = model_dir, data_dir, settings, progress
         self.model, self.processor = models.load_model(model_dir, **settings.model_options())
+        # The validation people choose every setting, so they are left out of retain and real whatever the protocol.
         self.items = evaluate.report_items(data_dir, settings.forget_ratio, REPORT_SPLITS + (VALIDATION_SPLIT,))
+        self.questions = evaluate.prepare(data_dir, settings.forget_ratio, self.items, settings.protocol, settings.seed)
         self.forget = self.items["forget"]
         self.retain_fit = data.retained_inputs(data_dir, settings.forget_ratio)
         self.validation = self.items.get(VALIDATION_SPLIT, [])
@@ -94,9 +98,9 @@ class Harness:
             raise UserInputError(data_dir, "the retain split has no validation subjects to choose settings on")
 
     def evaluate(self, model=None, splits: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
-        chosen = {s: self.items[s] for s in (splits or self.items) if s in self.items}
-        return evaluate.evaluate(model or self.model, self.processor, self.data_dir, items=chosen,
-                                 batch_size=self.settings.batch_size, progress=self.progress)
+        chosen = {s: self.questions[s] for s in (splits or self.questions) if s in self.questions}
+        return evaluate.score(model or self.model, self.processor, chosen, self.settings.protocol,
+                              self.settings.batch_size, self.progress)
 
 
 
@@ -210,6 +214,7 @@ def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: Compar
     unknown = [m for m in settings.methods if m not in ALL_METHODS]
     if unknown:
         raise UserInputError(None, f"unknown method(s) {unknown}; choose from {list(ALL_METHODS)}")
+    protocols.check_protocol(settings.protocol)
     torch.manual_seed(settings.seed)
     h = Harness(Path(model_dir), Path(data_dir), settings, progress)
     vanilla = MethodResult("vanilla", h.evaluate(splits=REPORT_SPLITS + (VALIDATION_SPLIT,)))
@@ -225,6 +230,7 @@ def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: Compar
             methods.append(run_baseline(h, name, vanilla_val))
     out_dir = Path(out_dir)
     summary = {"model": str(model_dir), "data": str(data_dir), "forget_ratio": settings.forget_ratio,
+               "protocol": settings.protocol,
                "retain_keep": RETAIN_KEEP, "vanilla_validation_classification": vanilla_val,
                "examples": examples(h, methods, out_dir),
                "methods": [{f.name: getattr(m, f.name) for f in fields(m) if f.name != "eraser"} for m in methods]}

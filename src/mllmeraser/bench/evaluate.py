@@ -3,6 +3,8 @@
 `evaluate()` returns `{split: {metric: value}}` with values as fractions in [0, 1]. Splits: forget, test
 (new renderings / images of the forget subjects), retain and real (pre-existing knowledge), both less their
 validation people (the `validation` split, which chooses settings), and, on the testbed, general (visual skills) and unknown (refusal rate).
+Two protocols (protocols.py): `testbed`, the default, and `mllmu`, MLLMU-Bench's own evaluation script, which
+reports retain and real whole (it has no validation people) and asks and reads answers its own way.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ..core.eraser import Eraser
 from ..core.inputs import QAItem
 from ..core.models import answer_items
 from ..errors import UserInputError
-from . import data, prompts
+from . import data, prompts, protocols
 from .data import REPORT_SPLITS, VALIDATION_SPLIT
 
 _SCORER = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
@@ -52,6 +54,18 @@ def item_scores(item: QAItem, answer: str) -> dict[str, float]:
     return scores
 
 
+def mllmu_item_scores(item: QAItem, answer: str) -> dict[str, float]:
+    """The mllmu protocol's per-question scores: eval.py's letter rule for classification, its unstripped
+    ground truth for cloze; generation (ROUGE, BLEU) and the refusal rate as in `item_scores`."""
+    suffix = item.modality
+    if item.task == "classification":
+        return {f"classification_{suffix}": float(protocols.answer_letter(answer, item.options or {}) == item.answer)}
+    scores = item_scores(item, answer)
+    if item.task == "cloze":
+        scores[f"cloze_{suffix}"] = float(item.answer.lower() in answer.lower())
+    return scores
+
+
 def aggregate(scored: Iterable[dict[str, float]]) -> dict[str, float]:
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
@@ -68,10 +82,12 @@ def score_items(model, processor, items: Sequence[QAItem], batch_size: int = 64,
     return aggregate(item_scores(item, answer) for item, answer in zip(items, answers))
 
 
-def report_items(data_dir: str | Path, forget_ratio: int = 10,
-                 splits: Sequence[str] = REPORT_SPLITS) -> dict[str, list[QAItem]]:
+def report_items(data_dir: str | Path, forget_ratio: int = 10, splits: Sequence[str] = REPORT_SPLITS,
+                 protocol: str = "testbed") -> dict[str, list[QAItem]]:
     """The questions of each report split in `data_dir`. A testbed-only split the data lacks (general, unknown)
-    is skipped with a one-line warning on stderr; any other missing split is an error."""
+    is skipped with a one-line warning on stderr; any other missing split is an error. The testbed protocol
+    leaves the validation people out of retain and real; the mllmu protocol reports those splits whole."""
+    protocols.check_protocol(protocol)
     forget = data.load_split_items(data_dir, "forget", forget_ratio)
     if forget is None:
         raise data.missing_split(data_dir, data.split_dir_name("forget", forget_ratio),
@@ -95,18 +111,40 @@ def report_items(data_dir: str | Path, forget_ratio: int = 10,
             continue
         if split == "test":  # Test_Set holds the largest forget set's subjects: keep this request's
             loaded = [i for i in loaded if i.subject_id in forget_ids] or loaded
-        if split in data.VALIDATION_FRACTION:  # the validation people choose settings, so they are never reported
+        if split in data.VALIDATION_FRACTION and protocol == "testbed":  # validation people choose settings
             loaded = data.validation_split(loaded, split)[0]
         items[split] = loaded
     return items
 
 
-def evaluate(model, processor, data_dir: str | Path, forget_ratio: int = 10, splits: Sequence[str] = REPORT_SPLITS,
-             batch_size: int = 64, progress: bool = True,
-             items: dict[str, list[QAItem]] | None = None) -> dict[str, dict[str, float]]:
-    items = items if items is not None else report_items(data_dir, forget_ratio, splits)
-    return {split: score_items(model, processor, split_items, batch_size, progress, desc=f"eval {split}")
+def prepare(data_dir: str | Path, forget_ratio: int, items: dict[str, list[QAItem]],
+            protocol: str = "testbed", seed: int = 0) -> dict[str, list]:
+    """What each split's questions are under `protocol`: the items themselves (testbed), or the mllmu
+    protocol's prompts for the same subjects (protocols.mllmu_questions)."""
+    if protocols.check_protocol(protocol) == "testbed":
+        return items
+    return {split: protocols.mllmu_questions(data_dir, split, forget_ratio, {i.subject_id for i in split_items}, seed)
             for split, split_items in items.items()}
+
+
+def score(model, processor, questions: dict[str, list], protocol: str = "testbed", batch_size: int = 64,
+          progress: bool = True) -> dict[str, dict[str, float]]:
+    """{split: metrics} of `prepare`d questions."""
+    if protocols.check_protocol(protocol) == "testbed":
+        return {split: score_items(model, processor, split_items, batch_size, progress, desc=f"eval {split}")
+                for split, split_items in questions.items()}
+    results = {}
+    for split, prompted in questions.items():
+        answers = protocols.answer_prompts(model, processor, prompted, batch_size, progress, desc=f"eval {split}")
+        results[split] = aggregate(mllmu_item_scores(q.item, answer) for q, answer in zip(prompted, answers))
+    return results
+
+
+def evaluate(model, processor, data_dir: str | Path, forget_ratio: int = 10, splits: Sequence[str] = REPORT_SPLITS,
+             batch_size: int = 64, progress: bool = True, items: dict[str, list[QAItem]] | None = None,
+             protocol: str = "testbed") -> dict[str, dict[str, float]]:
+    items = items if items is not None else report_items(data_dir, forget_ratio, splits, protocol)
+    return score(model, processor, prepare(data_dir, forget_ratio, items, protocol), protocol, batch_size, progress)
 
 
 def gate_scores(model, processor, eraser: Eraser, items: dict[str, list[QAItem]],
