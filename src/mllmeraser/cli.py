@@ -55,6 +55,11 @@ def _add_protocol_arg(parser: argparse.ArgumentParser) -> None:
                         "MLLMU-Bench's own evaluation script (docs/mllmu_protocol.md)")
 
 
+def _add_erasure_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--erasure", default=None, help="the erasers' erasure inputs: questions the model refuses, "
+                        f"a SPEC as for fit (default: {data.ERASURE_SPLIT} under the data, which only the testbed has)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mllmeraser", description=__import__("mllmeraser").__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare_cmd.add_argument("--baseline-lrs", default=",".join(str(x) for x in compare.CompareSettings.baseline_lrs))
     compare_cmd.add_argument("--batch-size", type=int, default=64)
     _add_protocol_arg(compare_cmd)
+    _add_erasure_arg(compare_cmd)
     compare_cmd.set_defaults(handler=cmd_compare)
 
     demo = commands.add_parser("demo", help="the main job: build/reuse the testbed, fit an eraser, before/after, report")
@@ -143,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preset", default="full", choices=("full", "small"))
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--methods", default="eraser,eraser-paper", help="add ga,graddiff,kl,npo for the baselines (slower)")
+    _add_erasure_arg(demo)
     _add_model_arg(demo, required=False)
     demo.set_defaults(handler=cmd_demo)
     return parser
@@ -209,8 +216,7 @@ def cmd_fit(args) -> int:
         retain = data.retained_inputs(args.data, args.forget_ratio)
     else:
         raise UserInputError(None, "pass --retain SPEC, or --data DIR to fit on its retain split")
-    erasure = (data.resolve_spec(args.erasure, args.data, args.forget_ratio) if args.erasure
-               else data.default_erasure_items(args.data))
+    erasure = data.erasure_items(args.erasure, args.data, args.forget_ratio)
     if args.calibration is not None:
         calibration = data.resolve_spec(args.calibration, args.data, args.forget_ratio)
     else:
@@ -261,7 +267,7 @@ def cmd_compare(args) -> int:
     settings = compare.CompareSettings(forget_ratio=args.forget_ratio, methods=_methods(args.methods),
                                        batch_size=args.batch_size, baseline_epochs=args.baseline_epochs,
                                        baseline_lrs=tuple(float(x) for x in args.baseline_lrs.split(",")),
-                                       protocol=args.protocol, **model_options(args))
+                                       protocol=args.protocol, erasure=args.erasure, **model_options(args))
     summary = compare.run_compare(Path(args.model), Path(args.data), args.out, settings)
     _print_summary(summary, args.out)
     return 0
@@ -271,7 +277,7 @@ def cmd_demo(args) -> int:
     from .testbed.build import build
     started = time.perf_counter()
     directory = build(seed=args.seed, preset=args.preset)
-    settings = compare.CompareSettings(methods=_methods(args.methods), **model_options(args))
+    settings = compare.CompareSettings(methods=_methods(args.methods), erasure=args.erasure, **model_options(args))
     summary = compare.run_compare(directory / "model", directory / "data", args.out, settings)
     _print_summary(summary, args.out)
     print(f"demo finished in {time.perf_counter() - started:.0f}s")

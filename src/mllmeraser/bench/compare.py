@@ -7,7 +7,9 @@ strongest setting whose validation classification accuracy stays >= RETAIN_KEEP 
 prompt gate is calibrated on the same people. "Strongest" is the largest strength for the
 eraser and, for a baseline, the grid point with the highest forget-set training loss (a training-time
 quantity, not a reported metric). The reported splits never choose anything, whatever the protocol: the
-validation people are left out of the reported retain and real splits under `--protocol mllmu` too.
+validation people are left out of the reported retain and real splits under `--protocol mllmu` too. The
+baselines train LoRA adapters on the one loaded model and take them out again after each trial, so the base
+weights every method starts from are the same, bit for bit.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from ..core import gating, models
 from ..core.eraser import Eraser
 from ..core.fitting import FitSettings
+from ..core.inputs import QAItem
 from ..errors import UserInputError, atomic_write_bytes
 from . import baselines, data, evaluate, measure, protocols, report
 from .data import REPORT_SPLITS, VALIDATION_SPLIT
@@ -50,6 +53,7 @@ class CompareSettings:
     curve_scales: tuple[float, ...] = CURVE_SCALES
     seed: int = 0
     protocol: str = "testbed"  # or "mllmu": MLLMU-Bench's own evaluation script (protocols.py)
+    erasure: str | None = None  # the erasers' erasure inputs, a data.resolve_spec SPEC (default: Unknown_Train)
     device: str | None = None  # models.load_model's placement: default cuda + bfloat16 where there is a GPU
     dtype: str | None = None
     device_map: str | None = None
@@ -85,8 +89,10 @@ def rouge_l(metrics: dict[str, float]) -> float:
 class Harness:
     """The model, its processor and the fixed question sets every method is measured on."""
 
-    def __init__(self, model_dir: Path, data_dir: Path, settings: CompareSettings, progress: bool):
+    def __init__(self, model_dir: Path, data_dir: Path, settings: CompareSettings, progress: bool,
+                 erasure: list[QAItem] | None = None):
         self.model_dir, self.data_dir, self.settings, self.progress = model_dir, data_dir, settings, progress
+        self.erasure = erasure  # the erasers' erasure inputs (resolved before the model loads)
         self.model, self.processor = models.load_model(model_dir, **settings.model_options())
         # The validation people choose every setting, so they are left out of retain and real whatever the protocol.
         self.items = evaluate.report_items(data_dir, settings.forget_ratio, REPORT_SPLITS + (VALIDATION_SPLIT,))
@@ -120,9 +126,8 @@ def gate_diagnostics(h: Harness, eraser: Eraser) -> dict:
 def run_eraser(h: Harness, name: str, settings: FitSettings, vanilla_val: float) -> MethodResult:
     """Fit on forget vs the retained inputs, calibrate the gate on the validation people, then choose the strength
     by the validation rule; the report splits are measured at that one strength."""
-    erasure = data.default_erasure_items(h.data_dir)
     with measure.measured() as cost:
-        eraser = Eraser.fit(h.model, h.processor, forget=h.forget, retain=h.retain_fit, erasure=erasure,
+        eraser = Eraser.fit(h.model, h.processor, forget=h.forget, retain=h.retain_fit, erasure=h.erasure,
                             calibration=h.validation, settings=settings, request=f"forget_{h.settings.forget_ratio}",
                             progress=h.progress)
     base_alpha = eraser.alpha[0]
@@ -173,11 +178,24 @@ def examples(h: Harness, methods: list[MethodResult], out_dir: Path, people: int
     return rows
 
 
+def baseline_trial(h: Harness, settings: baselines.BaselineSettings, on_epoch=None,
+                   splits: Sequence[str] = ()) -> tuple[dict[str, dict[str, float]], object]:
+    """Train one LoRA baseline on the harness model, measure `splits` with the adapter in place, then take the
+    adapter out again (peft's unload: not merged), so the base weights are exactly as before. Returns the
+    results and the cost."""
+    with measure.measured() as cost:
+        peft_model = baselines.train_baseline(h.model, h.processor, h.forget, h.retain_fit, settings,
+                                              progress=h.progress, on_epoch=on_epoch)
+    try:
+        return (h.evaluate(peft_model, splits=splits) if splits else {}), cost
+    finally:
+        h.model = baselines.strip_lora(peft_model)
+
+
 def run_baseline(h: Harness, method: str, vanilla_val: float) -> MethodResult:
     trials = []
     total_seconds, peak = 0.0, 0.0
     for lr in h.settings.baseline_lrs:
-        base_model, _ = models.load_model(h.model_dir, **h.settings.model_options())  # a fresh copy per trial: the base stays untouched
         epochs: list[dict] = []
 
         def on_epoch(epoch: int, peft_model) -> None:
@@ -186,23 +204,16 @@ def run_baseline(h: Harness, method: str, vanilla_val: float) -> MethodResult:
 
         baseline_settings = baselines.BaselineSettings(method=method, lr=lr, epochs=h.settings.baseline_epochs,
                                                        seed=h.settings.seed)
-        with measure.measured() as cost:
-            peft_model = baselines.train_baseline(base_model, h.processor, h.forget, h.retain_fit, baseline_settings,
-                                                  progress=h.progress, on_epoch=on_epoch)
+        _, cost = baseline_trial(h, baseline_settings, on_epoch)
         total_seconds += cost.seconds
         peak = max(peak, cost.peak_extra_mib)
         trials.append({"lr": lr, "epochs": epochs, "settings": asdict(baseline_settings)})
-        del peft_model, base_model
     keepers = [p for t in trials for p in t["epochs"] if classification(p[VALIDATION_SPLIT]) >= RETAIN_KEEP * vanilla_val]
     pool = keepers or [min((p for t in trials for p in t["epochs"]), key=lambda p: p["forget_nll"])]
     best = max(pool, key=lambda p: p["forget_nll"])
     # Retrain the chosen setting for the chosen number of epochs and measure that fit alone.
-    base_model, _ = models.load_model(h.model_dir, **h.settings.model_options())
     chosen_settings = baselines.BaselineSettings(method=method, lr=best["lr"], epochs=best["x"], seed=h.settings.seed)
-    with measure.measured() as cost:
-        peft_model = baselines.train_baseline(base_model, h.processor, h.forget, h.retain_fit, chosen_settings,
-                                              progress=h.progress)
-    results = h.evaluate(peft_model, splits=REPORT_SPLITS)
+    results, cost = baseline_trial(h, chosen_settings, splits=REPORT_SPLITS)
     curve = [p for t in trials for p in t["epochs"]]  # every grid point: one line per learning rate
     return MethodResult(method, results, cost.seconds, cost.peak_extra_mib,
                         {**asdict(chosen_settings), "grid_seconds": round(total_seconds, 1),
@@ -215,8 +226,12 @@ def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: Compar
     if unknown:
         raise UserInputError(None, f"unknown method(s) {unknown}; choose from {list(ALL_METHODS)}")
     protocols.check_protocol(settings.protocol)
+    # The erasure inputs first: a data set without them (the real MLLMU-Bench has no Unknown_Train) is an
+    # error before the model loads, not after the vanilla evaluation.
+    erasure = (data.erasure_items(settings.erasure, data_dir, settings.forget_ratio)
+               if any(m in ERASER_METHODS for m in settings.methods) else None)
     torch.manual_seed(settings.seed)
-    h = Harness(Path(model_dir), Path(data_dir), settings, progress)
+    h = Harness(Path(model_dir), Path(data_dir), settings, progress, erasure)
     vanilla = MethodResult("vanilla", h.evaluate(splits=REPORT_SPLITS + (VALIDATION_SPLIT,)))
     vanilla_val = classification(vanilla.results.pop(VALIDATION_SPLIT))
     methods: list[MethodResult] = [vanilla]
