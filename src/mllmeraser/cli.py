@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .bench import compare, data, evaluate, report
+from .bench import attacks, compare, data, evaluate, report
 from .bench.data import FORGET_RATIOS, REPORT_SPLITS, VALIDATION_SPLIT
 from .bench.protocols import PROTOCOLS
 from .core import gating, models
@@ -129,6 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=50)
     generate.set_defaults(handler=cmd_generate)
+
+    attack = commands.add_parser("attack", help="the attack suite: vanilla and an eraser under each attack")
+    _add_model_arg(attack)
+    attack.add_argument("--data", required=True, help="MLLMU-Bench directory")
+    _add_forget_ratio_arg(attack)
+    _add_eraser_args(attack)
+    attack.add_argument("--attacks", default=None, help="comma-separated subset of "
+                        f"{','.join(attacks.BY_NAME)} (default: all)")
+    attack.add_argument("--retain-people", type=int, default=8,
+                        help="retain people each attack is also run on (collateral damage); 0: all")
+    attack.add_argument("--paraphrases", type=Path, default=None,
+                        help='JSONL of {"question", "paraphrase"}: the rephrasing attack on real data')
+    attack.add_argument("--white-box", action="store_true", help="also a linear probe and membership inference")
+    attack.add_argument("--batch-size", type=int, default=64)
+    attack.add_argument("--json", type=Path, default=None, help="write the results here")
+    attack.set_defaults(handler=cmd_attack)
 
     compare_cmd = commands.add_parser("compare", help="vanilla, eraser (default and paper) and the LoRA baselines, side by side")
     _add_model_arg(compare_cmd)
@@ -251,6 +267,24 @@ def cmd_generate(args) -> int:
     with attached(model, load_eraser(args.eraser, args.alpha)):
         (answer,) = models.generate(model, processor, item, args.max_new_tokens)
     print(answer)
+    return 0
+
+
+def cmd_attack(args) -> int:
+    names = tuple(args.attacks.split(",")) if args.attacks else None
+    unknown = [n for n in names or () if n not in attacks.BY_NAME]
+    if unknown:
+        raise UserInputError(None, f"unknown attack(s) {unknown}; choose from {list(attacks.BY_NAME)}")
+    paraphrases = attacks.read_paraphrases(args.paraphrases) if args.paraphrases else None
+    eraser = load_eraser(args.eraser, args.alpha)
+    model, processor = models.load_model(args.model, **model_options(args))
+    summary = attacks.run_suite(model, processor, args.data, args.forget_ratio,
+                                {"eraser": eraser} if eraser is not None else None, names,
+                                args.retain_people or None, args.batch_size, args.white_box, paraphrases)
+    print(attacks.format_summary(summary))
+    if args.json is not None:
+        atomic_write_text(args.json, json.dumps(summary, indent=2))
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -69,6 +69,8 @@ class QAItem:
     options: dict[str, str] | None = None
     image: Image.Image | None = field(default=None, compare=False, repr=False)  # also takes an EncodedImage
     verbatim: bool = False  # True: the prompt is `question` as given, with no MLLMU-Bench instruction
+    history: tuple[tuple[str, str], ...] = ()  # earlier (user, assistant) turns; the image goes in the first
+    prefill: str = ""  # text the assistant turn starts with, after the generation prompt (the model continues it)
 
     @property
     def image_source(self) -> Image.Image | EncodedImage | None:

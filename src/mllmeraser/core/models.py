@@ -131,9 +131,19 @@ def prepare_processor(processor) -> None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
 
 
-def chat_text(processor, prompt: str, with_image: bool) -> str:
-    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+def chat_text(processor, prompt: str, with_image: bool, history: Sequence[tuple[str, str]] = (),
+              prefill: str = "") -> str:
+    """The chat prompt: earlier (user, assistant) turns, if any, then `prompt`; the image goes in the first user
+    turn. `prefill` is appended after the generation prompt: the assistant's turn starts with it."""
+    turns = [*history, (prompt, None)]
+    messages = []
+    for index, (user, assistant) in enumerate(turns):
+        image = [{"type": "image"}] if with_image and index == 0 else []
+        messages.append({"role": "user", "content": image + [{"type": "text", "text": user}]})
+        if assistant is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": assistant}]})
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return text + " " + prefill if prefill else text
 
 
 def encode_prompts(processor, items: Sequence[QAItem], images: Sequence | None = None) -> dict[str, torch.Tensor]:
@@ -142,7 +152,7 @@ def encode_prompts(processor, items: Sequence[QAItem], images: Sequence | None =
     with_image = items[0].modality == "image"
     if any((item.modality == "image") != with_image for item in items):
         raise ValueError("a batch mixes image and text-only questions; group them with batches()")
-    texts = [chat_text(processor, item.prompt, with_image) for item in items]
+    texts = [chat_text(processor, item.prompt, with_image, item.history, item.prefill) for item in items]
     if with_image:
         return dict(processor(text=texts, images=list(images or [item.image for item in items]),
                               padding=True, return_tensors="pt"))
