@@ -109,6 +109,71 @@ def test_clear_errors():
         SteeringStats.from_state_dict(state)
 
 
+def test_statistics_of_the_steered_layers_only_equal_those_rows_of_every_layer():
+    """A fit holds only the layers it steers; row i is decoder layer layers[i], and each closed form reads its
+    own layer's statistics, so directions and gates are the full statistics' rows, bit for bit (CPU)."""
+    full, acts = filled_stats()
+    held = [2, 0]  # any order in; held in increasing order, as the forward visits them
+    subset = SteeringStats(L, D, layers=held)
+    assert subset.layers == (0, 2) and subset.rows([2, 0]) == [1, 0]
+    for group, a in acts.items():
+        subset.update(group, a[:, list(subset.layers)])
+    assert subset.sums["forget"].shape == (2, D) and subset.gram("retain").shape == (2, D, D)
+    for group in acts:
+        assert torch.equal(subset.sums[group], full.sums[group][[0, 2]])
+    for group in subset.grams:
+        assert torch.equal(subset.grams[group], full.grams[group][[0, 2]])
+    assert torch.equal(subset.direction([2]), full.direction()[[2]])
+    assert torch.equal(subset.mean("recall", [2, 0]), full.mean("recall")[[2, 0]])
+    for solver, params in (("paper", dict(ratio=0.3, gamma=0.1)), ("ridge", dict(beta=2.0, lam=1e-3))):
+        assert torch.equal(solve_gates(subset, solver, [2, 0], **params), solve_gates(full, solver, **params)[[2, 0]])
+        assert torch.equal(solve_gates(full, solver, [2], **params), solve_gates(full, solver, **params)[[2]])
+    with pytest.raises(ValueError, match=r"hold decoder layers \[0, 2\], not \[1\]"):
+        subset.direction([1])
+    with pytest.raises(ValueError, match="cannot merge"):
+        subset.merge(full)
+    with pytest.raises(ValueError, match="distinct decoder layers in 0..2"):
+        SteeringStats(L, D, layers=[1, 1])
+    with pytest.raises(ValueError, match="distinct decoder layers in 0..2"):
+        SteeringStats(L, D, layers=[3])
+
+
+def test_in_place_merge_allocates_no_gram_and_never_aliases_a_shard():
+    one_pass, acts = filled_stats()
+    shards = [SteeringStats(L, D), SteeringStats(L, D)]
+    for group, a in acts.items():
+        for shard, part in zip(shards, a.tensor_split(2)):
+            shard.update(group, part)
+    first, second = shards
+    before = {group: gram.data_ptr() for group, gram in first.grams.items()}
+    second_grams = {group: gram.clone() for group, gram in second.grams.items()}
+    merged = first.merge(second)  # a new object; the inputs are unchanged
+    first += second
+    assert first is shards[0] and {group: gram.data_ptr() for group, gram in first.grams.items()} == before
+    assert_stats_close(first, one_pass)
+    for group in merged.grams:  # merge and merge_ add in the same order: the same bits
+        assert torch.equal(merged.grams[group], first.grams[group])
+    assert all(torch.equal(second.grams[group], second_grams[group]) for group in second.grams)
+    # A shard without a group's Gram adopts a copy of the other's: merging more into it leaves the other alone.
+    empty = SteeringStats(L, D).merge_(second)
+    assert all(empty.grams[group].data_ptr() != second.grams[group].data_ptr() for group in second.grams)
+    empty.merge_(second)
+    assert all(torch.equal(second.grams[group], second_grams[group]) for group in second.grams)
+    assert_stats_close(empty, second + second)
+
+
+def test_subset_state_dict_round_trip_and_old_state_dicts_hold_every_layer():
+    stats = SteeringStats(L, D, layers=[1, 2])
+    for group, a in filled_stats()[1].items():
+        stats.update(group, a[:, 1:])
+    restored = SteeringStats.from_state_dict(stats.state_dict())
+    assert restored.layers == (1, 2) and restored.counts == stats.counts
+    assert all(torch.equal(restored.grams[g], stats.grams[g]) for g in stats.grams)
+    old = filled_stats()[0].state_dict()
+    del old["layers"]  # written before statistics held a subset of the layers
+    assert SteeringStats.from_state_dict(old).layers == tuple(range(L))
+
+
 # ---- the paper's null-space gate --------------------------------------------------------------------
 
 

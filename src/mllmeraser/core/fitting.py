@@ -10,7 +10,7 @@
    threshold is calibrated on held-out calibration prompts, people outside the fit (on a benchmark: its
    validation hold-out), so that at most `max_fpr` of them pass. Those forwards stop at the decision layer.
    `gate="paper"`: the paper's per-layer null-space gate on the last token (`steering.solve_gate_paper`),
-   from the Grams of every layer's last-token outputs of forget (clean and PGD) and retain questions.
+   from the Grams of the steered layers' last-token outputs of forget (clean and PGD) and retain questions.
 The equations are in steering.py and gating.py; this module only gathers their inputs. The one call that runs
 it all is `Eraser.fit`.
 """
@@ -138,29 +138,51 @@ def fit_statistics(model, processor, *, forget: Sequence[QAItem], retain: Sequen
     forget, retain and calibration prompts at the decision layer. Also returns the decoder-layer path."""
     names, layers = hooks.find_decoder_layers(model, layers_path)
     path = names[0].rsplit(".", 1)[0]
-    stats = steering.SteeringStats(len(layers), model.config.get_text_config().hidden_size)
+    decision = settings.decision_layer
+    if settings.gate != "paper" and not 0 <= decision < len(layers):
+        raise UserInputError(None, f"decision_layer must be a decoder layer 0..{len(layers) - 1}, got {decision}")
+    # Statistics of the steered layers only (the closed forms of one layer read that layer's statistics alone).
+    stats = steering.SteeringStats(len(layers), model.config.get_text_config().hidden_size,
+                                   steered_layers(settings, len(layers)), statistics_device(model))
+    held = [layers[i] for i in stats.layers]
     bs = settings.batch_size
     features: dict[str, torch.Tensor] = {}
     if settings.gate == "paper":
-        collect(model, processor, layers, forget, stats, ("recall", "forget"), bs, "recall (PGD)", settings.pgd, progress)
-        collect(model, processor, layers, forget, stats, ("forget",), bs, "forget", None, progress)
-        collect(model, processor, layers, retain, stats, ("retain",), bs, "retain", None, progress)
+        collect(model, processor, held, forget, stats, ("recall", "forget"), bs, "recall (PGD)", settings.pgd, progress)
+        collect(model, processor, held, forget, stats, ("forget",), bs, "forget", None, progress)
+        collect(model, processor, held, retain, stats, ("retain",), bs, "retain", None, progress)
     else:
-        decision = settings.decision_layer
-        if not 0 <= decision < len(layers):
-            raise UserInputError(None, f"decision_layer must be a decoder layer 0..{len(layers) - 1}, got {decision}")
         upto = layers[: decision + 1]  # the gate's inputs need no layer after the decision layer
 
         def pooled(items: Sequence[QAItem], desc: str) -> torch.Tensor:
             return collect(model, processor, upto, items, None, (), bs, desc, None, progress, decision, settings.pooling)
 
-        collect(model, processor, layers, forget, stats, ("recall",), bs, "recall (PGD)", settings.pgd, progress)
+        collect(model, processor, held, forget, stats, ("recall",), bs, "recall (PGD)", settings.pgd, progress)
         features["forget"] = pooled(forget, "forget")
         features["retain"] = pooled(retain, "retain")
         if calibration:
             features["calibration"] = pooled(calibration, "calibration")
-    collect(model, processor, layers, erasure, stats, ("erasure",), bs, "erasure", None, progress)
+    collect(model, processor, held, erasure, stats, ("erasure",), bs, "erasure", None, progress)
     return stats, path, features
+
+
+def steered_layers(settings: FitSettings, num_layers: int) -> list[int]:
+    """The decoder layers a fit steers, in the order given: settings.layers, or decision_layer..L-1 for a
+    prompt gate, or the paper's 1..L-1."""
+    first = settings.decision_layer if settings.gate != "paper" else 1
+    steered = list(settings.layers) if settings.layers is not None else list(range(first, num_layers))
+    if not steered or any(not first <= i < num_layers for i in steered) or len(set(steered)) != len(steered):
+        raise UserInputError(None, f"--layers must name distinct decoder layers {first}..{num_layers - 1}, "
+                                   f"got {steered}")
+    return steered
+
+
+def statistics_device(model) -> torch.device:
+    """Where a fit's statistics accumulate and its gates are solved: the model's GPU if it is on one (float64
+    there is orders of magnitude faster than on the host CPU, and the paper gate's Grams then take no host
+    memory), else the CPU."""
+    device = next(model.parameters()).device
+    return device if device.type == "cuda" else torch.device("cpu")
 
 
 def fit_prompt_gate(features: dict[str, torch.Tensor], settings: FitSettings) -> tuple[gating.PromptGate, dict]:
@@ -191,27 +213,24 @@ def fit_prompt_gate(features: dict[str, torch.Tensor], settings: FitSettings) ->
 def solve_eraser(stats: steering.SteeringStats, settings: FitSettings, layers_path: str, fingerprint: dict,
                  request: str = "forget", features: dict[str, torch.Tensor] | None = None) -> Eraser:
     """The closed-form part: gates and directions for the steered layers, packed as an Eraser."""
-    direction = stats.direction()
-    first = settings.decision_layer if settings.gate != "paper" else 1
-    steered = list(settings.layers) if settings.layers is not None else list(range(first, stats.num_layers))
-    if not steered or any(not first <= i < stats.num_layers for i in steered):
-        raise UserInputError(None, f"--layers must name decoder layers {first}..{stats.num_layers - 1}, got {steered}")
+    steered = steered_layers(settings, stats.num_layers)
     fit_record = {k: v for k, v in asdict(settings).items() if k not in ("floor", "cap", "alpha")}
     request_meta = {"name": request, "counts": dict(stats.counts), "fit": fit_record}
-    common = dict(r=direction[steered].float(), alpha=settings.alpha, layer_indices=steered, layers_path=layers_path,
-                  hidden_size=stats.hidden_size, mode=settings.mode)
+    common = dict(r=stats.direction(steered).float(), alpha=settings.alpha, layer_indices=steered,
+                  layers_path=layers_path, hidden_size=stats.hidden_size, mode=settings.mode)
     if settings.gate != "paper":
         gate, record = fit_prompt_gate(features, settings)
         request_meta["counts"].update({group: int(t.shape[0]) for group, t in features.items()})
         request_meta["gate"] = record
         return Eraser(u=None, prompt_gate=gate, metadata={"fingerprint": fingerprint, "requests": [request_meta]},
                       **common)
-    gates = steering.solve_gates(stats, "paper", ratio=settings.ratio, gamma=settings.gamma)
+    gates = steering.solve_gates(stats, "paper", steered, ratio=settings.ratio, gamma=settings.gamma)
     if settings.normalise_gate:
         # Rescaling so the forget mean is exactly 1 gives alpha, floor and cap one meaning across settings.
-        forget_means = torch.stack([stats.sums["forget"][l] @ gates[l] for l in range(stats.num_layers)]) / stats.counts["forget"]
+        sums = stats.sums["forget"][stats.rows(steered)]
+        forget_means = torch.stack([sums[i] @ gates[i] for i in range(len(steered))]) / stats.counts["forget"]
         gates = gates / forget_means[:, None]
-    return Eraser(u=gates[steered].float(), floor=settings.floor, cap=settings.cap,
+    return Eraser(u=gates.float(), floor=settings.floor, cap=settings.cap,
                   metadata={"fingerprint": fingerprint, "requests": [request_meta]}, **common)
 
 

@@ -19,6 +19,7 @@ erases. (The original code steered with a negative strength because its directio
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Self
 
 import torch
@@ -32,90 +33,135 @@ GRAM_GROUPS = ("forget", "retain")
 
 
 class SteeringStats:
-    """Streaming float64 sufficient statistics of last-token activations, per group and layer.
+    """Streaming float64 sufficient statistics of last-token activations, per group and held layer.
 
-    For group in GROUPS and layer l: `counts[group]` = n, `sums[group][l]` = s = H^T 1 (d,), and for
-    forget/retain `grams[group][l]` = G = H^T H (d, d). Memory is O(L d^2) whatever the data size; a Gram
-    tensor is allocated on the first update of its group (2 L d^2 float64 for a full gate fit).
+    The statistics hold the decoder layers `layers` (default: all `num_layers`), in increasing order; row i
+    of every tensor is decoder layer `layers[i]` (`rows` maps layers to rows). A fit holds only the layers it
+    steers: layer 0, never steered, would cost as much as any other (2 d^2 float64 for the paper gate,
+    128 MiB a layer at d = 4096).
+
+    For group in GROUPS: `counts[group]` = n, `sums[group][i]` = s = H^T 1 (d,), and for forget/retain
+    `grams[group][i]` = G = H^T H (d, d). Memory is O(len(layers) d^2) whatever the data size; a Gram tensor
+    is allocated on the first update of its group (2 len(layers) d^2 float64 for a paper gate fit).
+
+    `device`: where the sums and Grams live and accumulate (float64 there too). The CPU by default; a fit
+    on a GPU model keeps them on that GPU (`fitting.statistics_device`), so the Grams (7.75 GiB at
+    LLaVA-1.5-7B) stay out of host memory and the gate solves run at the GPU's float64 speed.
     """
 
-    def __init__(self, num_layers: int, hidden_size: int):
+    def __init__(self, num_layers: int, hidden_size: int, layers: Sequence[int] | None = None,
+                 device: str | torch.device | None = None):
         if num_layers < 1 or hidden_size < 1:
             raise ValueError(f"num_layers and hidden_size must be positive, got {num_layers}, {hidden_size}")
-        self.num_layers = num_layers
+        self.num_layers = num_layers  # the model's decoder layers; the held ones are `layers`
         self.hidden_size = hidden_size
+        self.layers: tuple[int, ...] = _held_layers(layers, num_layers)
+        self.device = torch.device("cpu" if device is None else device)
+        self._rows = {layer: row for row, layer in enumerate(self.layers)}
         self.counts: dict[str, int] = {group: 0 for group in GROUPS}
         self.sums: dict[str, Tensor] = {
-            group: torch.zeros(num_layers, hidden_size, dtype=torch.float64) for group in GROUPS
+            group: torch.zeros(len(self.layers), hidden_size, dtype=torch.float64, device=self.device)
+            for group in GROUPS
         }
         self.grams: dict[str, Tensor] = {}
 
+    def rows(self, layers: Sequence[int] | None = None) -> list[int]:
+        """Rows of the statistics' tensors that hold decoder layers `layers` (None: every held layer)."""
+        if layers is None:
+            return list(range(len(self.layers)))
+        missing = [layer for layer in layers if layer not in self._rows]
+        if missing:
+            raise ValueError(f"statistics hold decoder layers {list(self.layers)}, not {missing}")
+        return [self._rows[layer] for layer in layers]
+
     def update(self, group: str, acts: Tensor) -> Self:
-        """Add a batch of activations `acts` [batch, num_layers, d] (any float dtype) to `group`."""
+        """Add a batch of activations `acts` [batch, len(layers), d] (any float dtype, any device; the block
+        outputs of the held layers, in `layers` order) to `group`."""
         self._check_group(group)
-        expected = (self.num_layers, self.hidden_size)
+        expected = (len(self.layers), self.hidden_size)
         if acts.ndim != 3 or tuple(acts.shape[1:]) != expected:
             raise ValueError(f"acts must have shape [batch, {expected[0]}, {expected[1]}], got {list(acts.shape)}")
         if not acts.is_floating_point():
             raise ValueError(f"acts must be a float tensor, got {acts.dtype}")
-        h = acts.detach().to(device="cpu", dtype=torch.float64)
+        h = acts.detach().to(device=self.device, dtype=torch.float64)
         self.counts[group] += h.shape[0]
         self.sums[group] += h.sum(dim=0)
         if group in GRAM_GROUPS:
             if group not in self.grams:
                 d = self.hidden_size
-                self.grams[group] = torch.zeros(self.num_layers, d, d, dtype=torch.float64)
-            h_by_layer = h.transpose(0, 1)  # [L, batch, d]
+                self.grams[group] = torch.zeros(len(self.layers), d, d, dtype=torch.float64, device=self.device)
+            h_by_layer = h.transpose(0, 1)  # [layers, batch, d]
             self.grams[group].baddbmm_(h_by_layer.transpose(1, 2), h_by_layer)  # G_l += H_l^T H_l, in place
         return self
 
-    def merge(self, other: SteeringStats) -> SteeringStats:
-        """New statistics of the union of both data sets: counts, sums and Grams add exactly."""
-        if (other.num_layers, other.hidden_size) != (self.num_layers, self.hidden_size):
-            raise ValueError(
-                f"cannot merge statistics of shape (L={other.num_layers}, d={other.hidden_size}) "
-                f"into (L={self.num_layers}, d={self.hidden_size})"
-            )
-        merged = SteeringStats(self.num_layers, self.hidden_size)
+    def merge_(self, other: SteeringStats) -> Self:
+        """Add `other`'s statistics into these, in place: counts, sums and Grams add exactly. No Gram is
+        allocated except where only `other` has one (copied, so later in-place merges never write into it);
+        a Gram on another device passes through a temporary copy of one group's Gram at a time."""
+        self._check_mergeable(other)
         for group in GROUPS:
-            merged.counts[group] = self.counts[group] + other.counts[group]
-            merged.sums[group] = self.sums[group] + other.sums[group]
+            self.counts[group] += other.counts[group]
+            self.sums[group] += other.sums[group].to(self.device)
+        for group, gram in other.grams.items():
+            if group in self.grams:
+                self.grams[group] += gram.to(self.device)
+            else:
+                self.grams[group] = gram.to(self.device, copy=True)
+        return self
+
+    def __iadd__(self, other: SteeringStats) -> Self:
+        return self.merge_(other)
+
+    def merge(self, other: SteeringStats) -> SteeringStats:
+        """New statistics of the union of both data sets; neither input changes. Allocates the result's
+        tensors and nothing else (one Gram per group, written by the addition itself); where memory is
+        short, `merge_` (or `+=`) adds into an existing shard instead."""
+        self._check_mergeable(other)
+        merged = SteeringStats(self.num_layers, self.hidden_size, self.layers, self.device)
+        merged.counts = {group: self.counts[group] + other.counts[group] for group in GROUPS}
+        merged.sums = {group: self.sums[group] + other.sums[group].to(self.device) for group in GROUPS}
+        merged.grams = {}
         for group in GRAM_GROUPS:
-            present = [stats.grams[group] for stats in (self, other) if group in stats.grams]
-            if len(present) == 2:
-                merged.grams[group] = present[0] + present[1]
-            elif present:
-                merged.grams[group] = present[0].clone()
+            mine, theirs = self.grams.get(group), other.grams.get(group)
+            if mine is not None and theirs is not None:
+                merged.grams[group] = mine + theirs.to(self.device)
+            elif mine is not None or theirs is not None:
+                merged.grams[group] = (mine if mine is not None else theirs).to(self.device, copy=True)
         return merged
 
     def __add__(self, other: SteeringStats) -> SteeringStats:
         return self.merge(other)
 
-    def mean(self, group: str) -> Tensor:
-        """Per-layer mean activation of `group`, [L, d] float64."""
-        return self.sums[group] / self._nonempty_count(group)
+    def mean(self, group: str, layers: Sequence[int] | None = None) -> Tensor:
+        """Mean activation of `group` at decoder layers `layers` (None: every held layer), [n, d] float64."""
+        count = self._nonempty_count(group)
+        sums = self.sums[group] if layers is None else self.sums[group][self.rows(layers)]
+        return sums / count
 
     def gram(self, group: str) -> Tensor:
-        """Per-layer Gram matrix H^T H of `group` (forget or retain), [L, d, d] float64."""
+        """Gram matrices H^T H of `group` (forget or retain) at the held layers, [len(layers), d, d] float64."""
         if group not in GRAM_GROUPS:
             raise ValueError(f"only {GRAM_GROUPS} keep a Gram matrix, not {group!r}")
         self._nonempty_count(group)
         return self.grams[group]
 
-    def direction(self) -> Tensor:
-        """Erasure direction r_l = mean_erasure h_l - mean_recall h_l, [L, d] float64.
+    def direction(self, layers: Sequence[int] | None = None) -> Tensor:
+        """Erasure direction r_l = mean_erasure h_l - mean_recall h_l at decoder layers `layers` (None: every
+        held layer), [n, d] float64.
 
         Points from recall towards erasure: h + alpha * r with alpha > 0 moves towards erasure.
         """
-        return self.mean("erasure") - self.mean("recall")
+        return self.mean("erasure", layers) - self.mean("recall", layers)
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Flat tensors (safetensors-compatible): shape, and per group count, sum and (if any) Gram.
+        """Flat tensors (safetensors-compatible on the CPU): shape, held layers, and per group count, sum and
+        (if any) Gram.
 
         Sums and Grams share storage with these statistics (as nn.Module.state_dict does): no copy of the
         O(L d^2) Grams; an in-place all-reduce of them updates the statistics.
         """
-        state = {"shape": torch.tensor([self.num_layers, self.hidden_size], dtype=torch.int64)}
+        state = {"shape": torch.tensor([self.num_layers, self.hidden_size], dtype=torch.int64),
+                 "layers": torch.tensor(self.layers, dtype=torch.int64)}
         for group in GROUPS:
             state[f"{group}.count"] = torch.tensor(self.counts[group], dtype=torch.int64)
             state[f"{group}.sum"] = self.sums[group]
@@ -124,21 +170,25 @@ class SteeringStats:
         return state
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Tensor]) -> SteeringStats:
-        """Inverse of `state_dict` (copies the tensors); raises ValueError on a missing key or a wrong shape."""
+    def from_state_dict(cls, state: dict[str, Tensor], device: str | torch.device | None = None) -> SteeringStats:
+        """Inverse of `state_dict` (copies the tensors, onto `device`, default the CPU); raises ValueError on a
+        missing key or a wrong shape. A state without "layers" (written before statistics held a subset)
+        holds every layer."""
         if "shape" not in state:
             raise ValueError("state dict has no 'shape' entry")
         num_layers, hidden_size = (int(x) for x in state["shape"].tolist())
-        stats = cls(num_layers, hidden_size)
+        layers = [int(x) for x in state["layers"].tolist()] if "layers" in state else None
+        stats = cls(num_layers, hidden_size, layers, device)
+        held = len(stats.layers)
         for group in GROUPS:
             for key in (f"{group}.count", f"{group}.sum"):
                 if key not in state:
                     raise ValueError(f"state dict has no {key!r} entry")
             stats.counts[group] = int(state[f"{group}.count"])
-            stats.sums[group] = _checked(state, f"{group}.sum", (num_layers, hidden_size))
+            stats.sums[group] = _checked(state, f"{group}.sum", (held, hidden_size), stats.device)
         for group in GRAM_GROUPS:
             if f"{group}.gram" in state:
-                stats.grams[group] = _checked(state, f"{group}.gram", (num_layers, hidden_size, hidden_size))
+                stats.grams[group] = _checked(state, f"{group}.gram", (held, hidden_size, hidden_size), stats.device)
             elif stats.counts[group] > 0:
                 raise ValueError(f"state dict has {group} samples but no '{group}.gram' entry")
         return stats
@@ -147,6 +197,13 @@ class SteeringStats:
         if group not in GROUPS:
             raise ValueError(f"unknown group {group!r}; expected one of {GROUPS}")
 
+    def _check_mergeable(self, other: SteeringStats) -> None:
+        if (other.num_layers, other.hidden_size, other.layers) != (self.num_layers, self.hidden_size, self.layers):
+            raise ValueError(
+                f"cannot merge statistics of shape (L={other.num_layers}, d={other.hidden_size}, layers "
+                f"{list(other.layers)}) into (L={self.num_layers}, d={self.hidden_size}, layers {list(self.layers)})"
+            )
+
     def _nonempty_count(self, group: str) -> int:
         self._check_group(group)
         if self.counts[group] == 0:
@@ -154,11 +211,21 @@ class SteeringStats:
         return self.counts[group]
 
 
-def _checked(state: dict[str, Tensor], key: str, shape: tuple[int, ...]) -> Tensor:
+def _held_layers(layers: Sequence[int] | None, num_layers: int) -> tuple[int, ...]:
+    """`layers` as increasing distinct decoder-layer numbers in 0..num_layers-1 (None: all of them)."""
+    if layers is None:
+        return tuple(range(num_layers))
+    held = tuple(sorted({int(layer) for layer in layers}))
+    if not held or held[0] < 0 or held[-1] >= num_layers or len(held) != len(layers):
+        raise ValueError(f"layers must be distinct decoder layers in 0..{num_layers - 1}, got {list(layers)}")
+    return held
+
+
+def _checked(state: dict[str, Tensor], key: str, shape: tuple[int, ...], device: torch.device) -> Tensor:
     tensor = state[key]
     if tuple(tensor.shape) != shape:
         raise ValueError(f"state dict entry {key!r} has shape {list(tensor.shape)}, expected {list(shape)}")
-    return tensor.to(torch.float64).clone()
+    return tensor.to(device=device, dtype=torch.float64, copy=True)
 
 
 def null_space_basis(G_r: Tensor, ratio: float) -> Tensor:
@@ -230,17 +297,20 @@ def solve_gate_ridge(
     return torch.cholesky_solve((s_f.to(torch.float64) / n_f)[:, None], L)[:, 0]
 
 
-def solve_gates(stats: SteeringStats, solver: str, **params: float) -> Tensor:
-    """Gate vectors for every layer, [L, d] float64: solver 'paper' (ratio, gamma) or 'ridge' (beta, lam).
+def solve_gates(stats: SteeringStats, solver: str, layers: Sequence[int] | None = None, **params: float) -> Tensor:
+    """Gate vectors at decoder layers `layers` (None: every held layer), [n, d] float64: solver 'paper'
+    (ratio, gamma) or 'ridge' (beta, lam). Each layer's gate depends on that layer's statistics only.
 
-    The solvers run on the statistics' device (CPU); for large d, call them per layer on GPU copies.
+    The solvers run on the statistics' device (a GPU's float64 eigh takes well under a second at d = 4096,
+    ~20 s on two CPU cores).
     """
     G_f, G_r, s_f = stats.gram("forget"), stats.gram("retain"), stats.sums["forget"]
+    rows = stats.rows(layers)
     if solver == "paper":
-        per_layer = [solve_gate_paper(G_f[l], s_f[l], G_r[l], **params) for l in range(stats.num_layers)]
+        per_layer = [solve_gate_paper(G_f[i], s_f[i], G_r[i], **params) for i in rows]
     elif solver == "ridge":
         n_f, n_r = stats.counts["forget"], stats.counts["retain"]
-        per_layer = [solve_gate_ridge(G_f[l], s_f[l], G_r[l], n_f, n_r, **params) for l in range(stats.num_layers)]
+        per_layer = [solve_gate_ridge(G_f[i], s_f[i], G_r[i], n_f, n_r, **params) for i in rows]
     else:
         raise ValueError(f"unknown gate solver {solver!r}; expected 'paper' or 'ridge'")
     return torch.stack(per_layer)
