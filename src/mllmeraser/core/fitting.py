@@ -17,11 +17,15 @@ it all is `Eraser.fit`.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
 import torch
+import torch.utils.checkpoint
 from tqdm import tqdm
 
 from ..errors import UserInputError
@@ -37,6 +41,21 @@ class PGDSettings:
     eps: float = 8 / 255  # L-inf budget in pixel units ([0, 1] images)
     step: float = 2 / 255
     steps: int = 10
+    # Items per forward/backward pass. PGD's step is the sign of each item's own gradient, so splitting a batch
+    # changes the peak memory (activations grow with it) and nothing else: each micro-batch's loss is divided by
+    # the whole batch's answer-token count, so its gradient is the unsplit gradient's slice. 8, not the fit's 32:
+    # without checkpointing, 32 image prompts of ~600 tokens hold ~90 GB of activations at 7B.
+    batch_size: int = 8
+    # Activation checkpointing for the PGD loop (where the model has transformers' checkpointable blocks): each
+    # block keeps only its input and recomputes the rest in the backward, ~one extra forward a step for a
+    # fraction of the memory. Switched on for the loop only; the model's own flags are restored afterwards.
+    checkpointing: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UserInputError(None, f"PGD batch_size must be >= 1, got {self.batch_size}")
+        if self.steps < 0:
+            raise UserInputError(None, f"PGD steps must be >= 0, got {self.steps}")
 
 
 @dataclass(frozen=True)
@@ -82,31 +101,113 @@ class FitSettings:
 def pgd_images(model, processor, items: Sequence[QAItem], settings: PGDSettings) -> torch.Tensor:
     """Adversarially perturbed pixel values (normalised, as the model takes them) that maximise the
     likelihood of each item's ground-truth answer. Parameters are never updated; only the pixels get
-    gradients."""
+    gradients. The forward/backward passes take `settings.batch_size` items at a time, under activation
+    checkpointing where `settings.checkpointing` and the model allow it; the result is the same per item."""
     inputs = models.encode_with_answers(processor, items)
     labels = inputs.pop("labels")
     inputs = models.forward_inputs(model, inputs)
     clean = inputs.pop("pixel_values").detach().float()
+    labels = labels.to(clean.device)
     low, high, scale = (t.to(clean.device) for t in models.pixel_value_bounds(processor, clean))
     eps, step = settings.eps * scale, settings.step * scale
+    # The model's loss is the answer NLL summed over answer tokens, divided by num_items_in_batch: the whole
+    # batch's answer-token count (what its mean divides by, labels shifted by one), so a micro-batch's gradient
+    # is the slice of the whole batch's gradient, not a rescaled one.
+    answer_tokens = int((labels[:, 1:] != -100).sum())
+    parts = _micro_batches(inputs, len(items), clean.shape[0], settings.batch_size)
     adversarial = clean.clone()
     param_dtype = next(model.parameters()).dtype
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        for _ in range(settings.steps):
-            adversarial.requires_grad_(True)
-            loss = model(**inputs, pixel_values=adversarial.to(param_dtype), labels=labels.to(clean.device)).loss
-            (gradient,) = torch.autograd.grad(loss, adversarial)
-            with torch.no_grad():  # descend the answer's loss = ascend its likelihood
-                adversarial = adversarial - step * gradient.sign()
-                adversarial = torch.maximum(torch.minimum(adversarial, clean + eps), clean - eps)
-                adversarial = torch.maximum(torch.minimum(adversarial, high), low)
+        with activation_checkpointing(model, settings.checkpointing and settings.steps > 0):
+            for _ in range(settings.steps):
+                gradient = torch.empty_like(adversarial)
+                for rows, pixels, part in parts:
+                    x = adversarial[pixels].requires_grad_(True)
+                    # use_cache=False: no KV cache is built for a loss (checkpointed blocks would drop it anyway)
+                    loss = model(**part, pixel_values=x.to(param_dtype), labels=labels[rows], use_cache=False,
+                                 num_items_in_batch=answer_tokens).loss
+                    (gradient[pixels],) = torch.autograd.grad(loss, x)
+                with torch.no_grad():  # descend the answer's loss = ascend its likelihood
+                    adversarial = adversarial - step * gradient.sign()
+                    adversarial = torch.maximum(torch.minimum(adversarial, clean + eps), clean - eps)
+                    adversarial = torch.maximum(torch.minimum(adversarial, high), low)
     finally:
         for p, flag in zip(model.parameters(), requires):
             p.requires_grad_(flag)
     return adversarial.detach()
+
+
+def _micro_batches(inputs: dict[str, torch.Tensor], batch: int, num_pixel_rows: int,
+                   size: int) -> list[tuple[slice, slice, dict[str, torch.Tensor]]]:
+    """(item rows, pixel-value rows, the other inputs of those items) per micro-batch of `size` items.
+
+    Every input is per item along dim 0 except the pixel values: one image per item, either a row each
+    ([batch, C, H, W], LLaVA) or image_grid_thw[i].prod() flattened patches each (Qwen-VL)."""
+    grid = inputs.get("image_grid_thw")
+    if grid is not None:
+        offsets = [0] + torch.cumsum(grid.prod(dim=-1), 0).tolist()
+    elif num_pixel_rows == batch:
+        offsets = list(range(batch + 1))
+    else:
+        raise ValueError(f"cannot split {num_pixel_rows} pixel-value rows among {batch} items")
+    if len(offsets) != batch + 1 or offsets[-1] != num_pixel_rows:
+        raise ValueError(f"pixel values hold {num_pixel_rows} rows, the image grid {offsets[-1]} in "
+                         f"{len(offsets) - 1} images, for {batch} items")
+    parts = []
+    for start in range(0, batch, size):
+        rows = slice(start, min(start + size, batch))
+        part = {}
+        for key, value in inputs.items():
+            if isinstance(value, torch.Tensor) and value.ndim > 0:
+                if value.shape[0] != batch:
+                    raise ValueError(f"input {key!r} has {value.shape[0]} rows, not one per item ({batch})")
+                value = value[rows]
+            part[key] = value
+        parts.append((rows, slice(offsets[rows.start], offsets[rows.stop]), part))
+    return parts
+
+
+@contextmanager
+def activation_checkpointing(model, enabled: bool = True) -> Iterator[int]:
+    """Within the block, checkpoint every block of `model` that transformers can checkpoint; yields how many.
+
+    transformers 5 checkpoints a `GradientCheckpointingLayer` when its own `gradient_checkpointing` and
+    `training` flags are set and gradients are on. Its `activation_checkpointing_enable` /
+    `gradient_checkpointing_enable` would need the whole model in train mode for that (dropout on) and leave a
+    hook on the input embeddings behind, so instead only these blocks' flags are set: `training` on the block
+    module alone, not its children, so the attention and MLP modules stay in eval mode and no dropout runs
+    (the blocks of LLaVA, Qwen2-VL and Qwen2.5-VL read `training` only in their attention children).
+    A block already checkpointed keeps its own checkpoint function. Every flag is restored on exit.
+    """
+    blocks = []
+    if enabled and getattr(model, "supports_gradient_checkpointing", False):
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    # non-reentrant: inputs need not require grad, and it composes with torch.autograd.grad
+    function = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    saved = [(block, {name: block.__dict__[name] for name in _CHECKPOINT_FLAGS if name in block.__dict__})
+             for block in blocks]
+    try:
+        for block in blocks:
+            if not block.gradient_checkpointing:
+                block.gradient_checkpointing = True
+                block._gradient_checkpointing_func = function
+            block.training = True
+        yield len(blocks)
+    finally:
+        for block, flags in saved:
+            for name in _CHECKPOINT_FLAGS:
+                if name in flags:
+                    setattr(block, name, flags[name])
+                elif name in block.__dict__:
+                    delattr(block, name)  # it was the class default
+
+
+_CHECKPOINT_FLAGS = ("gradient_checkpointing", "_gradient_checkpointing_func", "training")
 
 
 def collect(model, processor, layers, items: Sequence[QAItem], stats: steering.SteeringStats | None,
