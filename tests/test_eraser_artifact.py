@@ -169,9 +169,73 @@ def test_attach_names_what_differs(llava):
 def test_fingerprint_ignores_the_load_dtype_but_not_the_weights(llava):
     fingerprint = model_fingerprint(llava)
     assert fingerprint == {"model_type": "llava", "hidden_size": 64, "num_layers": 2, "vocab_size": 128,
-                           "embedding_sha256": fingerprint["embedding_sha256"]}
+                           "embedding_sha256": fingerprint["embedding_sha256"],
+                           "weights_sha256": fingerprint["weights_sha256"]}
     assert model_fingerprint(tiny_llava().to(torch.bfloat16)) == fingerprint
-    assert model_fingerprint(tiny_llava(seed=1))["embedding_sha256"] != fingerprint["embedding_sha256"]
+    # A float16 checkpoint (llava-hf's are) hashes alike in float32, float16 and bfloat16: every load is exact or
+    # one rounding to bfloat16. (Float32 weights loaded in float16 are rounded twice: another hash.)
+    stored_fp16 = model_fingerprint(tiny_llava().half())
+    assert model_fingerprint(tiny_llava().half().float()) == stored_fp16
+    assert model_fingerprint(tiny_llava().half().bfloat16()) == stored_fp16
+    other = model_fingerprint(tiny_llava(seed=1))
+    assert other["embedding_sha256"] != fingerprint["embedding_sha256"]
+    assert other["weights_sha256"] != fingerprint["weights_sha256"]
+
+
+def _edited(name: str, index: tuple[int, ...], delta: float = 0.5):
+    """tiny_llava() with one element of parameter `name` moved by `delta`."""
+    model = tiny_llava()
+    with torch.no_grad():
+        model.get_parameter(name)[index] += delta
+    return model
+
+
+Q_PROJ = "model.language_model.layers.1.self_attn.q_proj.weight"
+
+
+def test_fingerprint_sees_a_change_outside_the_embedding(llava):
+    """A fine-tune with frozen embeddings (e.g. a LoRA merged into q/v): the embedding hash alone passed it as
+    the same model. Element (0, 0) is in every parameter's sample (flat index 0)."""
+    fingerprint = model_fingerprint(llava)
+    tuned = model_fingerprint(_edited(Q_PROJ, (0, 0)))
+    assert tuned["embedding_sha256"] == fingerprint["embedding_sha256"]
+    assert tuned["weights_sha256"] != fingerprint["weights_sha256"]
+    assert {k: v for k, v in tuned.items() if k != "weights_sha256"} == \
+        {k: v for k, v in fingerprint.items() if k != "weights_sha256"}
+    # (64, 64) q_proj: 4096 elements, every 16th sampled; (0, 16) is flat index 16, the second sample
+    assert model_fingerprint(_edited(Q_PROJ, (0, 16)))["weights_sha256"] != fingerprint["weights_sha256"]
+    new_embedding = model_fingerprint(_edited("model.language_model.embed_tokens.weight", (0, 0)))
+    assert new_embedding["embedding_sha256"] != fingerprint["embedding_sha256"]
+    assert new_embedding["weights_sha256"] != fingerprint["weights_sha256"]
+
+
+def test_attach_refuses_an_eraser_of_the_same_architecture_with_other_weights(llava):
+    eraser = make_eraser(llava)
+    with pytest.raises(UserInputError, match="fitted for weights_sha256 '[0-9a-f]{16}', model has '[0-9a-f]{16}'"):
+        eraser.attach(_edited(Q_PROJ, (0, 0)))
+    with pytest.raises(UserInputError, match="fitted for embedding_sha256"):
+        eraser.attach(_edited("model.language_model.embed_tokens.weight", (0, 0)))
+    eraser.attach(tiny_llava().to(torch.bfloat16)).remove()  # the same checkpoint in another dtype attaches
+
+
+def test_old_fingerprints_and_offloaded_weights_compare_on_shared_keys_only(llava):
+    fingerprint = model_fingerprint(llava)
+    old = dataclasses.replace(make_eraser(llava), metadata={  # an artifact from before weights_sha256
+        "fingerprint": {k: v for k, v in fingerprint.items() if k != "weights_sha256"}})
+    old.attach(_edited(Q_PROJ, (0, 0))).remove()  # what it recorded cannot tell these apart
+    with pytest.raises(UserInputError, match="embedding_sha256"):
+        old.attach(tiny_llava(seed=1))
+    combined = old + make_eraser(llava)  # old and new artifacts of one model compose; the union is kept
+    assert combined.fingerprint == fingerprint
+    with pytest.raises(ValueError, match="weights_sha256 differs"):
+        make_eraser(llava) + make_eraser(_edited(Q_PROJ, (0, 0)))
+
+    offloaded = tiny_llava()
+    offloaded.get_submodule("model.language_model.layers.1.mlp").to("meta")  # weights not in memory
+    partial = model_fingerprint(offloaded)
+    assert partial["weights_on_meta"] == 3 and "weights_sha256" not in partial  # gate, up and down projections
+    assert partial["embedding_sha256"] == fingerprint["embedding_sha256"]
+    make_eraser(llava).attach(offloaded).remove()  # its weights cannot be checked; the rest matches
 
 
 # ---- composition --------------------------------------------------------------------------------------
