@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--pgd-eps", type=float, default=PGDSettings.eps * 255, help="L-inf budget, in /255 units")
     fit.add_argument("--pgd-step", type=float, default=PGDSettings.step * 255, help="step, in /255 units")
     fit.add_argument("--pgd-steps", type=int, default=PGDSettings.steps)
+    fit.add_argument("--pgd-batch-size", type=int, default=PGDSettings.batch_size,
+                     help="image prompts per PGD forward/backward (peak memory grows with it; results do not)")
+    fit.add_argument("--no-pgd-checkpointing", dest="pgd_checkpointing", action="store_false",
+                     help="keep every activation in PGD's backward instead of recomputing them (faster, far more memory)")
     _add_forget_ratio_arg(fit)
     fit.set_defaults(handler=cmd_fit)
 
@@ -219,7 +223,8 @@ def fit_settings(args) -> FitSettings:
                        neighbours=args.neighbours, max_fpr=args.max_fpr, min_ratio=args.min_ratio,
                        ratio=args.ratio, gamma=args.gamma, beta=args.beta, lam=args.lam,
                        alpha=args.alpha, layers=layers, floor=args.floor, cap=args.cap, mode=args.mode,
-                       pgd=PGDSettings(args.pgd_eps / 255, args.pgd_step / 255, args.pgd_steps))
+                       pgd=PGDSettings(args.pgd_eps / 255, args.pgd_step / 255, args.pgd_steps,
+                                       batch_size=args.pgd_batch_size, checkpointing=args.pgd_checkpointing))
 
 
 def cmd_fit(args) -> int:
