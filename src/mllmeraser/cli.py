@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare_cmd.add_argument("--batch-size", type=int, default=64)
     _add_protocol_arg(compare_cmd)
     _add_erasure_arg(compare_cmd)
+    compare_cmd.add_argument("--attacks", dest="attack_suite", action="store_true",
+                             help="also run the attack suite on vanilla and every method (report: Attacks)")
     compare_cmd.set_defaults(handler=cmd_compare)
 
     demo = commands.add_parser("demo", help="the main job: build/reuse the testbed, fit an eraser, before/after, report")
@@ -306,9 +308,12 @@ def cmd_compare(args) -> int:
     settings = compare.CompareSettings(forget_ratio=args.forget_ratio, methods=_methods(args.methods),
                                        batch_size=args.batch_size, baseline_epochs=args.baseline_epochs,
                                        baseline_lrs=tuple(float(x) for x in args.baseline_lrs.split(",")),
-                                       protocol=args.protocol, erasure=args.erasure, **model_options(args))
+                                       protocol=args.protocol, erasure=args.erasure, attacks=args.attack_suite,
+                                       **model_options(args))
     summary = compare.run_compare(Path(args.model), Path(args.data), args.out, settings)
     _print_summary(summary, args.out)
+    if "attacks" in summary:
+        print(attacks.format_summary(summary["attacks"]))
     return 0
 
 

@@ -185,8 +185,15 @@ def _font(size: int):
 
 
 def draw_text(image: Image.Image | None, text: str, size: int = 336) -> Image.Image:
-    """`text` in black on a white band over the top of `image` (or on a white canvas), wrapped to fit."""
-    canvas = Image.new("RGB", (size, size), "white") if image is None else image.convert("RGB").copy()
+    """`text` in black on a white band over the top of `image` (or on a white canvas), wrapped to fit. A small
+    image is first scaled up to `size` wide (the vision tower resizes it anyway), so the band covers its top only."""
+    if image is None:
+        canvas = Image.new("RGB", (size, size), "white")
+    else:
+        canvas = image.convert("RGB")
+        if canvas.width < size:
+            canvas = canvas.resize((size, round(canvas.height * size / canvas.width)), Image.BICUBIC)
+        canvas = canvas.copy()
     draw = ImageDraw.Draw(canvas)
     font = _font(max(12, canvas.width // 18))
     lines, line = [], ""
@@ -541,15 +548,18 @@ def run_suite(model, processor, data_dir: str | Path, forget_ratio: int = 10, er
     for name, eraser in (erasers or {}).items():
         with eraser.attach(model):
             results[name] = score_attacks(model, processor, attacked, batch_size, progress)
-    summary = {"attacks": results, "verdicts": {}, "worst": {}}
-    for name in results:
-        if name != "vanilla":
-            summary["verdicts"][name] = verdicts(results["vanilla"], results[name])
-            summary["worst"][name] = worst_recovered(summary["verdicts"][name])
+    summary = judge(results)
     if white_box_too:
         summary["white_box"] = {name: white_box(model, processor, data_dir, forget_ratio, attacked, eraser)
                                 for name, eraser in {"vanilla": None, **(erasers or {})}.items()}
     return summary
+
+
+def judge(results: dict[str, dict]) -> dict:
+    """{"attacks": results ({method: score_attacks}, vanilla first), "verdicts": {method: verdicts against
+    vanilla}, "worst": {method: (worst counted attack, recovered forget classification)}}."""
+    rows = {name: verdicts(results["vanilla"], r) for name, r in results.items() if name != "vanilla"}
+    return {"attacks": results, "verdicts": rows, "worst": {name: worst_recovered(r) for name, r in rows.items()}}
 
 
 def format_summary(summary: dict) -> str:

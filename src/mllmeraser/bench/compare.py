@@ -27,7 +27,7 @@ from ..core.eraser import Eraser
 from ..core.fitting import FitSettings
 from ..core.inputs import QAItem
 from ..errors import UserInputError, atomic_write_bytes
-from . import baselines, data, evaluate, measure, protocols, report
+from . import attacks, baselines, data, evaluate, measure, protocols, report
 from .data import REPORT_SPLITS, VALIDATION_SPLIT
 
 ERASER_METHODS = ("eraser", "eraser-paper")
@@ -57,6 +57,8 @@ class CompareSettings:
     device: str | None = None  # models.load_model's placement: default cuda + bfloat16 where there is a GPU
     dtype: str | None = None
     device_map: str | None = None
+    attacks: bool = False  # also run the attack suite (attacks.py) on vanilla and every method (minutes more)
+    attack_retain_people: int | None = 8
 
     def model_options(self) -> dict:
         return {"device": self.device, "dtype": self.dtype, "device_map": self.device_map}
@@ -100,6 +102,9 @@ class Harness:
         self.forget = self.items["forget"]
         self.retain_fit = data.retained_inputs(data_dir, settings.forget_ratio)
         self.validation = self.items.get(VALIDATION_SPLIT, [])
+        self.attacked = (attacks.attack_set(data_dir, settings.forget_ratio, retain_people=settings.attack_retain_people)
+                         if settings.attacks else None)
+        self.attack_results: dict[str, dict] = {}  # {method: attacks.score_attacks}, filled where attacked
         if not self.validation:
             raise UserInputError(data_dir, "the retain split has no validation subjects to choose settings on")
 
@@ -187,6 +192,8 @@ def baseline_trial(h: Harness, settings: baselines.BaselineSettings, on_epoch=No
         peft_model = baselines.train_baseline(h.model, h.processor, h.forget, h.retain_fit, settings,
                                               progress=h.progress, on_epoch=on_epoch)
     try:
+        if splits:
+            attack(h, settings.method, peft_model)
         return (h.evaluate(peft_model, splits=splits) if splits else {}), cost
     finally:
         h.model = baselines.strip_lora(peft_model)
@@ -220,6 +227,13 @@ def run_baseline(h: Harness, method: str, vanilla_val: float) -> MethodResult:
                          "grid": [{"lr": t["lr"], "epochs": len(t["epochs"])} for t in trials]}, curve)
 
 
+def attack(h: Harness, name: str, model=None) -> None:
+    """The attack suite on `model` (default: the harness model as it is now), where the settings ask for it."""
+    if h.attacked is not None:
+        h.attack_results[name] = attacks.score_attacks(model or h.model, h.processor, h.attacked,
+                                                       h.settings.batch_size, h.progress)
+
+
 def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: CompareSettings,
                 progress: bool = True, eraser_settings: FitSettings | None = None) -> dict:
     unknown = [m for m in settings.methods if m not in ALL_METHODS]
@@ -235,6 +249,7 @@ def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: Compar
     vanilla = MethodResult("vanilla", h.evaluate(splits=REPORT_SPLITS + (VALIDATION_SPLIT,)))
     vanilla_val = classification(vanilla.results.pop(VALIDATION_SPLIT))
     methods: list[MethodResult] = [vanilla]
+    attack(h, "vanilla")
     eraser_settings = eraser_settings or FitSettings()
     for name in settings.methods:
         if name == "eraser":
@@ -243,11 +258,17 @@ def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: Compar
             methods.append(run_eraser(h, name, replace(eraser_settings, **PAPER_SETTINGS), vanilla_val))
         elif name in BASELINE_METHODS:
             methods.append(run_baseline(h, name, vanilla_val))
+    for m in methods:
+        if m.eraser is not None:
+            with m.eraser.attach(h.model):
+                attack(h, m.name)
     out_dir = Path(out_dir)
     summary = {"model": str(model_dir), "data": str(data_dir), "forget_ratio": settings.forget_ratio,
                "protocol": settings.protocol,
                "retain_keep": RETAIN_KEEP, "vanilla_validation_classification": vanilla_val,
                "examples": examples(h, methods, out_dir),
                "methods": [{f.name: getattr(m, f.name) for f in fields(m) if f.name != "eraser"} for m in methods]}
+    if h.attack_results:
+        summary["attacks"] = attacks.judge(h.attack_results)
     report.write_report(summary, Path(out_dir))
     return summary

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from ..errors import atomic_write_bytes, atomic_write_text
+from . import attacks
 from .data import REPORT_SPLITS, VALIDATION_SPLIT
 
 COLUMNS = [  # (header, split, metric key or aggregate)
@@ -181,6 +182,60 @@ def _plot_gate(summary: dict, path: Path) -> None:
     _save(fig, path)
 
 
+ATTACK_PLOT = "attacks.png"
+
+
+def attack_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """The attack table: per attack, each method's recovered forget classification and retain classification
+    (vanilla first); attacks vanilla no longer answers under are marked, as they do not count."""
+    suite = summary.get("attacks")
+    if not suite:
+        return [], []
+    results = suite["attacks"]
+    methods = list(results)
+    header = ["attack"] + [f"{m} {k}" for m in methods for k in ("forget cls", "retain cls")]
+    rows = []
+    for name, vanilla in results["vanilla"].items():
+        counted = vanilla["forget"].get("classification", 0.0) >= attacks.COUNTED_FROM
+        row = [name + ("" if counted else " (not counted)")]
+        for m in methods:
+            row += [_fmt(results[m][name][s].get("classification")) for s in ("forget", "retain")]
+        rows.append(row)
+    return header, rows
+
+
+def _plot_attacks(summary: dict, path: Path) -> None:
+    plt = _pyplot()
+    results = summary["attacks"]["attacks"]
+    names, methods = list(results["vanilla"]), list(results)
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(12, 4.2), dpi=110)
+    for index, m in enumerate(methods):
+        values = [results[m][n]["forget"].get("classification", math.nan) for n in names]
+        ax.bar([i + index * width for i in range(len(names))], [0 if math.isnan(v) else v for v in values],
+               width, label=m)
+    ax.axhline(attacks.FORGET_BAR, color="k", lw=0.8, ls="--")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("forget classification under attack")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"Recovered forget classification per attack (dashed: the {attacks.FORGET_BAR:.2f} bar)")
+    ax.legend(**{**LEGEND, "fontsize": 7})
+    _save(fig, path)
+
+
+def _attack_section(summary: dict) -> str:
+    header, rows = attack_rows(summary)
+    if not rows:
+        return ""
+    return f"""<h2>Attacks</h2>
+<p>Each attack transforms the forget questions (and, the same way, some retain people's questions) and every method
+answers the transformed questions. An attack counts where vanilla under it still has forget classification >=
+{attacks.COUNTED_FROM:.2f}. Bars: recovered forget classification <= {attacks.FORGET_BAR:.2f}; retain >=
+{attacks.RETAIN_BAR:.2f} x vanilla's under the same attack.</p>
+{_html_table(header, rows)}
+<figure><img src="{ATTACK_PLOT}" alt="{ATTACK_PLOT}"><figcaption>{ATTACK_PLOT}</figcaption></figure>"""
+
+
 def _save(fig, path: Path) -> None:
     import io
     import matplotlib.pyplot as plt
@@ -274,6 +329,7 @@ this run.</p>
 {table}
 {_examples_section(summary)}
 {_gate_section(summary)}
+{_attack_section(summary)}
 <h2>Plots</h2>
 {images}
 <h2>Chosen settings</h2><ul>{settings}</ul>
@@ -303,5 +359,7 @@ def write_report(summary: dict, out_dir: Path) -> Path:
     _plot_tradeoff(summary, "rougeL", "ROUGE-L", out_dir / PLOTS[1])
     _plot_splits(summary, out_dir / PLOTS[2])
     _plot_gate(summary, out_dir / PLOTS[3])
+    if summary.get("attacks"):
+        _plot_attacks(summary, out_dir / ATTACK_PLOT)
     atomic_write_text(out_dir / "report.html", render_html(summary))
     return out_dir / "report.html"
