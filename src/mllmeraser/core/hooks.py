@@ -156,6 +156,13 @@ def _rows(values: Tensor, batch: int) -> Tensor:
     return values.repeat_interleave(batch // values.shape[0], dim=0)
 
 
+def _masked(handle: SteeringHandle, gates: Tensor) -> Tensor:
+    """Gate values [batch, K] times the handle's per-row term mask (row_terms), where one is set."""
+    if handle.row_terms is None:
+        return gates
+    return gates * _rows(handle.row_terms.to(device=gates.device, dtype=gates.dtype), gates.shape[0])
+
+
 class _Prompt:
     """What one prompt's steering is fixed by, from its first forward on: the prompt's length T (positions
     0..T-1, padded coordinates), its 2-D mask over those positions, and the gate's decisions, taken once."""
@@ -189,6 +196,11 @@ class SteeringHandle:
         self.prompt: _Prompt | None = None
         self._generation: dict[str, Any] | None = None  # generate()'s inputs, while a generate call runs
         self._suspended = False  # True during the decision pre-pass: the hooks stand aside
+        self.row_terms: Tensor | None = None
+        """Per-row term mask [B, K] (1 keeps term k for prompt row b, 0 switches it off), or None (every term on):
+        multiplied into the prompt gate's decisions and the paper gate's per-layer gates when a prompt is decided,
+        so rows with different eraser sets share one forward pass. Set it before the prompt's first forward (B is
+        the prompt count; generate's expanded rows follow their prompt)."""
 
     @property
     def decisions(self) -> Tensor | None:
@@ -379,7 +391,7 @@ class _LayerSteering(_Steering):
                                    "not hold it (chunked prefill?): generate without prefill_chunk_size, or use a "
                                    "prompt gate")
             h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].to(torch.float32)
-            gates = prompt.layer_gates[self.index] = shape_gate(h_last @ u.T, floor, cap)  # [B, K]
+            gates = prompt.layer_gates[self.index] = _masked(handle, shape_gate(h_last @ u.T, floor, cap))  # [B, K]
         return (_rows(gates, hidden.shape[0]) * alpha) @ r
 
 
@@ -443,7 +455,7 @@ class _PromptSteering(_Steering):
             else:  # the forward holds part of the prompt (chunked prefill): decide from all of it first
                 z = handle.prompt_features(module, self.gate.pooling)
             prompt.scores = self.gate.scores(z)
-            prompt.decisions = self.gate.fires(prompt.scores)
+            prompt.decisions = _masked(handle, self.gate.fires(prompt.scores))
         if self.r is None or prompt.decisions is None:
             return None  # the decision layer is not itself steered, or this prompt was never decided
         if self.r.device != hidden.device:
