@@ -434,11 +434,13 @@ def last_token_features(model, processor, items: Sequence[QAItem], layer_indices
 
 
 def ridge_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, classes: int,
-                ridge: float = 1.0) -> torch.Tensor:
-    """Predicted classes of `test_x` from a one-vs-rest ridge regression fitted on standardised `train_x`."""
+                ridge: float = 1.0, centre_test: bool = False) -> torch.Tensor:
+    """Predicted classes of `test_x` from a one-vs-rest ridge regression fitted on standardised `train_x`.
+    `centre_test`: centre the test features on their own mean (undoes a shift common to them, e.g. a steering
+    vector added to every forget prompt), not on the training mean."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     x = torch.cat([(train_x - mean) / std, torch.ones(len(train_x), 1)], 1).double()
-    t = torch.cat([(test_x - mean) / std, torch.ones(len(test_x), 1)], 1).double()
+    t = torch.cat([(test_x - (test_x.mean(0) if centre_test else mean)) / std, torch.ones(len(test_x), 1)], 1).double()
     y = torch.nn.functional.one_hot(train_y, classes).double()
     w = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype), x.T @ y)
     return (t @ w).argmax(1)
@@ -447,7 +449,9 @@ def ridge_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
 def probe_attack(model, processor, forget: Sequence[QAItem], retain: Sequence[QAItem], eraser=None,
                  layer_indices: Sequence[int] | None = None, batch_size: int = 64) -> dict[str, float]:
     """A linear probe for the correct option letter of classification questions: fitted on retain people's
-    activations, read on the forget people's, with `eraser` attached (if given) for both. Accuracy per layer."""
+    activations, read on the forget people's, with `eraser` attached (if given) for both. Accuracy per layer, as
+    read and with the forget features re-centred on their own mean ("centred": an attacker's cheap undoing of a
+    common shift)."""
     letters = {letter: i for i, letter in enumerate(prompts.OPTION_LETTERS)}
     train = [i for i in retain if i.task == "classification"]
     test = [i for i in forget if i.task == "classification"]
@@ -458,8 +462,10 @@ def probe_attack(model, processor, forget: Sequence[QAItem], retain: Sequence[QA
         ts = last_token_features(model, processor, test, layer_indices, batch_size)
     y = torch.tensor([letters[i.answer] for i in train])
     truth = torch.tensor([letters[i.answer] for i in test])
-    return {f"layer {l}": float((ridge_probe(xs[:, k], y, ts[:, k], len(letters)) == truth).double().mean())
-            for k, l in enumerate(layer_indices)}
+    accuracy = lambda k, centre: float((ridge_probe(xs[:, k], y, ts[:, k], len(letters), centre_test=centre)  # noqa: E731
+                                        == truth).double().mean())
+    return {f"layer {l}{' centred' if centre else ''}": accuracy(k, centre)
+            for centre in (False, True) for k, l in enumerate(layer_indices)}
 
 
 @torch.no_grad()
@@ -549,10 +555,21 @@ def run_suite(model, processor, data_dir: str | Path, forget_ratio: int = 10, er
         with eraser.attach(model):
             results[name] = score_attacks(model, processor, attacked, batch_size, progress)
     summary = judge(results)
+    summary["gate_fire_rate"] = {name: gate_fire_rates(model, processor, eraser, attacked, batch_size)
+                                 for name, eraser in (erasers or {}).items() if eraser.prompt_gate is not None}
     if white_box_too:
         summary["white_box"] = {name: white_box(model, processor, data_dir, forget_ratio, attacked, eraser)
                                 for name, eraser in {"vanilla": None, **(erasers or {})}.items()}
     return summary
+
+
+def gate_fire_rates(model, processor, eraser, attacked: AttackSet, batch_size: int = 64) -> dict[str, dict[str, float]]:
+    """{attack: {"forget"|"retain": the fraction of attacked prompts a prompt gate turns on}}: where an eraser's
+    numbers equal vanilla's, whether that is the gate staying off or the model not answering anyway."""
+    return {name: {split: evaluate.fire_rate(evaluate.gate_scores(model, processor, eraser, {split: items},
+                                                                  batch_size)[split], eraser)
+                   for split, items in splits.items()}
+            for name, splits in attacked.items.items()}
 
 
 def judge(results: dict[str, dict]) -> dict:
@@ -564,6 +581,9 @@ def judge(results: dict[str, dict]) -> dict:
 
 def format_summary(summary: dict) -> str:
     lines = [format_table(summary["attacks"])]
+    for name, rates in summary.get("gate_fire_rate", {}).items():
+        lines.append(f"{name} gate fires on (forget / retain): "
+                     + ", ".join(f"{a} {r['forget']:.2f}/{r['retain']:.2f}" for a, r in rates.items()))
     for name, rows in summary["verdicts"].items():
         counted = {a: r for a, r in rows.items() if r["counted"]}
         missed = [a for a, r in counted.items() if not r["forget_met"]]
