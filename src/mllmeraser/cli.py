@@ -60,6 +60,31 @@ def _add_erasure_arg(parser: argparse.ArgumentParser) -> None:
                         f"a SPEC as for fit (default: {data.ERASURE_SPLIT} under the data, which only the testbed has)")
 
 
+def _add_serve_args(parser: argparse.ArgumentParser) -> None:
+    from .serve.settings import Limits, ServeSettings  # no web framework needed to build the parser
+
+    _add_model_arg(parser)
+    parser.add_argument("--erasers", type=Path, default=None, help="directory of eraser .safetensors, each named by "
+                        "its file stem; every one applies to every request unless --tenants says otherwise")
+    parser.add_argument("--tenants", type=Path, default=None, help='JSON {"api key": ["eraser name", ...]}: each '
+                        "key gets its erasers (and cannot switch them off); any other key is refused (401)")
+    parser.add_argument("--admin-token", default=None, help="token for POST/DELETE /admin/erasers "
+                        "(default: $MLLMERASER_ADMIN_TOKEN; neither: the admin endpoints are off)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model-name", default=None, help="the model id clients send (default: the --model "
+                        "directory's name)")
+    parser.add_argument("--max-batch", type=int, default=ServeSettings.max_batch, help="rows per forward pass")
+    parser.add_argument("--max-wait-ms", type=float, default=ServeSettings.max_wait * 1000,
+                        help="how long the oldest waiting request waits for a batch to fill")
+    limits = Limits()
+    parser.add_argument("--max-tokens-limit", type=int, default=limits.max_tokens, help="largest max_tokens")
+    parser.add_argument("--max-prompt-chars", type=int, default=limits.max_prompt_chars)
+    parser.add_argument("--max-prompt-tokens", type=int, default=limits.max_prompt_tokens)
+    parser.add_argument("--max-image-bytes", type=int, default=limits.max_image_bytes)
+    parser.add_argument("--max-image-pixels", type=int, default=limits.max_image_pixels)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mllmeraser", description=__import__("mllmeraser").__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=50)
     generate.set_defaults(handler=cmd_generate)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible chat server applying erasers per request "
+                                "(needs the serve extra)")
+    _add_serve_args(serve)
+    serve.set_defaults(handler=cmd_serve)
 
     attack = commands.add_parser("attack", help="the attack suite: vanilla and an eraser under each attack")
     _add_model_arg(attack)
@@ -274,6 +304,38 @@ def cmd_generate(args) -> int:
     with attached(model, load_eraser(args.eraser, args.alpha)):
         (answer,) = models.generate(model, processor, item, args.max_new_tokens)
     print(answer)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    try:
+        import uvicorn
+
+        from . import serve
+    except ImportError as exc:
+        raise UserInputError(None, f"serve needs the serve extra ({exc.name} is missing): "
+                             'pip install "mllmeraser[serve]"') from None
+    from .core.eraser import model_fingerprint
+
+    erasers = serve.load_erasers(args.erasers)  # the tenants file is checked before the model loads
+    tenants = serve.read_tenants(args.tenants, erasers) if args.tenants is not None else None
+    model, processor = models.load_model(args.model, **model_options(args))
+    try:
+        registry = serve.Registry(erasers, model_fingerprint(model), tenants)
+    except serve.PolicyError as exc:  # an eraser fitted for another model, or one that cannot stack with the rest
+        raise UserInputError(args.erasers, exc.message) from None
+    limits = serve.Limits(max_tokens=args.max_tokens_limit, max_prompt_chars=args.max_prompt_chars,
+                          max_prompt_tokens=args.max_prompt_tokens, max_image_bytes=args.max_image_bytes,
+                          max_image_pixels=args.max_image_pixels)
+    settings = serve.ServeSettings(model_name=args.model_name or Path(str(args.model).rstrip("/")).name,
+                                   admin_token=args.admin_token or os.environ.get("MLLMERASER_ADMIN_TOKEN") or None,
+                                   limits=limits, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000)
+    app = serve.create_app(model, processor, registry, settings)
+    print(f"serving {settings.model_name} with erasers {registry.names()} on http://{args.host}:{args.port}",
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -1,0 +1,24 @@
+"""`mllmeraser serve`: an OpenAI-compatible chat server (FastAPI on uvicorn) that applies erasers per request.
+
+    app = create_app(model, processor, Registry(erasers, model_fingerprint(model), tenants), ServeSettings(...))
+
+One batcher thread owns the model (engine.py); the policy (which erasers a request gets) is policy.py; the HTTP
+surface and its error bodies are api.py; limits and settings, settings.py. Needs the `serve` extra
+(pip install "mllmeraser[serve]"); policy and settings import without it.
+"""
+
+from .policy import PolicyError, Registry, load_erasers, read_tenants
+from .settings import Limits, ServeSettings
+
+_LAZY = {"create_app": "api", "decode_image": "api", "error_body": "api", "parse_messages": "api", "Engine": "engine",
+         "Job": "engine", "serving": "background"}
+
+__all__ = ["Engine", "Job", "Limits", "PolicyError", "Registry", "ServeSettings", "create_app", "decode_image",
+           "error_body", "load_erasers", "parse_messages", "read_tenants", "serving"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:  # the web framework and transformers' generation utilities load on first use
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(name)

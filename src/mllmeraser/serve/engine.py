@@ -1,0 +1,269 @@
+"""The batcher: one thread owns the model. Requests wait in a queue; a batch is taken when `max_batch` requests
+of one modality (image or text) are waiting or the oldest has waited `max_wait` seconds. Every loaded eraser is
+attached once, stacked into one combined eraser (re-attached when the registry changes), and each batch sets a
+per-row term mask (SteeringHandle.row_terms) so rows with different eraser sets share one forward pass.
+
+Per row, in one `model.generate` call: its own token limit (a stopping criterion), its own temperature, top_p and
+seed (a logits processor that samples the row with the row's generator and hands generate a one-hot score, so
+generate's greedy step picks it; temperature 0 leaves the scores alone: greedy, exactly `models.generate`), and
+its own stream of text deltas (a streamer). A batch that fails is retried row by row, so one bad row fails alone.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from ..core import models
+from ..core.inputs import QAItem
+from .policy import Registry, Snapshot
+
+
+@dataclass
+class Job:
+    """One chat completion: the prompt (a QAItem, asked verbatim), its eraser names and sampling settings.
+    `emit` receives ("delta", text), then ("done", info) or ("error", message), from the batcher thread."""
+
+    item: QAItem
+    erasers: tuple[str, ...]
+    max_tokens: int
+    emit: Callable[[tuple[str, Any]], None]
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    arrived: float = field(default_factory=time.monotonic)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    streamed: bool = False  # a delta went out (a failed batch cannot retry this row unseen)
+    finished: bool = False  # "done" went out
+
+    @property
+    def modality(self) -> str:
+        return self.item.modality
+
+
+class _RowSampler(LogitsProcessor):
+    """Rows with temperature > 0: sample from softmax(scores / T) (top_p nucleus) with the row's generator and
+    return a score that is 0 at the sampled token and -inf elsewhere; greedy rows pass through unchanged."""
+
+    def __init__(self, jobs: Sequence[Job]):
+        self.rows = [(row, job.temperature, job.top_p,
+                      torch.Generator().manual_seed(job.seed if job.seed is not None
+                                                    else int(torch.randint(0, 2**62, (1,)).item())))
+                     for row, job in enumerate(jobs) if job.temperature > 0]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.rows:
+            return scores
+        chosen = scores.clone()
+        for row, temperature, top_p, generator in self.rows:
+            probs = torch.softmax(scores[row].detach().to("cpu", torch.float32) / temperature, dim=-1)
+            if top_p < 1.0:
+                ordered, order = probs.sort(descending=True)
+                drop = ordered.cumsum(0) - ordered >= top_p  # keep the smallest prefix reaching top_p
+                probs = probs.scatter(0, order, ordered.masked_fill(drop, 0.0))
+            token = int(torch.multinomial(probs, 1, generator=generator))
+            chosen[row] = float("-inf")
+            chosen[row, token] = 0.0
+        return chosen
+
+
+class _RowLimits(StoppingCriteria):
+    """Per row: done once it has `max_tokens` new tokens, or its client went away."""
+
+    def __init__(self, jobs: Sequence[Job], prompt_length: int):
+        self.jobs, self.prompt_length = jobs, prompt_length
+        self.limits = torch.tensor([job.max_tokens for job in jobs])
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        done = (input_ids.shape[1] - self.prompt_length) >= self.limits
+        done |= torch.tensor([job.cancelled.is_set() for job in self.jobs])
+        return done.to(input_ids.device)
+
+
+class _RowStreamer(BaseStreamer):
+    """Receives each step's tokens [B]; per row, keeps the tokens up to its eos or limit and emits text deltas
+    (leading and trailing whitespace held back, so the deltas join to the final answer)."""
+
+    def __init__(self, jobs: Sequence[Job], tokenizer, eos_ids: set[int], prompt_tokens: Sequence[int]):
+        self.jobs, self.tokenizer, self.eos_ids = jobs, tokenizer, eos_ids
+        self.tokens: list[list[int]] = [[] for _ in jobs]
+        self.sent = [""] * len(jobs)
+        self.finish: list[str | None] = [None] * len(jobs)
+        self.prompt_tokens = prompt_tokens
+        self.seen_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.seen_prompt and value.ndim == 2:  # generate hands the prompt first
+            self.seen_prompt = True
+            return
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            if self.finish[row] is not None:
+                continue
+            job = self.jobs[row]
+            if token in self.eos_ids:
+                self._finish(row, "stop")
+                continue
+            self.tokens[row].append(token)
+            self._flush(row)
+            if len(self.tokens[row]) >= job.max_tokens:
+                self._finish(row, "length")
+            elif job.cancelled.is_set():
+                self._finish(row, "cancelled")
+
+    def text(self, row: int) -> str:
+        return self.tokenizer.decode(self.tokens[row], skip_special_tokens=True).strip()
+
+    def _flush(self, row: int) -> None:
+        text = self.text(row)
+        if text.startswith(self.sent[row]) and len(text) > len(self.sent[row]):
+            self.jobs[row].emit(("delta", text[len(self.sent[row]):]))
+            self.jobs[row].streamed = True
+            self.sent[row] = text
+
+    def _finish(self, row: int, reason: str) -> None:
+        self.finish[row] = reason
+        text = self.text(row)
+        self._flush(row)
+        self.jobs[row].finished = True
+        self.jobs[row].emit(("done", {"text": text, "finish_reason": reason,
+                                      "prompt_tokens": self.prompt_tokens[row],
+                                      "completion_tokens": len(self.tokens[row])}))
+
+    def end(self) -> None:
+        for row, reason in enumerate(self.finish):
+            if reason is None:
+                self._finish(row, "length")
+
+
+class Engine:
+    """The batcher thread and its queue (see the module docstring). `submit` is thread-safe."""
+
+    def __init__(self, model, processor, registry: Registry, max_batch: int = 16, max_wait: float = 0.01):
+        self.model, self.processor, self.registry = model, processor, registry
+        self.max_batch, self.max_wait = max(1, int(max_batch)), max(0.0, float(max_wait))
+        self._pending: list[Job] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._handle = None
+        self._version: int | None = None
+        self._snapshot: Snapshot | None = None
+        self.batches: list[int] = []  # the size of every batch run, for tests and the benchmark
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = processor.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="mllmeraser-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            pending, self._pending = self._pending, []
+            self._cond.notify_all()
+        for job in pending:
+            job.emit(("error", "the server is shutting down"))
+        if self._thread is not None:
+            self._thread.join()
+        self._detach()
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the server is shutting down")
+            self._pending.append(job)
+            self._cond.notify_all()
+
+    # ---- the batcher thread ---------------------------------------------------------------------
+
+    def _take(self) -> list[Job]:
+        with self._cond:
+            while True:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return []
+                self._pending = [job for job in self._pending if not job.cancelled.is_set()]
+                if not self._pending:
+                    continue
+                first = self._pending[0]
+                deadline = first.arrived + self.max_wait
+                while True:
+                    same = [job for job in self._pending if job.modality == first.modality]
+                    left = deadline - time.monotonic()
+                    if len(same) >= self.max_batch or left <= 0 or self._stopping:
+                        break
+                    self._cond.wait(left)
+                batch = same[: self.max_batch]
+                taken = set(map(id, batch))
+                self._pending = [job for job in self._pending if id(job) not in taken]
+                return batch
+
+    def _loop(self) -> None:
+        while True:
+            jobs = self._take()
+            if not jobs:
+                return
+            try:
+                self._run(jobs)
+            except Exception as exc:  # a batch that fails is retried row by row: one bad row fails alone
+                for job in jobs:
+                    if job.finished:
+                        continue
+                    if len(jobs) == 1 or job.streamed:
+                        job.emit(("error", f"generation failed ({type(exc).__name__}: {exc})"))
+                        continue
+                    try:
+                        self._run([job])
+                    except Exception as row_exc:
+                        job.emit(("error", f"generation failed ({type(row_exc).__name__}: {row_exc})"))
+
+    def _detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _sync(self) -> Snapshot:
+        """Attach the registry's combined eraser if it changed since the last batch (this thread owns the model)."""
+        snapshot = self.registry.snapshot()
+        if snapshot.version != self._version:
+            self._detach()
+            if snapshot.combined is not None:  # fingerprints were checked when each eraser was loaded
+                self._handle = snapshot.combined.attach(self.model, check_fingerprint=False)
+            self._version, self._snapshot = snapshot.version, snapshot
+        return self._snapshot
+
+    @torch.no_grad()
+    def _run(self, jobs: list[Job]) -> None:
+        snapshot = self._sync()
+        self.batches.append(len(jobs))
+        tokenizer = self.processor.tokenizer
+        batch = models.to_device(models.encode_prompts(self.processor, [job.item for job in jobs]), self.model)
+        prompt_length = batch["input_ids"].shape[1]
+        if self._handle is not None:
+            mask = torch.zeros(len(jobs), snapshot.combined.num_terms)
+            for row, job in enumerate(jobs):
+                for name in job.erasers:
+                    mask[row, list(snapshot.terms.get(name, ()))] = 1.0  # a name removed since: gone
+            self._handle.row_terms = mask
+        streamer = _RowStreamer(jobs, tokenizer, self.eos_ids, batch["attention_mask"].sum(dim=1).tolist())
+        try:
+            self.model.generate(**batch, max_new_tokens=max(job.max_tokens for job in jobs), do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id, streamer=streamer,
+                                logits_processor=LogitsProcessorList([_RowSampler(jobs)]),
+                                stopping_criteria=StoppingCriteriaList([_RowLimits(jobs, prompt_length)]))
+        finally:
+            if self._handle is not None:
+                self._handle.row_terms = None
+        streamer.end()

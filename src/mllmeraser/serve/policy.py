@@ -1,0 +1,194 @@
+"""Which erasers a request gets: the loaded erasers by name, the tenants' bindings, and the one combined eraser
+the batcher attaches (every loaded eraser stacked with `+`, one term range per name)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import operator
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core.eraser import Eraser
+from ..errors import UserInputError
+
+NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+class PolicyError(Exception):
+    """A request the policy refuses: an HTTP status, an OpenAI error type and code, the parameter at fault."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.kind = status, message, code, param, kind
+
+
+def check_name(name: str) -> str:
+    if not name or len(name) > 128 or not set(name) <= NAME_CHARS:
+        raise PolicyError(400, f"eraser name {name!r} must be 1-128 characters of letters, digits, '.', '_', '-'",
+                          "invalid_name", "name")
+    return name
+
+
+def load_erasers(directory: Path | None) -> dict[str, Eraser]:
+    """Every `*.safetensors` in `directory`, by file stem (sorted), loaded with Eraser.load (never torch.load)."""
+    if directory is None:
+        return {}
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserInputError(directory, "not a directory of eraser .safetensors files")
+    return {path.stem: Eraser.load(path) for path in sorted(directory.glob("*.safetensors"))}
+
+
+def read_tenants(path: Path, names: Iterable[str]) -> dict[str, list[str]]:
+    """The tenants file, JSON {api key: [eraser name, ...]}; an eraser name not among `names` is an error naming
+    the file."""
+    path = Path(path)
+    try:
+        tenants = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserInputError(path, "no such tenants file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserInputError(path, f"tenants file is not valid JSON ({exc})") from None
+    if not isinstance(tenants, dict) or not all(
+            isinstance(key, str) and key and isinstance(value, list) and all(isinstance(n, str) for n in value)
+            for key, value in tenants.items()):
+        raise UserInputError(path, 'tenants file must be a JSON object {"api key": ["eraser name", ...]}')
+    known = set(names)
+    for key, bound in tenants.items():
+        unknown = [name for name in bound if name not in known]
+        if unknown:
+            raise UserInputError(path, f"tenant {key[:4]}... is bound to unknown eraser(s) {unknown}; "
+                                 f"loaded: {sorted(known)}")
+    return {key: list(dict.fromkeys(bound)) for key, bound in tenants.items()}
+
+
+def combine(erasers: Iterable[Eraser]) -> Eraser | None:
+    """Every eraser stacked (`+`), or None for none. Raises ValueError where they cannot share one attachment
+    (a prompt gate with the paper's per-layer gate, other layers, another steering mode)."""
+    erasers = list(erasers)
+    return functools.reduce(operator.add, erasers) if erasers else None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One consistent state of the registry: its version, the combined eraser and each name's term indices."""
+
+    version: int
+    combined: Eraser | None
+    terms: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+class Registry:
+    """The loaded erasers (by name) and the tenants' bindings, changed at run time by the admin endpoints.
+
+    Policy: without tenants every loaded eraser applies to every request; with tenants (API key -> names) a
+    request gets its key's bound erasers plus any it names, and cannot switch a bound one off. Every change
+    bumps `version`; the batcher re-attaches the combined eraser before its next batch.
+    """
+
+    def __init__(self, erasers: Mapping[str, Eraser], fingerprint: dict[str, Any] | None,
+                 tenants: Mapping[str, list[str]] | None = None):
+        self._lock = threading.Lock()
+        self._fingerprint = fingerprint
+        self._erasers: dict[str, Eraser] = {}
+        self._tenants = None if tenants is None else {key: list(bound) for key, bound in tenants.items()}
+        self._version = 0
+        for name, eraser in erasers.items():
+            self.check(name, eraser)
+            self._erasers[name] = eraser
+        self._snapshot = self._build()
+
+    @property
+    def multi_tenant(self) -> bool:
+        return self._tenants is not None
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._erasers)
+
+    def describe(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [{"name": name, "terms": eraser.num_terms,
+                     "gate": "paper" if eraser.prompt_gate is None else eraser.prompt_gate.kind,
+                     "requests": [request.get("request") for request in eraser.requests()]}
+                    for name, eraser in self._erasers.items()]
+
+    def check(self, name: str, eraser: Eraser) -> None:
+        """Refuse an eraser fitted for another model, or one that cannot be stacked with the loaded ones."""
+        if self._fingerprint is not None and eraser.fingerprint is not None:
+            try:
+                eraser._check_fingerprint(self._fingerprint)
+            except UserInputError as exc:
+                raise PolicyError(400, f"eraser {name!r}: {exc}", "model_mismatch") from None
+        try:
+            combine([*self._erasers.values(), eraser])
+        except ValueError as exc:
+            raise PolicyError(400, f"eraser {name!r} cannot be served with the loaded erasers: {exc}",
+                              "incompatible_eraser") from None
+
+    def _build(self) -> Snapshot:
+        terms: dict[str, tuple[int, ...]] = {}
+        offset = 0
+        for name, eraser in self._erasers.items():
+            terms[name] = tuple(range(offset, offset + eraser.num_terms))
+            offset += eraser.num_terms
+        return Snapshot(self._version, combine(self._erasers.values()), terms)
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            return self._snapshot
+
+    def add(self, name: str, eraser: Eraser, tenants: Iterable[str] = ()) -> None:
+        """Load `eraser` as `name` (bound to the given tenant keys too); effective from the next batch."""
+        check_name(name)
+        tenants = list(tenants)
+        with self._lock:
+            if name in self._erasers:
+                raise PolicyError(409, f"an eraser named {name!r} is already loaded: delete it first", "name_taken",
+                                  "name")
+            if tenants and self._tenants is None:
+                raise PolicyError(400, "tenants given, but the server runs without --tenants", "no_tenants", "tenants")
+            unknown = [key for key in tenants if key not in (self._tenants or {})]
+            if unknown:
+                raise PolicyError(400, f"{len(unknown)} unknown tenant key(s)", "unknown_tenant", "tenants")
+            self.check(name, eraser)
+            self._erasers[name] = eraser
+            for key in tenants:
+                self._tenants[key].append(name)
+            self._version += 1
+            self._snapshot = self._build()
+
+    def remove(self, name: str) -> None:
+        """Unload `name` (and unbind it from every tenant); effective from the next batch."""
+        with self._lock:
+            if name not in self._erasers:
+                raise PolicyError(404, f"no eraser named {name!r} is loaded", "unknown_eraser", "name")
+            del self._erasers[name]
+            for bound in (self._tenants or {}).values():
+                if name in bound:
+                    bound.remove(name)
+            self._version += 1
+            self._snapshot = self._build()
+
+    def resolve(self, api_key: str | None, requested: Iterable[str] = ()) -> tuple[str, ...]:
+        """The erasers for a request: the policy's (see the class) plus `requested`. An unknown key (with
+        tenants) is 401; an unknown requested name, 400."""
+        requested = list(requested)
+        with self._lock:
+            if self._tenants is None:
+                base = list(self._erasers)
+            else:
+                if api_key is None or api_key not in self._tenants:
+                    raise PolicyError(401, "invalid API key: send a tenant key as 'Authorization: Bearer KEY'",
+                                      "invalid_api_key", kind="authentication_error")
+                base = list(self._tenants[api_key])
+            unknown = [name for name in requested if name not in self._erasers]
+            if unknown:
+                raise PolicyError(400, f"unknown eraser(s) {unknown}; loaded: {list(self._erasers)}", "unknown_eraser",
+                                  "erasers")
+            return tuple(dict.fromkeys(base + requested))

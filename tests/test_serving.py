@@ -1,0 +1,254 @@
+"""`mllmeraser serve` through the official OpenAI client, on loopback, on the small testbed with two erasers
+fitted for it here (one forget person each, on reduced sets: a few seconds each):
+
+- an image question about a forget person gets the answer `mllmeraser generate --eraser` gives (models.generate
+  with the eraser attached, same image and prompt), streamed or not, and another one than vanilla;
+- 60 concurrent requests from two tenants bound to different eraser sets each get exactly their single-request
+  answer, and the server did batch them;
+- bad input gets a 4xx with OpenAI's error body, and the next request is answered;
+- the admin endpoints refuse requests without the token; a hot add or remove changes the next answer; an eraser
+  fitted for another model, or one that cannot be stacked with the loaded ones, is refused naming why.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+
+from mllmeraser import cli, serve  # noqa: E402
+from mllmeraser.bench import data  # noqa: E402
+from mllmeraser.core import models  # noqa: E402
+from mllmeraser.core.eraser import Eraser, model_fingerprint  # noqa: E402
+from mllmeraser.core.fitting import FitSettings, PGDSettings  # noqa: E402
+from mllmeraser.core.inputs import as_items  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+PEOPLE = {"p1": "F0001", "p2": "F0006"}  # eraser name -> the forget person it erases
+TENANTS = {"key-a": ["p1"], "key-b": ["p1", "p2"]}
+ADMIN = "admin-secret"
+MODEL = "testbed"
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def erasers(testbed_model, testbed_data, tmp_path_factory):
+    """Two one-person erasers, saved as <name>.safetensors in one directory: (directory, {name: Eraser})."""
+    model, processor = testbed_model
+    rng = random.Random(0)
+    forget = data.load_split_items(testbed_data, "forget", 10)
+    retain = rng.sample(list(data.retained_inputs(testbed_data, 10)), 300)
+    erasure = rng.sample(list(data.default_erasure_items(testbed_data)), 60)
+    calibration = rng.sample(list(data.validation_items(testbed_data, 10)), 80)
+    directory = tmp_path_factory.mktemp("erasers")
+    fitted = {}
+    for name, person in PEOPLE.items():
+        torch.manual_seed(0)
+        fitted[name] = Eraser.fit(model, processor, forget=[i for i in forget if i.subject_id == person],
+                                  retain=retain, erasure=erasure, calibration=calibration, request=person,
+                                  settings=FitSettings(pgd=PGDSettings(steps=2)), progress=False)
+        fitted[name].save(directory / f"{name}.safetensors")
+    return directory, fitted
+
+
+@pytest.fixture(scope="module")
+def questions(testbed_data):
+    """(image or None, prompt) pairs: each forget person's image and text generation questions, and a retain
+    person's image question."""
+    forget = data.load_split_items(testbed_data, "forget", 10)
+    retain = data.load_split_items(testbed_data, "retain", 10)
+    chosen = []
+    for person in PEOPLE.values():
+        mine = [i for i in forget if i.subject_id == person and i.task == "generation"]
+        chosen += [next(i for i in mine if i.modality == "image"), next(i for i in mine if i.modality == "text")]
+    chosen.append(next(i for i in retain if i.task == "generation" and i.modality == "image"))
+    return [(item.image if item.modality == "image" else None, item.prompt) for item in chosen]
+
+
+def data_url(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def messages(image, prompt: str) -> list[dict]:
+    parts = ([{"type": "image_url", "image_url": {"url": data_url(image)}}] if image is not None else [])
+    return [{"role": "user", "content": parts + [{"type": "text", "text": prompt}]}]
+
+
+def reference(testbed_model, eraser: Eraser | None, image, prompt: str) -> str:
+    """What `mllmeraser generate [--eraser]` answers: models.generate on the plain input, alone."""
+    model, processor = testbed_model
+    with cli.attached(model, eraser):
+        (answer,) = models.generate(model, processor, as_items([(image, prompt, "")]), MAX_TOKENS)
+    return answer
+
+
+def client(base: str, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def ask(base: str, key: str, image, prompt: str, **options) -> str:
+    response = client(base, key).chat.completions.create(model=MODEL, messages=messages(image, prompt),
+                                                         max_tokens=MAX_TOKENS, **options)
+    return response.choices[0].message.content
+
+
+def app_for(testbed_dir, erasers, tenants=None, names=None, **settings):
+    """A fresh app on its own copy of the testbed model (the shared fixture stays free for the references)."""
+    model, processor = models.load_model(testbed_dir / "model")
+    chosen = {name: e for name, e in erasers[1].items() if names is None or name in names}
+    registry = serve.Registry(chosen, model_fingerprint(model), tenants)
+    return serve.create_app(model, processor, registry, serve.ServeSettings(model_name=MODEL, admin_token=ADMIN,
+                                                                            **settings))
+
+
+@pytest.fixture(scope="module")
+def tenant_server(testbed_dir, erasers):
+    app = app_for(testbed_dir, erasers, TENANTS, max_batch=16, max_wait=0.05)
+    with serve.serving(app) as base:
+        yield base, app
+
+
+def test_an_image_question_is_answered_as_generate_with_the_eraser(testbed_model, erasers, questions, tenant_server):
+    base, _ = tenant_server
+    image, prompt = questions[2]  # p2's person, image question
+    with_eraser = reference(testbed_model, erasers[1]["p2"], image, prompt)
+    vanilla = reference(testbed_model, None, image, prompt)
+    assert with_eraser != vanilla
+    assert ask(base, "key-b", image, prompt) == with_eraser  # key-b is bound to p1 and p2
+    assert ask(base, "key-a", image, prompt) == vanilla  # key-a only to p1: this person is not erased for it
+    stream = client(base, "key-b").chat.completions.create(model=MODEL, messages=messages(image, prompt),
+                                                           max_tokens=MAX_TOKENS, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == with_eraser
+    # a request may add an eraser its key is not bound to, never drop one
+    assert ask(base, "key-a", image, prompt, extra_body={"erasers": ["p2"]}) == with_eraser
+
+
+def test_sixty_concurrent_requests_each_get_their_single_request_answer(testbed_model, erasers, questions,
+                                                                         tenant_server):
+    base, app = tenant_server
+    sets = {key: [erasers[1][name] for name in names] for key, names in TENANTS.items()}
+    expected = {(key, index): reference(testbed_model, serve.policy.combine(sets[key]), *questions[index])
+                for key in TENANTS for index in range(len(questions))}
+    assert expected["key-a", 2] != expected["key-b", 2]  # the two sets answer p2's person differently
+    jobs = [(("key-a", "key-b")[n % 2], (n // 2) % len(questions)) for n in range(60)]
+    before = len(app.state.engine.batches)
+    with ThreadPoolExecutor(max_workers=60) as pool:
+        answers = list(pool.map(lambda job: ask(base, job[0], *questions[job[1]]), jobs))
+    assert answers == [expected[job] for job in jobs]
+    assert max(app.state.engine.batches[before:]) > 1  # rows of both tenants shared forward passes
+
+
+def _error_of(exc: openai.APIStatusError) -> dict:
+    error = exc.response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+def test_bad_input_is_a_4xx_and_the_server_stays_up(questions, tenant_server):
+    base, _ = tenant_server
+    image, prompt = questions[0]
+    bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "data:image/png;base64," + base64.b64encode(b"not an image at all").decode()}},
+        {"type": "text", "text": prompt}]}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(base, "key-a").chat.completions.create(model=MODEL, messages=bad, max_tokens=MAX_TOKENS)
+    assert _error_of(caught.value)["code"] == "invalid_image"
+    cases = [  # (request options, status, code)
+        ({"messages": messages(image, prompt), "max_tokens": 0}, 400, "invalid_value"),
+        ({"messages": messages(image, prompt), "max_tokens": 10**6}, 400, "invalid_value"),
+        ({"messages": messages(None, "x" * 40_000)}, 400, "prompt_too_long"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": "http://example.com/a.png"}}]}]}, 400, "unsupported_image_url"),
+        ({"messages": messages(None, prompt), "extra_body": {"erasers": ["nope"]}}, 400, "unknown_eraser"),
+    ]
+    for options, status, code in cases:
+        with pytest.raises(openai.APIStatusError) as caught:
+            client(base, "key-a").chat.completions.create(model=MODEL, **options)
+        assert caught.value.status_code == status and _error_of(caught.value)["code"] == code, options
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client(base, "key-unknown").chat.completions.create(model=MODEL, messages=messages(None, prompt))
+    assert _error_of(caught.value)["code"] == "invalid_api_key"
+    raw = httpx.post(base + "/v1/chat/completions", content=b'{"model": "testbed", "messages": [',
+                     headers={"Authorization": "Bearer key-a", "Content-Type": "application/json"})
+    assert raw.status_code == 400 and raw.json()["error"]["code"] == "invalid_json"
+    assert httpx.get(base + "/health").json()["status"] == "ok"
+    assert [m.id for m in client(base).models.list()] == [MODEL]
+    assert ask(base, "key-a", image, prompt)  # still answering
+
+
+def test_sampling_is_seeded_per_request(questions, tenant_server):
+    base, _ = tenant_server
+    image, prompt = questions[4]
+    first = ask(base, "key-a", image, prompt, temperature=1.5, seed=7)
+    assert ask(base, "key-a", image, prompt, temperature=1.5, seed=7) == first
+    assert {ask(base, "key-a", image, prompt, temperature=1.5, seed=s) for s in range(4)} != {first}
+
+
+def test_admin_needs_the_token_and_hot_changes_apply_to_the_next_request(testbed_model, testbed_dir, erasers,
+                                                                         questions, tmp_path):
+    directory, fitted = erasers
+    image, prompt = questions[2]  # p2's person
+    vanilla = reference(testbed_model, None, image, prompt)
+    erased = reference(testbed_model, fitted["p2"], image, prompt)
+    with serve.serving(app_for(testbed_dir, erasers, names={"p1"})) as base:  # no tenants: every eraser applies
+        upload = (directory / "p2.safetensors").read_bytes()
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            post = httpx.post(base + "/admin/erasers", files={"file": ("p2.safetensors", upload)}, headers=headers)
+            delete = httpx.delete(base + "/admin/erasers/p1", headers=headers)
+            assert post.status_code == delete.status_code == 401
+            assert post.json()["error"]["code"] == "invalid_admin_token"
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        assert ask(base, "any", image, prompt) == vanilla
+        added = httpx.post(base + "/admin/erasers", files={"file": ("upload.safetensors", upload)},
+                           data={"name": "p2"}, headers=admin)
+        assert added.status_code == 201, added.text
+        assert ask(base, "any", image, prompt) == erased
+        assert httpx.delete(base + "/admin/erasers/p2", headers=admin).status_code == 200
+        assert ask(base, "any", image, prompt) == vanilla
+        assert httpx.post(base + "/admin/erasers", json={"name": "p2", "path": str(directory / "p2.safetensors")},
+                          headers=admin).status_code == 201  # a server-side path
+        assert ask(base, "any", image, prompt) == erased
+        # another model's eraser: refused, naming the fingerprint key that differs
+        other = dataclasses.replace(fitted["p2"], metadata={**fitted["p2"].metadata, "fingerprint": {
+            **fitted["p2"].fingerprint, "weights_sha256": "0" * 16}})
+        other.save(tmp_path / "other.safetensors")
+        refused = httpx.post(base + "/admin/erasers", json={"name": "other", "path": str(tmp_path / "other.safetensors")},
+                             headers=admin)
+        assert refused.status_code == 400 and "weights_sha256" in refused.json()["error"]["message"]
+        # a paper-gated eraser cannot share the attachment with prompt-gated ones
+        base_eraser = fitted["p2"]
+        paper = Eraser(u=torch.randn_like(base_eraser.r), r=base_eraser.r, alpha=1.0,
+                       layer_indices=base_eraser.layer_indices, layers_path=base_eraser.layers_path,
+                       hidden_size=base_eraser.hidden_size, metadata={"fingerprint": base_eraser.fingerprint})
+        paper.save(tmp_path / "paper.safetensors")
+        mixed = httpx.post(base + "/admin/erasers", files={"file": ("paper.safetensors",
+                                                                     (tmp_path / "paper.safetensors").read_bytes())},
+                           headers=admin)
+        assert mixed.status_code == 400 and mixed.json()["error"]["code"] == "incompatible_eraser"
+        garbage = httpx.post(base + "/admin/erasers", files={"file": ("x.safetensors", b"\x00" * 64)}, headers=admin)
+        assert garbage.status_code == 400 and garbage.json()["error"]["code"] == "invalid_eraser"
+        assert httpx.get(base + "/health").json()["erasers"] == ["p1", "p2"]
+        assert ask(base, "any", image, prompt) == erased
+
+
+def test_a_tenants_file_naming_an_unknown_eraser_stops_the_server_before_it_loads(erasers, tmp_path, capsys):
+    directory, _ = erasers
+    tenants = tmp_path / "tenants.json"
+    tenants.write_text(json.dumps({"key-a": ["p1", "missing"]}))
+    code = cli.main(["serve", "--model", str(tmp_path / "no-model-here"), "--erasers", str(directory),
+                     "--tenants", str(tenants)])
+    error = capsys.readouterr().err
+    assert code == 2 and str(tenants) in error and "missing" in error
