@@ -385,7 +385,8 @@ class _LayerSteering(_Steering):
         prompt = handle.prompt
         gates = prompt.layer_gates.get(self.index)
         if gates is None:
-            last = last_real_positions(prompt.mask, prompt.length, hidden.shape[0]).to(hidden.device) - handle.start
+            mask = None if prompt.mask is None else _rows(prompt.mask, hidden.shape[0])  # per expanded row
+            last = last_real_positions(mask, prompt.length, hidden.shape[0]).to(hidden.device) - handle.start
             if bool(((last < 0) | (last >= hidden.shape[1])).any()):
                 raise RuntimeError("the paper's gate reads the last prompt token at every layer, and this forward does "
                                    "not hold it (chunked prefill?): generate without prefill_chunk_size, or use a "
@@ -450,7 +451,9 @@ class _PromptSteering(_Steering):
         prompt = handle.prompt
         if self.gate is not None and prompt.decisions is None:
             if handle.start == 0 and positions is not None and positions.stop == prompt.length:
-                mask = None if prompt.mask is None else prompt.mask.to(hidden.device)
+                # generate's own mask (the fallback where its forward gets none) has a row per prompt, not per
+                # expanded row (beams)
+                mask = None if prompt.mask is None else _rows(prompt.mask.to(hidden.device), hidden.shape[0])
                 z = gating.pool(hidden[:, : prompt.length], mask, self.gate.pooling)
             else:  # the forward holds part of the prompt (chunked prefill): decide from all of it first
                 z = handle.prompt_features(module, self.gate.pooling)
