@@ -29,11 +29,10 @@ openai = pytest.importorskip("openai")
 from mllmeraser import cli, serve  # noqa: E402
 from mllmeraser.bench import data  # noqa: E402
 from mllmeraser.core import models  # noqa: E402
-from mllmeraser.core.eraser import Eraser, model_fingerprint  # noqa: E402
+from mllmeraser.core.eraser import Eraser  # noqa: E402
 from mllmeraser.core.fitting import FitSettings, PGDSettings  # noqa: E402
 from mllmeraser.core.inputs import as_items  # noqa: E402
 
-pytestmark = pytest.mark.slow
 
 PEOPLE = {"p1": "F0001", "p2": "F0006"}  # eraser name -> the forget person it erases
 TENANTS = {"key-a": ["p1"], "key-b": ["p1", "p2"]}
@@ -109,7 +108,7 @@ def app_for(testbed_dir, erasers, tenants=None, names=None, **settings):
     """A fresh app on its own copy of the testbed model (the shared fixture stays free for the references)."""
     model, processor = models.load_model(testbed_dir / "model")
     chosen = {name: e for name, e in erasers[1].items() if names is None or name in names}
-    registry = serve.Registry(chosen, model_fingerprint(model), tenants)
+    registry = serve.Registry(chosen, model, tenants)
     return serve.create_app(model, processor, registry, serve.ServeSettings(model_name=MODEL, admin_token=ADMIN,
                                                                             **settings))
 
@@ -121,6 +120,7 @@ def tenant_server(testbed_dir, erasers):
         yield base, app
 
 
+@pytest.mark.slow
 def test_an_image_question_is_answered_as_generate_with_the_eraser(testbed_model, erasers, questions, tenant_server):
     base, _ = tenant_server
     image, prompt = questions[2]  # p2's person, image question
@@ -136,6 +136,7 @@ def test_an_image_question_is_answered_as_generate_with_the_eraser(testbed_model
     assert ask(base, "key-a", image, prompt, extra_body={"erasers": ["p2"]}) == with_eraser
 
 
+@pytest.mark.slow
 def test_sixty_concurrent_requests_each_get_their_single_request_answer(testbed_model, erasers, questions,
                                                                          tenant_server):
     base, app = tenant_server
@@ -157,6 +158,7 @@ def _error_of(exc: openai.APIStatusError) -> dict:
     return error
 
 
+@pytest.mark.slow
 def test_bad_input_is_a_4xx_and_the_server_stays_up(questions, tenant_server):
     base, _ = tenant_server
     image, prompt = questions[0]
@@ -189,6 +191,7 @@ def test_bad_input_is_a_4xx_and_the_server_stays_up(questions, tenant_server):
     assert ask(base, "key-a", image, prompt)  # still answering
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_per_request(questions, tenant_server):
     base, _ = tenant_server
     image, prompt = questions[4]
@@ -197,6 +200,7 @@ def test_sampling_is_seeded_per_request(questions, tenant_server):
     assert {ask(base, "key-a", image, prompt, temperature=1.5, seed=s) for s in range(4)} != {first}
 
 
+@pytest.mark.slow
 def test_admin_needs_the_token_and_hot_changes_apply_to_the_next_request(testbed_model, testbed_dir, erasers,
                                                                          questions, tmp_path):
     directory, fitted = erasers
@@ -244,6 +248,7 @@ def test_admin_needs_the_token_and_hot_changes_apply_to_the_next_request(testbed
         assert ask(base, "any", image, prompt) == erased
 
 
+@pytest.mark.slow
 def test_a_tenants_file_naming_an_unknown_eraser_stops_the_server_before_it_loads(erasers, tmp_path, capsys):
     directory, _ = erasers
     tenants = tmp_path / "tenants.json"
@@ -252,3 +257,48 @@ def test_a_tenants_file_naming_an_unknown_eraser_stops_the_server_before_it_load
                      "--tenants", str(tenants)])
     error = capsys.readouterr().err
     assert code == 2 and str(tenants) in error and "missing" in error
+
+
+@pytest.mark.parametrize("gate", ["paper", "prompt"])
+def test_row_terms_give_each_row_its_own_terms_in_one_forward(gate, testbed_model, erasers, questions):
+    """SteeringHandle.row_terms on a 2-term eraser: each row of one batch (and each of generate's expanded rows)
+    gets what it gets alone with only its own term attached; the paper gate on a random-weight LLaVA, the
+    prompt gate on the testbed."""
+    if gate == "paper":
+        import tiny_families
+        from mllmeraser.core.hooks import find_decoder_layers
+
+        model = tiny_families.random_llava()
+        names, layers = find_decoder_layers(model)
+        generator = torch.Generator().manual_seed(0)
+        u, r = (torch.randn(2, len(layers), 64, generator=generator) * 5 for _ in range(2))
+        both = Eraser(u=u, r=r, alpha=10.0, layer_indices=range(len(layers)), layers_path=names[0].rsplit(".", 1)[0],
+                      hidden_size=64)
+        batch = {"input_ids": torch.tensor([[5, 17, 33, 9, 41, 77, 12], [0, 0, 0, 8, 60, 23, 90]])}
+        batch["attention_mask"] = (batch["input_ids"] != 0).long()
+        rows = [{k: v[i: i + 1, v.shape[1] - int(batch["attention_mask"][i].sum()):] for k, v in batch.items()}
+                for i in range(2)]
+    else:
+        model, processor = testbed_model
+        both = erasers[1]["p1"] + erasers[1]["p2"]
+        items = as_items([(None, questions[1][1], ""), (None, questions[3][1], "")])  # p1's, then p2's person
+        batch = models.to_device(models.encode_prompts(processor, items), model)
+        rows = [models.to_device(models.encode_prompts(processor, [item]), model) for item in items]
+    # paper: row 0 gets term 0, row 1 term 1; prompt: each person's row gets the *other* person's eraser, so a
+    # mask that did nothing (both terms on every row) would erase both rows and differ from alone
+    mask = torch.tensor([[1.0, 0.0], [0.0, 1.0]] if gate == "paper" else [[0.0, 1.0], [1.0, 0.0]])
+    beams = {"do_sample": False, "num_beams": 2, "num_return_sequences": 2}  # generate expands each prompt's rows
+    with torch.no_grad():
+        handle = both.attach(model, check_fingerprint=False)
+        try:
+            handle.row_terms = mask
+            batched = model(**models.forward_inputs(model, dict(batch))).logits[:, -1]
+            tokens = model.generate(**batch, max_new_tokens=4, **beams)[:, -4:]
+        finally:
+            handle.remove()
+        for row in range(2):
+            with both.drop(int(mask[row].argmin())).attach(model, check_fingerprint=False):
+                alone = model(**models.forward_inputs(model, dict(rows[row]))).logits[:, -1]
+                alone_tokens = model.generate(**rows[row], max_new_tokens=4, **beams)[:, -4:]
+            torch.testing.assert_close(batched[row: row + 1], alone, rtol=0, atol=1e-4)
+            assert torch.equal(tokens[2 * row: 2 * row + 2], alone_tokens)

@@ -317,13 +317,11 @@ def cmd_serve(args) -> int:
     except ImportError as exc:
         raise UserInputError(None, f"serve needs the serve extra ({exc.name} is missing): "
                              'pip install "mllmeraser[serve]"') from None
-    from .core.eraser import model_fingerprint
-
     erasers = serve.load_erasers(args.erasers)  # the tenants file is checked before the model loads
     tenants = serve.read_tenants(args.tenants, erasers) if args.tenants is not None else None
     model, processor = models.load_model(args.model, **model_options(args))
     try:
-        registry = serve.Registry(erasers, model_fingerprint(model), tenants)
+        registry = serve.Registry(erasers, model, tenants)
     except serve.PolicyError as exc:  # an eraser fitted for another model, or one that cannot stack with the rest
         raise UserInputError(args.erasers, exc.message) from None
     limits = serve.Limits(max_tokens=args.max_tokens_limit, max_prompt_chars=args.max_prompt_chars,

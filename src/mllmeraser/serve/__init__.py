@@ -1,6 +1,6 @@
 """`mllmeraser serve`: an OpenAI-compatible chat server (FastAPI on uvicorn) that applies erasers per request.
 
-    app = create_app(model, processor, Registry(erasers, model_fingerprint(model), tenants), ServeSettings(...))
+    app = create_app(model, processor, Registry(erasers, model, tenants), ServeSettings(...))
 
 One batcher thread owns the model (engine.py); the policy (which erasers a request gets) is policy.py; the HTTP
 surface and its error bodies are api.py; limits and settings, settings.py. Needs the `serve` extra

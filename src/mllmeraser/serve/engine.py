@@ -11,6 +11,7 @@ its own stream of text deltas (a streamer). A batch that fails is retried row by
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -54,8 +55,7 @@ class _RowSampler(LogitsProcessor):
 
     def __init__(self, jobs: Sequence[Job]):
         self.rows = [(row, job.temperature, job.top_p,
-                      torch.Generator().manual_seed(job.seed if job.seed is not None
-                                                    else int(torch.randint(0, 2**62, (1,)).item())))
+                      torch.Generator().manual_seed(job.seed if job.seed is not None else secrets.randbits(62)))
                      for row, job in enumerate(jobs) if job.temperature > 0]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:

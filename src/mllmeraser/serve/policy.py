@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.eraser import Eraser
+from torch import nn
+
+from ..core.eraser import Eraser, model_fingerprint
+from ..core.hooks import find_decoder_layers
 from ..errors import UserInputError
 
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -91,10 +94,11 @@ class Registry:
     bumps `version`; the batcher re-attaches the combined eraser before its next batch.
     """
 
-    def __init__(self, erasers: Mapping[str, Eraser], fingerprint: dict[str, Any] | None,
+    def __init__(self, erasers: Mapping[str, Eraser], model: nn.Module | None,
                  tenants: Mapping[str, list[str]] | None = None):
         self._lock = threading.Lock()
-        self._fingerprint = fingerprint
+        self._model = model
+        self._fingerprint = None if model is None else model_fingerprint(model)
         self._erasers: dict[str, Eraser] = {}
         self._tenants = None if tenants is None else {key: list(bound) for key, bound in tenants.items()}
         self._version = 0
@@ -119,12 +123,21 @@ class Registry:
                     for name, eraser in self._erasers.items()]
 
     def check(self, name: str, eraser: Eraser) -> None:
-        """Refuse an eraser fitted for another model, or one that cannot be stacked with the loaded ones."""
-        if self._fingerprint is not None and eraser.fingerprint is not None:
-            try:
+        """Refuse an eraser fitted for another model (Eraser.attach's checks: hidden size, layer count, the
+        fingerprint computed once at start-up), or one that cannot be stacked with the loaded ones."""
+        try:
+            if self._model is not None:
+                hidden = int(self._model.config.get_text_config().hidden_size)
+                if hidden != eraser.hidden_size:
+                    raise UserInputError(None, f"eraser was fitted for hidden size {eraser.hidden_size}, model has {hidden}")
+                _, layers = find_decoder_layers(self._model, eraser.layers_path)
+                if max(eraser.layer_indices) >= len(layers):
+                    raise UserInputError(None, f"eraser steers layer {max(eraser.layer_indices)}, model has "
+                                         f"{len(layers)} decoder layers")
+            if self._fingerprint is not None and eraser.fingerprint is not None:
                 eraser._check_fingerprint(self._fingerprint)
-            except UserInputError as exc:
-                raise PolicyError(400, f"eraser {name!r}: {exc}", "model_mismatch") from None
+        except UserInputError as exc:
+            raise PolicyError(400, f"eraser {name!r}: {exc}", "model_mismatch") from None
         try:
             combine([*self._erasers.values(), eraser])
         except ValueError as exc:
