@@ -186,6 +186,9 @@ def test_bad_input_is_a_4xx_and_the_server_stays_up(questions, tenant_server):
     raw = httpx.post(base + "/v1/chat/completions", content=b'{"model": "testbed", "messages": [',
                      headers={"Authorization": "Bearer key-a", "Content-Type": "application/json"})
     assert raw.status_code == 400 and raw.json()["error"]["code"] == "invalid_json"
+    too_big = httpx.post(base + "/v1/chat/completions", content=b"{" + b" " * (serve.Limits().max_body_bytes + 1) + b"}",
+                         headers={"Authorization": "Bearer key-a", "Content-Type": "application/json"})
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
     assert httpx.get(base + "/health").json()["status"] == "ok"
     assert [m.id for m in client(base).models.list()] == [MODEL]
     assert ask(base, "key-a", image, prompt)  # still answering
@@ -244,7 +247,8 @@ def test_admin_needs_the_token_and_hot_changes_apply_to_the_next_request(testbed
         assert mixed.status_code == 400 and mixed.json()["error"]["code"] == "incompatible_eraser"
         garbage = httpx.post(base + "/admin/erasers", files={"file": ("x.safetensors", b"\x00" * 64)}, headers=admin)
         assert garbage.status_code == 400 and garbage.json()["error"]["code"] == "invalid_eraser"
-        assert httpx.get(base + "/health").json()["erasers"] == ["p1", "p2"]
+        assert [e["name"] for e in httpx.get(base + "/admin/erasers", headers=admin).json()["erasers"]] == ["p1", "p2"]
+        assert httpx.get(base + "/health").json()["erasers"] == 2  # a count: names stay with the admin
         assert ask(base, "any", image, prompt) == erased
 
 

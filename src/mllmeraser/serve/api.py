@@ -187,8 +187,16 @@ def create_app(model, processor, registry: Registry, settings: ServeSettings = S
         return _error(500, f"internal error ({type(exc).__name__})", "server_error", None, "internal_error")
 
     async def json_body(request: Request) -> dict:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limits.max_body_bytes:
+            raise PolicyError(413, f"request body over {limits.max_body_bytes} bytes", "request_too_large")
+        raw = bytearray()
+        async for chunk in request.stream():  # a chunked body has no declared length: count as it comes
+            raw += chunk
+            if len(raw) > limits.max_body_bytes:
+                raise PolicyError(413, f"request body over {limits.max_body_bytes} bytes", "request_too_large")
         try:
-            body = json.loads(await request.body())
+            body = json.loads(bytes(raw))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PolicyError(400, f"the request body is not valid JSON ({exc})", "invalid_json") from None
         if not isinstance(body, dict):
@@ -197,7 +205,8 @@ def create_app(model, processor, registry: Registry, settings: ServeSettings = S
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": settings.model_name, "erasers": registry.names()}
+        # counts, not names: an eraser's name may name the person who asked to be forgotten
+        return {"status": "ok", "model": settings.model_name, "erasers": len(registry.names())}
 
     @app.get("/v1/models")
     async def list_models() -> dict:
@@ -265,7 +274,7 @@ def create_app(model, processor, registry: Registry, settings: ServeSettings = S
             except asyncio.CancelledError:
                 job.cancelled.set()
                 raise
-            return {**head, "object": "chat.completion", "erasers": list(job.erasers),
+            return {**head, "object": "chat.completion",
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": value["text"]},
                                  "finish_reason": value["finish_reason"], "logprobs": None}],
                     "usage": _usage(value)}

@@ -202,6 +202,6 @@ class Registry:
                 base = list(self._tenants[api_key])
             unknown = [name for name in requested if name not in self._erasers]
             if unknown:
-                raise PolicyError(400, f"unknown eraser(s) {unknown}; loaded: {list(self._erasers)}", "unknown_eraser",
-                                  "erasers")
+                raise PolicyError(400, f"unknown eraser(s) {unknown}", "unknown_eraser", "erasers")  # no list of the
+                # loaded ones: their names may name people, and other tenants' requests
             return tuple(dict.fromkeys(base + requested))

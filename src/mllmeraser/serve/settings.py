@@ -16,6 +16,11 @@ class Limits:
     max_image_pixels: int = 4096 * 4096  # width x height
     max_eraser_bytes: int = 1 << 30  # an uploaded eraser
 
+    @property
+    def max_body_bytes(self) -> int:
+        """A JSON request body: the largest image as base64 and the longest prompt, with room for the rest."""
+        return self.max_image_bytes * 4 // 3 + 4 * self.max_prompt_chars + (1 << 20)
+
 
 @dataclass(frozen=True)
 class ServeSettings:
