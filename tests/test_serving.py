@@ -306,3 +306,44 @@ def test_row_terms_give_each_row_its_own_terms_in_one_forward(gate, testbed_mode
                 alone_tokens = model.generate(**rows[row], max_new_tokens=4, **beams)[:, -4:]
             torch.testing.assert_close(batched[row: row + 1], alone, rtol=0, atol=1e-4)
             assert torch.equal(tokens[2 * row: 2 * row + 2], alone_tokens)
+
+
+@pytest.mark.slow
+def test_the_serve_command_answers_and_shuts_down_cleanly(testbed_model, testbed_dir, erasers, questions, tmp_path):
+    """`mllmeraser serve` as a user starts it: a subprocess on a free loopback port; an answer as generate gives,
+    then SIGINT stops it with exit status 0."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:  # a port free a moment ago (the in-process tests bind theirs race-free)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tenants = tmp_path / "tenants.json"
+    tenants.write_text(json.dumps(TENANTS))
+    process = subprocess.Popen([sys.executable, "-m", "mllmeraser.cli", "serve", "--model", str(testbed_dir / "model"),
+                                "--erasers", str(erasers[0]), "--tenants", str(tenants), "--port", str(port),
+                                "--model-name", MODEL], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "MLLMERASER_ADMIN_TOKEN": ADMIN})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, process.stderr.read()
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        image, prompt = questions[2]
+        assert ask(base, "key-b", image, prompt) == reference(testbed_model, erasers[1]["p2"], image, prompt)
+        assert httpx.get(base + "/admin/erasers", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=60)
+    assert code == 0, process.stderr.read()
