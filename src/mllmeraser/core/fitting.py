@@ -1,8 +1,8 @@
 """Fitting an eraser: contrast sets -> activations -> sufficient statistics / pooled features -> closed forms.
 
 1. Knowledge-recall inputs: the forget questions, their images perturbed by PGD (the model's own gradient,
-   L-inf budget, pixels kept in range, eval mode, no parameter touched) so the model recalls the fact as
-   strongly as it can. Knowledge-erasure inputs: questions the model refuses (on the testbed, questions
+   L-inf budget, pixels kept in range, eval mode, no parameter touched; in micro-batches of
+   `PGDSettings.batch_size` under activation checkpointing) so the model recalls the fact as strongly as it can. Knowledge-erasure inputs: questions the model refuses (on the testbed, questions
    about strangers) or any user-supplied set. Their last-prompt-token block outputs give the direction
    r_l = mean(erasure) - mean(recall) (`steering.SteeringStats.direction`).
 2. The gate. Default, a prompt gate (`gating.py`): the pooled prompt feature at the decision layer of the
