@@ -256,7 +256,14 @@ def create_app(model, processor, registry: Registry, settings: ServeSettings = S
         options = _field(body, "stream_options", (dict,), {})
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job.emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+
+        def emit(event: tuple[str, Any]) -> None:  # called from the batcher thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is gone (shutting down): stop the row instead
+                job.cancelled.set()
+
+        job.emit = emit
         try:
             engine.submit(job)
         except RuntimeError as exc:
