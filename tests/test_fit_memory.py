@@ -5,6 +5,8 @@ model as it was, and statistics of the steered layers only give the same eraser.
 from __future__ import annotations
 
 
+import types
+
 import pytest
 import torch
 import torch.utils.checkpoint
@@ -117,7 +119,20 @@ def test_pgd_settings_are_validated():
         fitting.PGDSettings(batch_size=0)
     with pytest.raises(UserInputError, match="steps must be >= 0"):
         fitting.PGDSettings(steps=-1)
-    assert fitting.PGDSettings() == fitting.PGDSettings(8 / 255, 2 / 255, 10, 8, True)  # positional order kept
+    assert fitting.PGDSettings() == fitting.PGDSettings(8 / 255, 2 / 255, 10, None, None)  # positional order kept
+
+
+def test_pgd_defaults_split_and_checkpoint_only_at_scale():
+    def model_of_width(width):
+        config = types.SimpleNamespace(get_text_config=lambda: types.SimpleNamespace(hidden_size=width))
+        return types.SimpleNamespace(config=config)
+
+    small = fitting.PGDSettings().resolved(model_of_width(64), 32)
+    assert (small.batch_size, small.checkpointing) == (32, False)  # the testbed: one batch, nothing recomputed
+    large = fitting.PGDSettings().resolved(model_of_width(4096), 32)
+    assert (large.batch_size, large.checkpointing) == (8, True)  # LLaVA-1.5-7B: a quarter of PGD's memory
+    chosen = fitting.PGDSettings(batch_size=3, checkpointing=False).resolved(model_of_width(4096), 32)
+    assert (chosen.batch_size, chosen.checkpointing) == (3, False)  # what the user sets is kept
 
 
 def test_statistics_of_the_steered_layers_give_the_eraser_of_every_layer(family):

@@ -144,10 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--pgd-eps", type=float, default=PGDSettings.eps * 255, help="L-inf budget, in /255 units")
     fit.add_argument("--pgd-step", type=float, default=PGDSettings.step * 255, help="step, in /255 units")
     fit.add_argument("--pgd-steps", type=int, default=PGDSettings.steps)
-    fit.add_argument("--pgd-batch-size", type=int, default=PGDSettings.batch_size,
-                     help="image prompts per PGD forward/backward (peak memory grows with it; results do not)")
-    fit.add_argument("--no-pgd-checkpointing", dest="pgd_checkpointing", action="store_false",
-                     help="keep every activation in PGD's backward instead of recomputing them (faster, far more memory)")
+    fit.add_argument("--pgd-batch-size", type=int, default=None,
+                     help="image prompts per PGD forward/backward; peak memory grows with it, results do not "
+                     "(default: 8 for a decoder of width >= 1024, else the fit's batch)")
+    fit.add_argument("--pgd-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                     help="recompute activations in PGD's backward (a quarter of the memory for ~1.1x the time; "
+                     "default: on for a decoder of width >= 1024, else off)")
     _add_forget_ratio_arg(fit)
     fit.set_defaults(handler=cmd_fit)
 

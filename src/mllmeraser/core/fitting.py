@@ -43,19 +43,36 @@ class PGDSettings:
     steps: int = 10
     # Items per forward/backward pass. PGD's step is the sign of each item's own gradient, so splitting a batch
     # changes the peak memory (activations grow with it) and nothing else: each micro-batch's loss is divided by
-    # the whole batch's answer-token count, so its gradient is the unsplit gradient's slice. 8, not the fit's 32:
-    # without checkpointing, 32 image prompts of ~600 tokens hold ~90 GB of activations at 7B.
-    batch_size: int = 8
+    # the whole batch's answer-token count, so its gradient is the unsplit gradient's slice. None: 8 at scale
+    # (without checkpointing, 32 image prompts of ~600 tokens hold ~90 GB of activations at 7B), the whole batch
+    # on a small model, where splitting only costs time (see `resolved`).
+    batch_size: int | None = None
     # Activation checkpointing for the PGD loop (where the model has transformers' checkpointable blocks): each
     # block keeps only its input and recomputes the rest in the backward, ~one extra forward a step for a
     # fraction of the memory. Switched on for the loop only; the model's own flags are restored afterwards.
-    checkpointing: bool = True
+    # None: on at scale, off on a small model (see `resolved`).
+    checkpointing: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise UserInputError(None, f"PGD batch_size must be >= 1, got {self.batch_size}")
         if self.steps < 0:
             raise UserInputError(None, f"PGD steps must be >= 0, got {self.steps}")
+
+    def resolved(self, model, batch: int) -> PGDSettings:
+        """These settings with `batch_size` and `checkpointing` decided for `model` and a batch of `batch` items
+        where they are None. At scale (a text decoder at least AT_SCALE_WIDTH wide: 7B models are 3,584-4,096)
+        micro-batches of 8 under checkpointing: PGD's activations then take a quarter of the memory (measured on
+        LLaVA-1.5-7B's shape, benchmarks/fit_memory.py). Below it, activations are small and splitting or
+        recomputing only costs time (the small testbed's fit: 9.2 s against 3.0 s), so one batch, no
+        checkpointing. Either way the images are the same (tests/test_fit_memory.py)."""
+        at_scale = int(model.config.get_text_config().hidden_size) >= AT_SCALE_WIDTH
+        return replace(self, batch_size=self.batch_size or (8 if at_scale else max(batch, 1)),
+                       checkpointing=at_scale if self.checkpointing is None else self.checkpointing)
+
+
+AT_SCALE_WIDTH = 1024
+"""Text-decoder width from which PGD defaults to micro-batches under activation checkpointing."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +120,7 @@ def pgd_images(model, processor, items: Sequence[QAItem], settings: PGDSettings)
     likelihood of each item's ground-truth answer. Parameters are never updated; only the pixels get
     gradients. The forward/backward passes take `settings.batch_size` items at a time, under activation
     checkpointing where `settings.checkpointing` and the model allow it; the result is the same per item."""
+    settings = settings.resolved(model, len(items))
     inputs = models.encode_with_answers(processor, items)
     labels = inputs.pop("labels")
     inputs = models.forward_inputs(model, inputs)
