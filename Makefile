@@ -13,3 +13,5 @@ demo: install
 
 bench: install
 	python benchmarks/overhead.py
+	python benchmarks/fit_memory.py
+	python benchmarks/serve_load.py
