@@ -125,7 +125,8 @@ def _load_processor(auto_processor, path):
 
 
 def prepare_processor(processor) -> None:
-    """Left padding: the last position of every row is then its last prompt token (steering reads it)."""
+    """Left padding: transformers' generate appends each new token after the row's last position, so a
+    right-padded row would continue from a pad. (Steering reads the mask and works with either side.)"""
     processor.tokenizer.padding_side = "left"
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
