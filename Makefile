@@ -15,3 +15,4 @@ bench: install
 	python benchmarks/overhead.py
 	python benchmarks/fit_memory.py
 	python benchmarks/serve_load.py
+	python benchmarks/many_requests.py

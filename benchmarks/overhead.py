@@ -72,7 +72,9 @@ def testbed_case(repeats: int) -> None:
           f"vanilla {base * 1000:.0f} ms, attached {treated * 1000:.0f} ms, ratio {ratio:.3f}")
 
 
-def wide_case(num_layers: int, repeats: int, prompt_tokens: int, new_tokens: int, batch: int, bank: tuple[int, int]) -> None:
+def wide_llava(num_layers: int):
+    """A random LLaVA with LLaVA-1.5-7B's decoder width (d=4096, 32 heads, MLP 11008) and `num_layers` layers (seed
+    0); a 1-layer toy vision tower (these benchmarks time the language decoder)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(0)
@@ -81,7 +83,11 @@ def wide_case(num_layers: int, repeats: int, prompt_tokens: int, new_tokens: int
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                               image_size=28, patch_size=14)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000)
-    model = LlavaForConditionalGeneration(config).eval()
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def wide_case(num_layers: int, repeats: int, prompt_tokens: int, new_tokens: int, batch: int, bank: tuple[int, int]) -> None:
+    model = wide_llava(num_layers)
     input_ids = torch.randint(0, 32000, (batch, prompt_tokens))
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     shape = f"random LLaVA-1.5-7B-width decoder (d=4096, {num_layers} layers), batch {batch} x {prompt_tokens} prompt + {new_tokens} new tokens"

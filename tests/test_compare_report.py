@@ -17,7 +17,7 @@ from mllmeraser.bench import compare
 def compared(testbed_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     settings = compare.CompareSettings(methods=("vanilla", "eraser", "ga"), baseline_lrs=(3e-4,), baseline_epochs=2,
-                                       curve_scales=(0.5, 1.0))
+                                       curve_scales=(0.5, 1.0), cache_dir=out / "cache")
     summary = compare.run_compare(testbed_dir / "model", testbed_dir / "data", out, settings, progress=False)
     return summary, out
 
@@ -28,8 +28,16 @@ def test_compare_writes_every_artifact(compared):
         assert (out / name).stat().st_size > 0, name
     on_disk = json.loads((out / "results.json").read_text())
     assert [m["name"] for m in on_disk["methods"]] == ["vanilla", "eraser", "ga"]
-    table = (out / "results.md").read_text()
-    assert table.count("\n") == 2 + 3 and "| eraser |" in table
+    table, fit_line = (out / "results.md").read_text().split("\n\n")
+    assert table.count("\n") == 2 + 2 and "| eraser |" in table
+    # the request's fit against the fastest baseline's, both measured in this run; the model cache built apart
+    request = on_disk["request_fit"]
+    eraser, ga = (next(m for m in on_disk["methods"] if m["name"] == name) for name in ("eraser", "ga"))
+    assert request["eraser_seconds"] == eraser["fit_seconds"] and request["baseline_seconds"] == ga["fit_seconds"]
+    assert request["fastest_baseline"] == "ga" and request["model_cache"] == "built"
+    assert abs(request["ratio"] - eraser["fit_seconds"] / ga["fit_seconds"]) < 1e-12
+    assert fit_line.startswith("Request fit: eraser") and f"{request['ratio']:.3f}x" in fit_line
+    assert len(list((out / "cache").glob("shared-*.safetensors"))) == 1
     # before/after examples: each one's portrait is written beside the report, with every method's answer
     assert on_disk["examples"], "no before/after examples"
     for example in on_disk["examples"]:

@@ -12,6 +12,7 @@ import safetensors.torch
 import torch
 from transformers import LlavaForConditionalGeneration
 
+from mllmeraser.core import gating
 from mllmeraser.core.eraser import FORMAT_VERSION, METADATA_KEY, Eraser, model_fingerprint
 from mllmeraser.errors import UserInputError
 from mllmeraser.core.hooks import attach_steering, find_decoder_layers
@@ -275,6 +276,64 @@ def test_combine_refuses_incompatible_erasers(llava):
         a + make_eraser(llava, num_layers=1)
     with pytest.raises(ValueError, match="different models"):
         a + make_eraser(tiny_llava(seed=1))
+
+
+def test_concat_is_the_pairwise_sum_in_one_step(llava):
+    erasers = [make_eraser(llava, k=1 + i % 2, seed=i, name=f"e{i}") for i in range(4)]
+    summed = erasers[0] + erasers[1] + erasers[2] + erasers[3]
+    assert_same_eraser(Eraser.concat(erasers), summed)
+    assert Eraser.concat(erasers[:1]) is erasers[0]
+    with pytest.raises(ValueError, match="different models"):
+        Eraser.concat([erasers[0], make_eraser(tiny_llava(seed=1))])
+
+
+def knn_eraser(num_terms: int, d: int = 64, seed: int = 0, shared: bool = True) -> Eraser:
+    """A prompt-gated eraser of `num_terms` requests on one retain bank: shared (the current layout) or, as
+    format 2 wrote it, one copy per term."""
+    generator = torch.Generator().manual_seed(seed)
+    retain = gating.unit_rows(torch.randn(12, d, generator=generator))
+    if shared:
+        retain_bank, retain_owner = retain, torch.full((12,), gating.SHARED)
+    else:
+        retain_bank, retain_owner = retain.repeat(num_terms, 1), torch.arange(num_terms).repeat_interleave(12)
+    gate = gating.PromptGate(kind="knn", pooling="mean", layer=0, threshold=[0.2 * (k + 1) for k in range(num_terms)],
+                             neighbours=2, forget_bank=gating.unit_rows(torch.randn(3 * num_terms, d, generator=generator)),
+                             forget_owner=torch.arange(num_terms).repeat_interleave(3), retain_bank=retain_bank,
+                             retain_owner=retain_owner)
+    return Eraser(u=None, prompt_gate=gate, r=torch.randn(num_terms, 2, d, generator=generator), alpha=1.0,
+                  layer_indices=[0, 1], layers_path="model.language_model.layers", hidden_size=d)
+
+
+def test_format_2_artifacts_with_per_term_retain_copies_load_and_score_exactly_as_before(tmp_path):
+    from test_gating import reference_top_mean
+
+    old = knn_eraser(3, shared=False)
+    tensors = {"r": old.r, **old.prompt_gate.tensors()}
+    header = {**old.header(), "format_version": 2}
+    path = tmp_path / "v2.safetensors"
+    path.write_bytes(safetensors.torch.save(tensors, metadata={METADATA_KEY: json.dumps(header)}))
+    loaded = Eraser.load(path)
+    gate = loaded.prompt_gate
+    assert torch.equal(gate.retain_owner, old.prompt_gate.retain_owner)  # no shared rows appear
+    queries = torch.randn(5, 64, generator=torch.Generator().manual_seed(9))
+    z = gating.unit_rows(queries)
+    before = gating.ratio_score(  # the scores as format 2's reader computed them: the per-term loop
+        reference_top_mean(z @ gate.forget_bank.float().T, gate.forget_owner, 3, 2),
+        reference_top_mean(z @ gate.retain_bank.float().T, gate.retain_owner, 3, 2))
+    assert torch.equal(gate.scores(queries), before)
+
+
+def test_shared_retain_rows_round_trip_as_format_3(tmp_path):
+    eraser = knn_eraser(2) + knn_eraser(2)  # one retain bank: one copy
+    assert eraser.prompt_gate.retain_bank.shape[0] == 12
+    path = eraser.save(tmp_path / "shared.safetensors")
+    with safetensors.safe_open(str(path), framework="pt") as reader:
+        assert json.loads(reader.metadata()[METADATA_KEY])["format_version"] == 3 == FORMAT_VERSION
+    loaded = Eraser.load(path)
+    queries = torch.randn(5, 64, generator=torch.Generator().manual_seed(10))
+    assert torch.equal(loaded.prompt_gate.retain_owner, eraser.prompt_gate.retain_owner)
+    assert torch.equal(loaded.prompt_gate.scores(queries), eraser.prompt_gate.scores(queries))
+    assert torch.equal(loaded.drop(0).prompt_gate.retain_bank, eraser.prompt_gate.retain_bank)
 
 
 def test_constructor_validates():

@@ -96,6 +96,60 @@ def test_stacked_gates_score_each_request_as_it_would_alone_and_select_undoes_st
         a.stack(gating.fit_knn(features(2), features(2), "last", 1))
 
 
+def reference_top_mean(similarity: torch.Tensor, owner: torch.Tensor, num_terms: int, neighbours: int) -> torch.Tensor:
+    """The per-term loop top_mean replaced, kept as the reference: term k reads its own and the shared columns."""
+    out = similarity.new_full((similarity.shape[0], num_terms), -math.inf)
+    for k in range(num_terms):
+        columns = similarity[:, (owner == k) | (owner == gating.SHARED)]
+        if columns.shape[1]:
+            out[:, k] = columns.topk(min(neighbours, columns.shape[1]), dim=1).values.mean(dim=1)
+    return out
+
+
+def same_scores(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Scores of one query from banks of other shapes: the same up to the matmul's summation order."""
+    return torch.allclose(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_terms", [1, 3, 50])
+@pytest.mark.parametrize("neighbours", [1, 3])
+@pytest.mark.parametrize("with_shared", [False, True])
+def test_vectorised_top_mean_equals_the_per_term_loop_exactly(num_terms, neighbours, with_shared):
+    for seed in range(5):
+        generator = torch.Generator().manual_seed(seed)
+        columns = int(torch.randint(0, 4 * num_terms + 8, (1,), generator=generator))
+        owner = torch.randint(gating.SHARED if with_shared else 0, num_terms, (columns,), generator=generator)
+        similarity = torch.randn(6, columns, generator=generator)
+        expected = reference_top_mean(similarity, owner, num_terms, neighbours)
+        assert torch.equal(gating.top_mean(similarity, owner, num_terms, neighbours), expected)
+
+
+def test_fit_knn_shares_its_retain_rows_and_stacking_keeps_one_copy():
+    retain = features(9, seed=20)
+    a = gating.fit_knn(features(4, seed=21), retain, "mean", 1)
+    b = gating.fit_knn(features(5, seed=22), retain, "mean", 1)
+    assert torch.equal(a.retain_owner, torch.full((9,), gating.SHARED))
+    both = a.stack(b)
+    assert both.retain_bank.shape == (9, 16)  # one copy, not two
+    queries = torch.cat([features(4, seed=23), features(4, seed=21)])
+    assert same_scores(both.scores(queries), torch.cat([a.scores(queries), b.scores(queries)], dim=1))
+    assert same_scores(both.select([1]).scores(queries), b.scores(queries))
+    assert both.select([1]).retain_bank.shape == (9, 16)  # select keeps the shared rows
+    many = gating.PromptGate.concat([a, b, a])
+    assert many.retain_bank.shape == (9, 16) and many.num_terms == 3
+    assert same_scores(many.scores(queries), torch.cat([a.scores(queries), b.scores(queries), a.scores(queries)], 1))
+
+
+def test_stacking_gates_on_different_retain_banks_gives_each_term_its_own_rows():
+    a = gating.fit_knn(features(4, seed=24), features(9, seed=25), "mean", 1, neighbours=2)
+    b = gating.fit_knn(features(5, seed=26), features(6, seed=27), "mean", 1, neighbours=2)
+    both = a.stack(b)
+    assert (both.retain_owner != gating.SHARED).all() and both.retain_bank.shape[0] == 9 + 6
+    queries = features(7, seed=28)
+    assert same_scores(both.scores(queries), torch.cat([a.scores(queries), b.scores(queries)], dim=1))
+    assert same_scores(both.select([1, 0]).scores(queries), torch.cat([b.scores(queries), a.scores(queries)], 1))
+
+
 # ---- hooks ----------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ def test_every_public_name_is_importable():
 
 
 def test_readme_example_runs(testbed_dir, tmp_path, monkeypatch, capsys):
-    """The README's Python block, unchanged but for the testbed it builds: the small one the suite shares."""
-    (example,) = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    """The README's first Python block, unchanged but for the testbed it builds: the small one the suite shares."""
+    example = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[0]
     assert "build_testbed()" in example and "from mllmeraser import" in example
     monkeypatch.setattr(mllmeraser, "build_testbed", lambda: testbed_dir, raising=False)
     monkeypatch.chdir(tmp_path)

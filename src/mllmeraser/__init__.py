@@ -2,9 +2,11 @@
 (MLLMEraser, arXiv 2510.04217). No parameter is updated; detaching the eraser restores the model exactly."""
 
 from .bench.data import default_erasure_items, load_split_items, retained_inputs, validation_items
+from .core.cache import SharedStatistics, shared_statistics
 from .core.eraser import Eraser
 from .core.fitting import FitSettings, PGDSettings
 from .core.inputs import QAItem
+from .core.index import RequestIndex
 from .core.models import answer_items, load_model
 from .errors import UserInputError
 
@@ -13,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Eraser", "FitSettings", "PGDSettings", "QAItem", "UserInputError", "load_model", "answer_items",
     "load_split_items", "retained_inputs", "validation_items", "default_erasure_items", "build_testbed",
+    "shared_statistics", "SharedStatistics", "RequestIndex",
 ]
 
 

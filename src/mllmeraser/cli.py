@@ -15,7 +15,8 @@ from PIL import Image
 from .bench import attacks, compare, data, evaluate, report
 from .bench.data import FORGET_RATIOS, REPORT_SPLITS, VALIDATION_SPLIT
 from .bench.protocols import PROTOCOLS
-from .core import gating, models
+from .core import cache, gating, models
+from .core import distributed
 from .core.eraser import Eraser
 from .core.fitting import GATES, FitSettings, PGDSettings
 from .core.inputs import as_items
@@ -150,8 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--pgd-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                      help="recompute activations in PGD's backward (a quarter of the memory for ~1.1x the time; "
                      "default: on for a decoder of width >= 1024, else off)")
+    fit.add_argument("--pgd-stop-nll", type=_optional_float, default=PGDSettings.stop_nll,
+                     help="an item leaves PGD once its mean answer-token NLL is at most this ('none': every item "
+                     f"runs every step, the paper's PGD; default {PGDSettings.stop_nll})")
+    _add_cache_args(fit)
     _add_forget_ratio_arg(fit)
     fit.set_defaults(handler=cmd_fit)
+
+    cache_cmd = commands.add_parser("cache", help="list (or --clear) the model caches fits share")
+    cache_cmd.add_argument("--cache-dir", type=Path, default=None,
+                           help="the cache directory (default $MLLMERASER_CACHE/fits, else ~/.cache/mllmeraser/fits)")
+    cache_cmd.add_argument("--clear", action="store_true", help="delete every entry")
+    cache_cmd.set_defaults(handler=cmd_cache)
 
     generate = commands.add_parser("generate", help="answer one prompt (with an eraser attached, if given)")
     _add_model_arg(generate)
@@ -196,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_erasure_arg(compare_cmd)
     compare_cmd.add_argument("--attacks", dest="attack_suite", action="store_true",
                              help="also run the attack suite on vanilla and every method (report: Attacks)")
+    _add_cache_args(compare_cmd)
     compare_cmd.set_defaults(handler=cmd_compare)
 
     demo = commands.add_parser("demo", help="the main job: build/reuse the testbed, fit an eraser, before/after, report")
@@ -205,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--methods", default="eraser,eraser-paper", help="add ga,graddiff,kl,npo for the baselines (slower)")
     _add_erasure_arg(demo)
     _add_model_arg(demo, required=False)
+    _add_cache_args(demo)
     demo.set_defaults(handler=cmd_demo)
     return parser
 
@@ -258,10 +271,27 @@ def fit_settings(args) -> FitSettings:
                        ratio=args.ratio, gamma=args.gamma, beta=args.beta, lam=args.lam,
                        alpha=args.alpha, layers=layers, floor=args.floor, cap=args.cap, mode=args.mode,
                        pgd=PGDSettings(args.pgd_eps / 255, args.pgd_step / 255, args.pgd_steps,
-                                       batch_size=args.pgd_batch_size, checkpointing=args.pgd_checkpointing))
+                                       batch_size=args.pgd_batch_size, checkpointing=args.pgd_checkpointing,
+                                       stop_nll=args.pgd_stop_nll))
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def _add_cache_args(parser) -> None:
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="the model cache (retain, erasure and calibration statistics, computed once per model, "
+                        "data and settings; default $MLLMERASER_CACHE/fits, else ~/.cache/mllmeraser/fits)")
+    parser.add_argument("--no-cache", action="store_true", help="compute the shared statistics, write nothing")
+
+
+def cache_dir(args) -> Path | None:
+    return None if args.no_cache else (args.cache_dir or cache.default_cache_dir())
 
 
 def cmd_fit(args) -> int:
+    args.device = distributed.init_from_env(args.device, args.device_map)  # torchrun: join the group, a GPU per rank
     settings = fit_settings(args)
     model, processor = models.load_model(args.model, **model_options(args))
     forget = data.resolve_spec(args.forget, args.data, args.forget_ratio)
@@ -277,18 +307,42 @@ def cmd_fit(args) -> int:
     else:
         calibration = data.validation_items(args.data, args.forget_ratio) if args.data is not None else None
     started = time.perf_counter()
-    eraser = Eraser.fit(model, processor, forget=forget, retain=retain, erasure=erasure, calibration=calibration,
-                        settings=settings, layers_path=args.layers_path, request=str(args.forget))
+    shared = cache.shared_statistics(model, processor, retain=retain, erasure=erasure, calibration=calibration,
+                                     settings=settings, layers_path=args.layers_path, cache_dir=cache_dir(args))
+    timings = {f"model cache ({shared.source.split(' ')[0]})": shared.seconds}
+    eraser = Eraser.fit(model, processor, forget=forget, settings=settings, layers_path=args.layers_path,
+                        request=str(args.forget), shared=shared, timings=timings)
+    if distributed.world()[0] != 0:
+        return 0  # torchrun: every rank fitted the same eraser; rank 0 writes it and reports
     eraser.save(args.out)
     seconds = time.perf_counter() - started
     print(f"fitted eraser ({settings.gate} gate, {len(eraser.layer_indices)} layers, alpha {settings.alpha}) "
           f"on {len(forget)} forget / {len(retain)} retain / {len(erasure)} erasure questions in {seconds:.1f}s")
+    print("time: " + ", ".join(f"{stage} {value:.2f}s" for stage, value in timings.items()))
+    print(f"model cache: {shared.source}" + ("" if args.no_cache else " (clear: mllmeraser cache --clear)"))
     gate = eraser.requests()[0].get("gate")
     if gate is not None:
         print(f"gate threshold {gate['threshold']:.4f}: fires on {gate['calibration_fpr']:.1%} of "
               f"{gate['calibration_prompts']} calibration prompts ({gate['calibration_source']}) and "
               f"{gate['forget_fire_rate']:.1%} of the forget prompts")
     print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.1f} KiB)")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    directory = args.cache_dir or cache.default_cache_dir()
+    found = cache.entries(directory)
+    if args.clear:
+        freed = cache.clear(directory)
+        print(f"removed {len(found)} model cache entries ({freed / 2**20:.1f} MiB) from {directory}")
+        return 0
+    print(f"{directory}: {len(found)} entries, {sum(size for _, size, _ in found) / 2**20:.1f} MiB")
+    for path, size, identity in found:
+        fingerprint, shape = identity.get("fingerprint", {}), identity.get("settings", {})
+        print(f"  {path.name}  {size / 2**20:.1f} MiB  {fingerprint.get('model_type', '?')} "
+              f"d={fingerprint.get('hidden_size', '?')} {identity.get('dtype', '?')} {shape.get('family', '?')} gate, "
+              f"retain {identity.get('retain', ['?'])[0]} / erasure {identity.get('erasure', ['?'])[0]} items"
+              + (f" ({identity['error']})" if "error" in identity else ""))
     return 0
 
 
@@ -363,6 +417,9 @@ def _methods(text: str) -> tuple[str, ...]:
 
 def _print_summary(summary: dict, out_dir: Path) -> None:
     print(report.markdown_table(summary))
+    line = report.request_fit_line(summary)
+    if line:
+        print(f"\n{line}")
     print(f"\nreport: {(out_dir / 'report.html').resolve()}")
 
 
@@ -371,7 +428,7 @@ def cmd_compare(args) -> int:
                                        batch_size=args.batch_size, baseline_epochs=args.baseline_epochs,
                                        baseline_lrs=tuple(float(x) for x in args.baseline_lrs.split(",")),
                                        protocol=args.protocol, erasure=args.erasure, attacks=args.attack_suite,
-                                       **model_options(args))
+                                       cache_dir=cache_dir(args), **model_options(args))
     summary = compare.run_compare(Path(args.model), Path(args.data), args.out, settings)
     _print_summary(summary, args.out)
     if "attacks" in summary:
@@ -383,7 +440,8 @@ def cmd_demo(args) -> int:
     from .testbed.build import build
     started = time.perf_counter()
     directory = build(seed=args.seed, preset=args.preset)
-    settings = compare.CompareSettings(methods=_methods(args.methods), erasure=args.erasure, **model_options(args))
+    settings = compare.CompareSettings(methods=_methods(args.methods), erasure=args.erasure, cache_dir=cache_dir(args),
+                                       **model_options(args))
     summary = compare.run_compare(directory / "model", directory / "data", args.out, settings)
     _print_summary(summary, args.out)
     print(f"demo finished in {time.perf_counter() - started:.0f}s")

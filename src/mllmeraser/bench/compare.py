@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from ..core import gating, models
+from ..core import cache, gating, models
 from ..core.eraser import Eraser
 from ..core.fitting import FitSettings
 from ..core.inputs import QAItem
@@ -57,6 +57,7 @@ class CompareSettings:
     device: str | None = None  # models.load_model's placement: default cuda + bfloat16 where there is a GPU
     dtype: str | None = None
     device_map: str | None = None
+    cache_dir: Path | None = field(default_factory=cache.default_cache_dir)  # the erasers' model cache (None: off)
     attacks: bool = False  # also run the attack suite (attacks.py) on vanilla and every method (minutes more)
     attack_retain_people: int | None = 8
 
@@ -130,11 +131,16 @@ def gate_diagnostics(h: Harness, eraser: Eraser) -> dict:
 
 def run_eraser(h: Harness, name: str, settings: FitSettings, vanilla_val: float) -> MethodResult:
     """Fit on forget vs the retained inputs, calibrate the gate on the validation people, then choose the strength
-    by the validation rule; the report splits are measured at that one strength."""
+    by the validation rule; the report splits are measured at that one strength. The retain, erasure and
+    calibration statistics come from the model cache (built here if cold, timed apart): the fit time is the
+    request's own."""
+    shared = cache.shared_statistics(h.model, h.processor, retain=h.retain_fit, erasure=h.erasure,
+                                     calibration=h.validation, settings=settings, cache_dir=h.settings.cache_dir,
+                                     progress=h.progress)
+    timings: dict[str, float] = {}
     with measure.measured() as cost:
-        eraser = Eraser.fit(h.model, h.processor, forget=h.forget, retain=h.retain_fit, erasure=h.erasure,
-                            calibration=h.validation, settings=settings, request=f"forget_{h.settings.forget_ratio}",
-                            progress=h.progress)
+        eraser = Eraser.fit(h.model, h.processor, forget=h.forget, settings=settings, shared=shared,
+                            request=f"forget_{h.settings.forget_ratio}", progress=h.progress, timings=timings)
     base_alpha = eraser.alpha[0]
     curve = []
     chosen_alpha = None
@@ -149,9 +155,25 @@ def run_eraser(h: Harness, name: str, settings: FitSettings, vanilla_val: float)
     chosen = eraser.with_alpha(chosen_alpha)
     with chosen.attach(h.model):
         results = h.evaluate(splits=REPORT_SPLITS)
+    cost_record = {"model_cache": shared.source.split(" ")[0], "model_cache_seconds": round(shared.seconds, 3),
+                   "fit_stages": {stage: round(value, 3) for stage, value in timings.items()}}
     return MethodResult(name, results, cost.seconds, cost.peak_extra_mib,
-                        {**asdict(settings), "alpha": chosen_alpha, "fitted_alpha": base_alpha}, curve,
+                        {**asdict(settings), "alpha": chosen_alpha, "fitted_alpha": base_alpha, **cost_record}, curve,
                         gate=gate_diagnostics(h, chosen), eraser=chosen)
+
+
+def request_fit(methods: list[MethodResult]) -> dict | None:
+    """The eraser's fit for one request (model cache warm) against the fastest baseline fit of the same run:
+    seconds each and their ratio (None where either is missing)."""
+    eraser = next((m for m in methods if m.name == "eraser" and m.fit_seconds is not None), None)
+    baselines_fitted = [m for m in methods if m.name in BASELINE_METHODS and m.fit_seconds is not None]
+    if eraser is None or not baselines_fitted:
+        return None
+    fastest = min(baselines_fitted, key=lambda m: m.fit_seconds)
+    return {"eraser_seconds": eraser.fit_seconds, "model_cache": eraser.settings.get("model_cache"),
+            "model_cache_seconds": eraser.settings.get("model_cache_seconds"),
+            "fastest_baseline": fastest.name, "baseline_seconds": fastest.fit_seconds,
+            "ratio": eraser.fit_seconds / fastest.fit_seconds}
 
 
 def examples(h: Harness, methods: list[MethodResult], out_dir: Path, people: int = 2) -> list[dict]:
@@ -255,7 +277,8 @@ def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: Compar
         if name == "eraser":
             methods.append(run_eraser(h, name, eraser_settings, vanilla_val))
         elif name == "eraser-paper":
-            methods.append(run_eraser(h, name, replace(eraser_settings, **PAPER_SETTINGS), vanilla_val))
+            paper = replace(eraser_settings, **PAPER_SETTINGS, pgd=replace(eraser_settings.pgd, stop_nll=None))
+            methods.append(run_eraser(h, name, paper, vanilla_val))
         elif name in BASELINE_METHODS:
             methods.append(run_baseline(h, name, vanilla_val))
     for m in methods:
@@ -268,6 +291,7 @@ def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: Compar
                "retain_keep": RETAIN_KEEP, "vanilla_validation_classification": vanilla_val,
                "examples": examples(h, methods, out_dir),
                "methods": [{f.name: getattr(m, f.name) for f in fields(m) if f.name != "eraser"} for m in methods]}
+    summary["request_fit"] = request_fit(methods)
     if h.attack_results:
         summary["attacks"] = attacks.judge(h.attack_results)
     report.write_report(summary, Path(out_dir))

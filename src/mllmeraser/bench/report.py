@@ -327,6 +327,7 @@ table.examples td{{text-align:left;vertical-align:top}} img.portrait{{width:96px
 forget ratio {summary['forget_ratio']}%. {_selection_text(summary)} Fit time and peak extra memory are measured in
 this run.</p>
 {table}
+{f"<p>{html.escape(request_fit_line(summary))}</p>" if request_fit_line(summary) else ""}
 {_examples_section(summary)}
 {_gate_section(summary)}
 {_attack_section(summary)}
@@ -336,6 +337,17 @@ this run.</p>
 {_IMAGE_CHECK}
 </body></html>
 """
+
+
+def request_fit_line(summary: dict) -> str | None:
+    """One sentence: the eraser's fit for this request (model cache warm) against the fastest baseline's fit."""
+    fit = summary.get("request_fit")
+    if not fit:
+        return None
+    cache_note = (f"the model cache was {fit['model_cache']} in {fit['model_cache_seconds']:.2f} s, once per model"
+                  if fit.get("model_cache") else "")
+    return (f"Request fit: eraser {fit['eraser_seconds']:.2f} s (forget set only; {cache_note}) against the fastest "
+            f"baseline fit, {fit['fastest_baseline']} {fit['baseline_seconds']:.2f} s: {fit['ratio']:.3f}x.")
 
 
 def _selection_text(summary: dict) -> str:
@@ -354,7 +366,8 @@ def _short_settings(m: dict) -> dict:
 def write_report(summary: dict, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "results.json", json.dumps(summary, indent=2))
-    atomic_write_text(out_dir / "results.md", markdown_table(summary) + "\n")
+    line = request_fit_line(summary)
+    atomic_write_text(out_dir / "results.md", markdown_table(summary) + "\n" + (f"\n{line}\n" if line else ""))
     _plot_tradeoff(summary, "classification", "classification accuracy", out_dir / PLOTS[0])
     _plot_tradeoff(summary, "rougeL", "ROUGE-L", out_dir / PLOTS[1])
     _plot_splits(summary, out_dir / PLOTS[2])

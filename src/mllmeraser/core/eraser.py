@@ -13,7 +13,9 @@ Artifact: one .safetensors file with tensors "r", and "u" or the prompt gate's "
 the `__metadata__` key "mllmeraser", one JSON string: format_version, layers_path, layer_indices, hidden_size,
 num_terms, dtype, mode, alpha, gate_floor, gate_cap (null = unbounded), gate (the prompt gate's kind, pooling,
 layer, thresholds and neighbours, or null) and metadata (fingerprint, per-request fit settings, counts and the
-gate's calibration). Format 1 files (per-layer gates only) load unchanged.
+gate's calibration). Format 1 files (per-layer gates only) and format 2 files (prompt gates whose retain rows
+each belong to one term) load unchanged; format 3 adds retain rows shared by every term (owner -1, see
+gating.PromptGate), which a format-2 reader would refuse.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +42,10 @@ from .hooks import STEERING_MODES, SteeringHandle, attach_prompt_steering, attac
 from .inputs import PlainInput, QAItem, as_items
 
 if TYPE_CHECKING:
+    from .cache import SharedStatistics
     from .fitting import FitSettings
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: shared retain rows (owner -1); 1..3 are read
 METADATA_KEY = "mllmeraser"
 _FINGERPRINT_ROWS = 64
 _FINGERPRINT_SAMPLES = 256
@@ -201,9 +205,10 @@ class Eraser:
 
     @classmethod
     def fit(cls, model: nn.Module, processor, *, forget: Sequence[QAItem | PlainInput],
-            retain: Sequence[QAItem | PlainInput], erasure: Sequence[QAItem | PlainInput],
+            retain: Sequence[QAItem | PlainInput] | None = None, erasure: Sequence[QAItem | PlainInput] | None = None,
             calibration: Sequence[QAItem | PlainInput] | None = None, settings: FitSettings | None = None,
-            layers_path: str | None = None, request: str = "forget", progress: bool = True) -> Eraser:
+            layers_path: str | None = None, request: str = "forget", progress: bool = True,
+            shared: SharedStatistics | None = None, timings: dict[str, float] | None = None) -> Eraser:
         """Fit one deletion request on `model` (see `fitting.py`; the model is never modified).
 
         forget: questions whose knowledge is to go; retain: questions the eraser must leave alone; erasure:
@@ -213,18 +218,30 @@ class Eraser:
         element is a QAItem or a plain `(PIL image or None, question, answer)` tuple (asked verbatim, see
         `inputs.as_items`). settings: a `fitting.FitSettings` (default FitSettings()); layers_path: the
         decoder-layer list, if not the family's; request: the name recorded in the eraser's metadata.
+        shared: the model's shared statistics (`cache.shared_statistics`: retain, erasure and calibration,
+        computed once per model and kept on disk), in place of retain, erasure and calibration: then only the
+        forget set runs through the model. timings: a dict that gets the seconds of each stage.
         """
         from . import fitting  # fitting builds Erasers, so it imports this module: imported here
 
-        forget, retain, erasure = as_items(forget), as_items(retain), as_items(erasure)
-        calibration = as_items(calibration) if calibration is not None else None
-        if not forget or not retain or not erasure:
-            raise UserInputError(None, "fitting needs non-empty forget, retain and erasure sets")
+        forget = as_items(forget)
+        if not forget:
+            raise UserInputError(None, "fitting needs a non-empty forget set")
+        if shared is None:
+            retain, erasure = as_items(retain or ()), as_items(erasure or ())
+            calibration = as_items(calibration) if calibration is not None else None
+            if not retain or not erasure:
+                raise UserInputError(None, "fitting needs non-empty forget, retain and erasure sets")
         settings = settings if settings is not None else fitting.FitSettings()
+        timings = {} if timings is None else timings
         stats, path, features = fitting.fit_statistics(model, processor, forget=forget, retain=retain, erasure=erasure,
                                                        settings=settings, calibration=calibration,
-                                                       layers_path=layers_path, progress=progress)
-        return fitting.solve_eraser(stats, settings, path, model_fingerprint(model), request, features)
+                                                       layers_path=layers_path, progress=progress, shared=shared,
+                                                       timings=timings)
+        started = time.perf_counter()
+        eraser = fitting.solve_eraser(stats, settings, path, model_fingerprint(model), request, features)
+        timings["solve"] = time.perf_counter() - started
+        return eraser
 
     # ---- applying -------------------------------------------------------------------------------
 
@@ -266,30 +283,46 @@ class Eraser:
 
     def combine(self, other: Eraser) -> Eraser:
         """Both erasers' terms stacked (self's first): two deletion requests compose without refitting."""
-        for name in ("layers_path", "layer_indices", "hidden_size", "mode"):
-            if getattr(self, name) != getattr(other, name):
-                mine, theirs = getattr(self, name), getattr(other, name)
-                raise ValueError(f"cannot combine erasers with different {name}: {mine!r} vs {theirs!r}")
-        if self.fingerprint is not None and other.fingerprint is not None:
-            key = _fingerprint_mismatch(self.fingerprint, other.fingerprint)
-            if key is not None:
-                raise ValueError(f"cannot combine erasers fitted on different models (their {key} differs)")
-        if (self.prompt_gate is None) != (other.prompt_gate is None):
-            raise ValueError("cannot combine an eraser with a per-layer gate and one with a prompt gate")
-        metadata = {"requests": self.requests() + other.requests()}
-        # Both fingerprints agree on their shared keys; keep every key (an artifact from before a key existed
-        # lacks it)
-        fingerprint = {**(other.fingerprint or {}), **(self.fingerprint or {})} or None
-        if fingerprint is not None:
+        return Eraser.concat([self, other])
+
+    @classmethod
+    def concat(cls, erasers: Sequence[Eraser]) -> Eraser:
+        """Every eraser's terms stacked in order, with one concatenation per tensor (a reduce over `+` would
+        copy the growing stack at every step: quadratic in the number of erasers). The same checks and result as
+        e_1 + e_2 + ... + e_n: same layers, width and mode, fingerprints agreeing on their shared keys, one kind
+        of gate; prompt gates concatenate with one copy of a shared retain bank (gating.PromptGate.concat)."""
+        erasers = list(erasers)
+        if not erasers:
+            raise ValueError("concat needs at least one eraser")
+        first = erasers[0]
+        fingerprint: dict[str, Any] = {}  # the earlier eraser's value wins, as in (a + b) + c
+        for index, other in enumerate(erasers):
+            for name in ("layers_path", "layer_indices", "hidden_size", "mode"):
+                if getattr(first, name) != getattr(other, name):
+                    mine, theirs = getattr(first, name), getattr(other, name)
+                    raise ValueError(f"cannot combine erasers with different {name}: {mine!r} vs {theirs!r}")
+            if index and fingerprint and other.fingerprint is not None:
+                key = _fingerprint_mismatch(fingerprint, other.fingerprint)
+                if key is not None:
+                    raise ValueError(f"cannot combine erasers fitted on different models (their {key} differs)")
+            if (first.prompt_gate is None) != (other.prompt_gate is None):
+                raise ValueError("cannot combine an eraser with a per-layer gate and one with a prompt gate")
+            # Both fingerprints agree on their shared keys; keep every key (an artifact from before a key existed
+            # lacks it)
+            fingerprint = {**(other.fingerprint or {}), **fingerprint}
+        if len(erasers) == 1:
+            return first
+        metadata: dict[str, Any] = {"requests": [request for e in erasers for request in e.requests()]}
+        if fingerprint:
             metadata["fingerprint"] = fingerprint
         return dataclasses.replace(
-            self,
-            u=None if self.u is None else torch.cat([self.u, other.u]),
-            r=torch.cat([self.r, other.r]),
-            prompt_gate=None if self.prompt_gate is None else self.prompt_gate.stack(other.prompt_gate),
-            alpha=self.alpha + other.alpha,
-            floor=self.floor + other.floor,
-            cap=self.cap + other.cap,
+            first,
+            u=None if first.u is None else torch.cat([e.u for e in erasers]),
+            r=torch.cat([e.r for e in erasers]),
+            prompt_gate=None if first.prompt_gate is None else PromptGate.concat([e.prompt_gate for e in erasers]),
+            alpha=tuple(a for e in erasers for a in e.alpha),
+            floor=tuple(f for e in erasers for f in e.floor),
+            cap=tuple(c for e in erasers for c in e.cap),
             metadata=metadata,
         )
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -29,7 +30,8 @@ import torch.utils.checkpoint
 from tqdm import tqdm
 
 from ..errors import UserInputError
-from . import gating, hooks, models, steering
+from . import cache, gating, hooks, models, steering
+from . import distributed  # torchrun: sharded batches, all-reduced statistics
 from .eraser import Eraser
 from .inputs import QAItem
 
@@ -52,8 +54,16 @@ class PGDSettings:
     # fraction of the memory. Switched on for the loop only; the model's own flags are restored afterwards.
     # None: on at scale, off on a small model (see `resolved`).
     checkpointing: bool | None = None
+    # Early stop: before each step, an item whose mean answer-token NLL is at most stop_nll keeps its current
+    # image and leaves the loop (PGD is there so the model recalls strongly; where it already does, more steps
+    # buy nothing and cost a forward and a backward each). None: every item runs every step (the paper's PGD).
+    # 0.1 nats is a mean answer-token probability of ~0.9, fixed before measuring anything with it; against the
+    # paper's 10 steps it changes the testbed's direction by cosine >= 0.9995 per layer (README, "Scale").
+    stop_nll: float | None = 0.1
 
     def __post_init__(self) -> None:
+        if self.stop_nll is not None and not self.stop_nll >= 0:
+            raise UserInputError(None, f"PGD stop_nll must be >= 0, got {self.stop_nll}")
         if self.batch_size is not None and self.batch_size < 1:
             raise UserInputError(None, f"PGD batch_size must be >= 1, got {self.batch_size}")
         if self.steps < 0:
@@ -132,17 +142,26 @@ def pgd_images(model, processor, items: Sequence[QAItem], settings: PGDSettings)
     # batch's answer-token count (what its mean divides by, labels shifted by one), so a micro-batch's gradient
     # is the slice of the whole batch's gradient, not a rescaled one.
     answer_tokens = int((labels[:, 1:] != -100).sum())
-    parts = _micro_batches(inputs, len(items), clean.shape[0], settings.batch_size)
+    offsets = _pixel_offsets(inputs, len(items), clean.shape[0])
     adversarial = clean.clone()
     param_dtype = next(model.parameters()).dtype
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
+    active = list(range(len(items)))  # the items PGD still moves
     try:
         with activation_checkpointing(model, settings.checkpointing and settings.steps > 0):
             for _ in range(settings.steps):
-                gradient = torch.empty_like(adversarial)
-                for rows, pixels, part in parts:
+                if settings.stop_nll is not None:
+                    # An item whose answer the model already recalls strongly (its mean answer-token NLL at the
+                    # current image is at most stop_nll) has what PGD is for: its image stays as it is now.
+                    nll = _answer_nll(model, adversarial, labels, inputs, len(items), offsets, active,
+                                      settings.batch_size, param_dtype)
+                    active = [i for i, value in zip(active, nll.tolist()) if value > settings.stop_nll]
+                    if not active:
+                        break
+                gradient = torch.zeros_like(adversarial)  # sign(0) = 0: a stopped item's pixels do not move
+                for rows, pixels, part in _micro_batches(inputs, len(items), offsets, settings.batch_size, active):
                     x = adversarial[pixels].requires_grad_(True)
                     # use_cache=False: no KV cache is built for a loss (checkpointed blocks would drop it anyway)
                     loss = model(**part, pixel_values=x.to(param_dtype), labels=labels[rows], use_cache=False,
@@ -158,11 +177,24 @@ def pgd_images(model, processor, items: Sequence[QAItem], settings: PGDSettings)
     return adversarial.detach()
 
 
-def _micro_batches(inputs: dict[str, torch.Tensor], batch: int, num_pixel_rows: int,
-                   size: int) -> list[tuple[slice, slice, dict[str, torch.Tensor]]]:
-    """(item rows, pixel-value rows, the other inputs of those items) per micro-batch of `size` items.
+@torch.no_grad()
+def _answer_nll(model, pixel_values: torch.Tensor, labels: torch.Tensor, inputs: dict[str, torch.Tensor], batch: int,
+                offsets: list[int], ids: Sequence[int], size: int, param_dtype: torch.dtype) -> torch.Tensor:
+    """Mean answer-token NLL [len(ids)] of items `ids` at `pixel_values` (labels shifted by one, as the loss)."""
+    values = []
+    for rows, pixels, part in _micro_batches(inputs, batch, offsets, size, ids):
+        logits = model(**part, pixel_values=pixel_values[pixels].to(param_dtype), use_cache=False).logits
+        target = labels[rows][:, 1:]
+        answer = target != -100
+        token_nll = torch.nn.functional.cross_entropy(logits[:, :-1][answer].float(), target[answer], reduction="none")
+        row = torch.arange(target.shape[0], device=target.device)[:, None].expand_as(target)[answer]
+        total = torch.zeros(target.shape[0], device=token_nll.device).index_add_(0, row, token_nll)
+        values.append(total / answer.sum(dim=1).clamp(min=1))
+    return torch.cat(values).cpu()
 
-    Every input is per item along dim 0 except the pixel values: one image per item, either a row each
+
+def _pixel_offsets(inputs: dict[str, torch.Tensor], batch: int, num_pixel_rows: int) -> list[int]:
+    """Item i's pixel-value rows are offsets[i]:offsets[i + 1]: one image per item, either a row each
     ([batch, C, H, W], LLaVA) or image_grid_thw[i].prod() flattened patches each (Qwen-VL)."""
     grid = inputs.get("image_grid_thw")
     if grid is not None:
@@ -174,17 +206,31 @@ def _micro_batches(inputs: dict[str, torch.Tensor], batch: int, num_pixel_rows: 
     if len(offsets) != batch + 1 or offsets[-1] != num_pixel_rows:
         raise ValueError(f"pixel values hold {num_pixel_rows} rows, the image grid {offsets[-1]} in "
                          f"{len(offsets) - 1} images, for {batch} items")
+    return offsets
+
+
+def _micro_batches(inputs: dict[str, torch.Tensor], batch: int, offsets: list[int], size: int,
+                   ids: Sequence[int] | None = None) -> list[tuple[slice | torch.Tensor, slice | torch.Tensor, dict]]:
+    """(item rows, pixel-value rows, the other inputs of those items) per micro-batch of `size` of the items
+    `ids` (default all, in order). Rows are slices where the micro-batch's items are consecutive, index
+    tensors otherwise. Every input is per item along dim 0 except the pixel values (see _pixel_offsets)."""
+    ids = list(range(batch)) if ids is None else list(ids)
     parts = []
-    for start in range(0, batch, size):
-        rows = slice(start, min(start + size, batch))
+    for start in range(0, len(ids), size):
+        chunk = ids[start:start + size]
+        if chunk == list(range(chunk[0], chunk[-1] + 1)):
+            rows, pixels = slice(chunk[0], chunk[-1] + 1), slice(offsets[chunk[0]], offsets[chunk[-1] + 1])
+        else:
+            rows = torch.tensor(chunk)
+            pixels = torch.tensor([p for i in chunk for p in range(offsets[i], offsets[i + 1])])
         part = {}
         for key, value in inputs.items():
             if isinstance(value, torch.Tensor) and value.ndim > 0:
                 if value.shape[0] != batch:
                     raise ValueError(f"input {key!r} has {value.shape[0]} rows, not one per item ({batch})")
-                value = value[rows]
+                value = value[rows.to(value.device) if isinstance(rows, torch.Tensor) else rows]
             part[key] = value
-        parts.append((rows, slice(offsets[rows.start], offsets[rows.stop]), part))
+        parts.append((rows, pixels, part))
     return parts
 
 
@@ -230,59 +276,151 @@ _CHECKPOINT_FLAGS = ("gradient_checkpointing", "_gradient_checkpointing_func", "
 
 def collect(model, processor, layers, items: Sequence[QAItem], stats: steering.SteeringStats | None,
             groups: Sequence[str], batch_size: int, desc: str, pgd: PGDSettings | None = None, progress: bool = True,
-            pooled_layer: int | None = None, pooling: str = "mean") -> torch.Tensor | None:
+            pooled_layer: int | None = None, pooling: str = "mean", clean_pooled: bool = False) -> torch.Tensor | None:
     """Feed the last-prompt-token block outputs of `items` at `layers` into `stats` under each of `groups`;
     with `pooled_layer`, also return the pooled prompt features of that entry of `layers` [N, d] (in the
     order of `models.batches`, grouped by modality and task). With `pgd`, image questions are first perturbed
-    (the knowledge-recall inputs). The forwards stop after the last of `layers`."""
+    (the knowledge-recall inputs). The forwards stop after the last of `layers`.
+
+    clean_pooled: the pooled features are the clean prompts' even under `pgd`: taken from the same forward
+    where PGD left a batch's images as they were (its early stop), else from a second forward of the clean
+    batch that stops at the pooled layer. Either way they equal a separate clean pass's, bit for bit.
+
+    Under torchrun (`distributed.world()` size P > 1) this rank runs every P-th batch; the ranks' statistics
+    are summed and their features gathered back into the single-process order, so every rank returns what
+    one process would (`distributed.py`). A single process runs every batch and communicates nothing."""
+    rank, size = distributed.world()
+    every_batch = models.batches(items, batch_size)
+    # Under torchrun this call's activations go into fresh statistics first: `stats` already holds earlier calls'
+    # all-reduced sums, which reducing `stats` itself would count once per rank.
+    into = stats if size == 1 or stats is None else steering.SteeringStats(stats.num_layers, stats.hidden_size,
+                                                                            stats.layers, stats.device)
     pooled = []
-    for indices in tqdm(models.batches(items, batch_size), desc=desc, disable=not progress, unit="batch", leave=False):
+    for indices in tqdm(distributed.shard(every_batch, rank, size), desc=desc, disable=not progress or rank != 0,
+                        unit="batch", leave=False):
         chunk = [items[i] for i in indices]
         batch = models.encode_prompts(processor, chunk)
+        clean_features = None
         if pgd is not None and chunk[0].modality == "image" and pgd.steps > 0:
-            batch["pixel_values"] = pgd_images(model, processor, chunk, pgd)
+            adversarial = pgd_images(model, processor, chunk, pgd)
+            if clean_pooled and not torch.equal(adversarial.to(batch["pixel_values"].device),
+                                                batch["pixel_values"].float()):
+                _, clean_features = hooks.capture(model, layers[: pooled_layer + 1], pooled_layer, pooling,
+                                                  **models.forward_inputs(model, batch))
+            batch["pixel_values"] = adversarial
         acts, features = hooks.capture(model, layers, pooled_layer, pooling, **models.forward_inputs(model, batch))
+        features = clean_features if clean_features is not None else features
         for group in groups:
-            stats.update(group, acts)
+            into.update(group, acts)
         if features is not None:
             pooled.append(features)
+    if size > 1:
+        if stats is not None:
+            stats.merge_(distributed.all_reduce_stats(into, groups))
+        return distributed.gather_rows(pooled, every_batch) if pooled_layer is not None else None
     return torch.cat(pooled) if pooled else None
 
 
-def fit_statistics(model, processor, *, forget: Sequence[QAItem], retain: Sequence[QAItem], erasure: Sequence[QAItem],
-                   settings: FitSettings, calibration: Sequence[QAItem] | None = None, layers_path: str | None = None,
-                   progress: bool = True) -> tuple[steering.SteeringStats, str, dict[str, torch.Tensor]]:
+def fit_statistics(model, processor, *, forget: Sequence[QAItem], retain: Sequence[QAItem] | None = None,
+                   erasure: Sequence[QAItem] | None = None, settings: FitSettings,
+                   calibration: Sequence[QAItem] | None = None, layers_path: str | None = None, progress: bool = True,
+                   shared: cache.SharedStatistics | None = None, timings: dict[str, float] | None = None,
+                   ) -> tuple[steering.SteeringStats, str, dict[str, torch.Tensor]]:
     """The activations part: the contrast sets through the model into one SteeringStats (recall and erasure
     sums; forget and retain Grams for the paper gate), and, for a prompt gate, the pooled features of the
-    forget, retain and calibration prompts at the decision layer. Also returns the decoder-layer path."""
+    forget, retain and calibration prompts at the decision layer. Also returns the decoder-layer path.
+
+    The retain, erasure and calibration part is the same for every request on a model (cache.py): pass it as
+    `shared` (then retain, erasure and calibration are not read) or it is computed here. `timings` (a dict)
+    gets the seconds of each stage."""
+    timings = {} if timings is None else timings
+    if shared is None:
+        if not retain or not erasure:
+            raise UserInputError(None, "fitting needs non-empty retain and erasure sets, or their shared statistics")
+        started = time.perf_counter()
+        stats, features = shared_inputs(model, processor, retain=retain, erasure=erasure, calibration=calibration,
+                                        settings=settings, layers_path=layers_path, progress=progress)
+        shared = cache.SharedStatistics("", {}, stats, features)
+        timings["shared (computed)"] = time.perf_counter() - started
     names, layers = hooks.find_decoder_layers(model, layers_path)
     path = names[0].rsplit(".", 1)[0]
+    if shared.identity:
+        shared.check(settings, path, steered_layers(settings, len(layers)))
+    stats, features = request_inputs(model, processor, forget=forget, settings=settings, layers_path=layers_path,
+                                     progress=progress, timings=timings)
+    stats.merge_(shared.stats)  # the groups are disjoint: each sum is the one a single pass would give, bit for bit
+    features.update(shared.features)
+    return stats, path, features
+
+
+def _decoder(model, settings: FitSettings, layers_path: str | None) -> tuple[list, steering.SteeringStats]:
+    """The decoder layers and empty statistics of the steered ones (the closed forms of one layer read that
+    layer's statistics alone), on the statistics device."""
+    _, layers = hooks.find_decoder_layers(model, layers_path)
     decision = settings.decision_layer
     if settings.gate != "paper" and not 0 <= decision < len(layers):
         raise UserInputError(None, f"decision_layer must be a decoder layer 0..{len(layers) - 1}, got {decision}")
-    # Statistics of the steered layers only (the closed forms of one layer read that layer's statistics alone).
     stats = steering.SteeringStats(len(layers), model.config.get_text_config().hidden_size,
                                    steered_layers(settings, len(layers)), statistics_device(model))
+    return layers, stats
+
+
+def _pooled(model, processor, layers, items: Sequence[QAItem], settings: FitSettings, desc: str,
+            progress: bool) -> torch.Tensor:
+    """Pooled prompt features of `items` at the decision layer; the forwards stop there."""
+    upto = layers[: settings.decision_layer + 1]
+    return collect(model, processor, upto, items, None, (), settings.batch_size, desc, None, progress,
+                   settings.decision_layer, settings.pooling)
+
+
+def shared_inputs(model, processor, *, retain: Sequence[QAItem], erasure: Sequence[QAItem],
+                  calibration: Sequence[QAItem] | None, settings: FitSettings, layers_path: str | None = None,
+                  progress: bool = True) -> tuple[steering.SteeringStats, dict[str, torch.Tensor]]:
+    """What every request on the model shares (cache.py): retain statistics (paper: Grams at the steered layers)
+    or pooled features (prompt gates), erasure sums, calibration features."""
+    layers, stats = _decoder(model, settings, layers_path)
     held = [layers[i] for i in stats.layers]
     bs = settings.batch_size
     features: dict[str, torch.Tensor] = {}
     if settings.gate == "paper":
-        collect(model, processor, held, forget, stats, ("recall", "forget"), bs, "recall (PGD)", settings.pgd, progress)
-        collect(model, processor, held, forget, stats, ("forget",), bs, "forget", None, progress)
         collect(model, processor, held, retain, stats, ("retain",), bs, "retain", None, progress)
     else:
-        upto = layers[: decision + 1]  # the gate's inputs need no layer after the decision layer
-
-        def pooled(items: Sequence[QAItem], desc: str) -> torch.Tensor:
-            return collect(model, processor, upto, items, None, (), bs, desc, None, progress, decision, settings.pooling)
-
-        collect(model, processor, held, forget, stats, ("recall",), bs, "recall (PGD)", settings.pgd, progress)
-        features["forget"] = pooled(forget, "forget")
-        features["retain"] = pooled(retain, "retain")
+        features["retain"] = _pooled(model, processor, layers, retain, settings, "retain", progress)
         if calibration:
-            features["calibration"] = pooled(calibration, "calibration")
+            features["calibration"] = _pooled(model, processor, layers, calibration, settings, "calibration", progress)
     collect(model, processor, held, erasure, stats, ("erasure",), bs, "erasure", None, progress)
-    return stats, path, features
+    return stats, features
+
+
+def request_inputs(model, processor, *, forget: Sequence[QAItem], settings: FitSettings,
+                   layers_path: str | None = None, progress: bool = True, timings: dict[str, float] | None = None,
+                   ) -> tuple[steering.SteeringStats, dict[str, torch.Tensor]]:
+    """What one deletion request adds: its forget questions' recall statistics (PGD images), and the forget
+    Grams (paper gate) or pooled features (prompt gates)."""
+    timings = {} if timings is None else timings
+    layers, stats = _decoder(model, settings, layers_path)
+    held = [layers[i] for i in stats.layers]
+    bs = settings.batch_size
+    started = time.perf_counter()
+    features: dict[str, torch.Tensor] = {}
+    if settings.gate != "paper" and settings.decision_layer in stats.layers:
+        # One pass over the forget set: the recall statistics and the gate's clean pooled features (the decision
+        # layer is steered, so the recall forward goes through it).
+        features["forget"] = collect(model, processor, held, forget, stats, ("recall",), bs, "forget (PGD recall)",
+                                     settings.pgd, progress, stats.layers.index(settings.decision_layer),
+                                     settings.pooling, clean_pooled=True)
+        timings["forget (PGD recall, gate features)"] = time.perf_counter() - started
+        return stats, features
+    groups = ("recall", "forget") if settings.gate == "paper" else ("recall",)
+    collect(model, processor, held, forget, stats, groups, bs, "recall (PGD)", settings.pgd, progress)
+    timings["recall (PGD)"] = time.perf_counter() - started
+    started = time.perf_counter()
+    if settings.gate == "paper":
+        collect(model, processor, held, forget, stats, ("forget",), bs, "forget", None, progress)
+    else:
+        features["forget"] = _pooled(model, processor, layers, forget, settings, "forget", progress)
+    timings["forget"] = time.perf_counter() - started
+    return stats, features
 
 
 def steered_layers(settings: FitSettings, num_layers: int) -> list[int]:

@@ -14,8 +14,10 @@ is applied with that one decision (so the gate reads at run time exactly what it
                (image tokens included: they carry the person); "last": z = h_t*, t* the row's last position
                with m_t = 1 (the paper's input, read from the mask, so right padding is safe too)
     knn        s_k(z) = log(d_R + eps) - log(d_F + eps),  d_F = 1 - top_j cos(z, F_kj),  d_R = 1 - top_j cos(z, R_kj)
-               F_k: pooled features of request k's forget prompts; R_k: of the prompts to leave alone; "top" the
-               mean of the n largest; eps = DISTANCE_FLOOR. A ratio test (how much nearer the nearest forget
+               F_k: pooled features of request k's forget prompts; R_k = R_shared U R_own,k: of the prompts to leave
+               alone (every request fitted on one model and retain corpus has the same retain prompts: one shared
+               copy, owner SHARED = -1, rows a request owns alone are its own); "top" the mean of the n largest;
+               eps = DISTANCE_FLOOR. A ratio test (how much nearer the nearest forget
                prompt is than the nearest retained one), not a difference of cosines: prompts of one kind are
                all alike (a text classification question is its long option list; only the name differs), so
                a difference is tiny for them and large for image prompts, while a ratio is on one scale for all.
@@ -26,6 +28,11 @@ is applied with that one decision (so the gate reads at run time exactly what it
                scaled so the mean score over the forget prompts is 1
     threshold  tau_k: the smallest value that at most floor(max_fpr * n) of n held-out calibration prompts
                (people outside the fit) score above: the false-positive rate on them is <= max_fpr.
+    segments   all K terms are scored at once: one matmul S = z B^T over a whole bank, then a segment reduction
+               over the columns each term owns plus the shared ones: n = 1, a scatter max into [batch, K]
+               (max_{j in R_k} S_j = max(max_{j shared} S_j, max_{j own} S_j)); n > 1, a gather through a padded
+               [K, M] table of each term's own columns, whose top-n merges with the shared columns' top-n (the n
+               largest of a union are among the n largest of each part). No Python loop over terms.
 
 Pure torch; no model in sight (the hooks that run it are in hooks.py).
 """
@@ -43,6 +50,7 @@ from .steering import solve_gate_ridge
 
 GATE_KINDS = ("knn", "ridge")
 DISTANCE_FLOOR = 3e-3  # eps of the knn ratio: a match closer than this (float16 banks: ~1e-3) counts as exact
+SHARED = -1  # the owner of a retain bank row every term reads (one copy for all requests on one retain corpus)
 POOLINGS = ("mean", "last")
 
 
@@ -66,15 +74,74 @@ def unit_rows(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
+@dataclass(frozen=True, eq=False)
+class Segments:
+    """Which columns of a similarity matrix [batch, N] each of K terms reads, precomputed once per bank and
+    device: `column` [N] (n = 1) is 1 + the owning term, 0 for a shared column (the scatter's spare slot);
+    `shared` [S] the shared columns; `table` [K, M] (n > 1) 1 + each term's own columns, padded with 0 (a
+    -inf column put in front); `count` [K] = min(n, own_k + S), how many values term k's mean takes."""
+
+    num_terms: int
+    neighbours: int
+    column: Tensor | None
+    shared: Tensor
+    table: Tensor | None
+    count: Tensor
+
+
+def segments(owner: Tensor, num_terms: int, neighbours: int) -> Segments:
+    """The Segments of a bank whose row j belongs to term owner[j] (SHARED: to every term)."""
+    owner = owner.to(torch.int64)
+    own = owner >= 0
+    shared = (~own).nonzero().flatten()
+    per_term = torch.bincount(owner[own], minlength=num_terms)[:num_terms]
+    count = (per_term + shared.numel()).clamp(max=neighbours)
+    if neighbours == 1:
+        return Segments(num_terms, neighbours, owner + 1, shared, None, count)
+    columns = own.nonzero().flatten()
+    order = torch.argsort(owner[columns], stable=True)  # each term's columns together, in bank order
+    columns, owners = columns[order], owner[columns][order]
+    starts = torch.cumsum(per_term, 0) - per_term
+    width = int(per_term.max()) if num_terms else 0
+    table = torch.zeros(num_terms, width, dtype=torch.int64, device=owner.device)
+    table[owners, torch.arange(columns.numel(), device=owner.device) - starts[owners]] = columns + 1
+    return Segments(num_terms, neighbours, None, shared, table, count)
+
+
+def segment_top_mean(similarity: Tensor, seg: Segments) -> Tensor:
+    """[batch, K]: per term, the mean of the n largest similarities among its own and the shared columns
+    (-inf where it has none), with no loop over terms (see the module docstring's "segments")."""
+    batch, K, n = similarity.shape[0], seg.num_terms, seg.neighbours
+    if n == 1:
+        out = similarity.new_full((batch, K + 1), -math.inf)
+        out.scatter_reduce_(1, seg.column.expand(batch, -1), similarity, "amax")
+        return torch.maximum(out[:, 1:], out[:, :1])  # column 0: the shared max (-inf where none is shared)
+    parts = []
+    if seg.table.shape[1]:
+        padded = torch.cat([similarity.new_full((batch, 1), -math.inf), similarity], dim=1)
+        parts.append(padded[:, seg.table].topk(min(n, seg.table.shape[1]), dim=2).values)  # [batch, K, <=n]
+    if seg.shared.numel():
+        top = similarity[:, seg.shared].topk(min(n, seg.shared.numel()), dim=1).values
+        parts.append(top[:, None, :].expand(batch, K, top.shape[1]))
+    return mean_of_top(torch.cat(parts, dim=2) if parts else similarity.new_empty(batch, K, 0), seg.count, n,
+                       merge=len(parts) > 1)
+
+
+def mean_of_top(top: Tensor, count: Tensor, neighbours: int, merge: bool = False) -> Tensor:
+    """[batch, K]: the mean of the first count_k values of `top` [batch, K, t] (sorted descending per term;
+    `merge`: concatenated sorted runs, sorted here first), -inf where count_k = 0."""
+    if merge:
+        top = top.topk(min(neighbours, top.shape[2]), dim=2).values
+    out = top.new_full(top.shape[:2], -math.inf)
+    for c in range(1, min(neighbours, top.shape[2]) + 1):  # at most n passes, whatever K is
+        out = torch.where(count == c, top[:, :, :c].contiguous().mean(dim=2), out)
+    return out
+
+
 def top_mean(similarity: Tensor, owner: Tensor, num_terms: int, neighbours: int) -> Tensor:
     """[batch, K]: for each term k, the mean of the `neighbours` largest similarities among columns owned by k
-    (-inf where a term owns no column)."""
-    out = similarity.new_full((similarity.shape[0], num_terms), -math.inf)
-    for k in range(num_terms):
-        columns = similarity[:, owner == k]
-        if columns.shape[1]:
-            out[:, k] = columns.topk(min(neighbours, columns.shape[1]), dim=1).values.mean(dim=1)
-    return out
+    or shared (owner SHARED), -inf where a term has no column."""
+    return segment_top_mean(similarity, segments(owner.to(similarity.device), num_terms, neighbours))
 
 
 def ratio_score(forget_similarity: Tensor, retain_similarity: Tensor) -> Tensor:
@@ -89,7 +156,8 @@ class PromptGate:
     """K requests' prompt gates read at decoder layer `layer` (see the module docstring).
 
     knn: forget_bank [N_f, d] and retain_bank [N_r, d] hold unit-norm pooled features (stored float16: the
-    scores only need cosines to ~1e-3), forget_owner / retain_owner [N] the term each row belongs to.
+    scores only need cosines to ~1e-3), forget_owner / retain_owner [N] the term each row belongs to; a retain
+    row may be SHARED (-1) by every term: K requests on one retain corpus hold one copy of it, not K.
     ridge: u [K, d] float32. threshold: one tau per term.
     """
 
@@ -116,10 +184,10 @@ class PromptGate:
             for name in ("forget_bank", "forget_owner", "retain_bank", "retain_owner"):
                 if getattr(self, name) is None:
                     raise ValueError(f"a knn gate needs {name}")
-            for bank, owner in (("forget_bank", "forget_owner"), ("retain_bank", "retain_owner")):
+            for bank, owner, lowest in (("forget_bank", "forget_owner", 0), ("retain_bank", "retain_owner", SHARED)):
                 b, o = getattr(self, bank).detach().cpu(), getattr(self, owner).detach().cpu().to(torch.int64)
-                if b.ndim != 2 or o.shape != (b.shape[0],) or (o.numel() and (o.min() < 0 or o.max() >= K)):
-                    raise ValueError(f"{bank} must be [N, d] with {owner} [N] in 0..{K - 1}")
+                if b.ndim != 2 or o.shape != (b.shape[0],) or (o.numel() and (o.min() < lowest or o.max() >= K)):
+                    raise ValueError(f"{bank} must be [N, d] with {owner} [N] in {lowest}..{K - 1}")
                 object.__setattr__(self, bank, b.to(torch.float16).contiguous())
                 object.__setattr__(self, owner, o.contiguous())
         else:
@@ -135,14 +203,26 @@ class PromptGate:
     def hidden_size(self) -> int:
         return int((self.forget_bank if self.kind == "knn" else self.u).shape[1])
 
-    def _on(self, device: torch.device) -> dict[str, Tensor]:
-        """The scoring tensors on `device`, float32, moved once per device."""
+    @property
+    def shared_rows(self) -> Tensor:
+        """The retain rows every term reads (owner SHARED), [S, d] float16 (a knn gate's; empty where none): a
+        view where they are one run of rows (as fit_knn and concat leave them), so comparing two gates' shared
+        rows can find them to be one storage without reading them."""
+        rows = (self.retain_owner == SHARED).nonzero().flatten()
+        if not rows.numel():
+            return self.retain_bank[:0]
+        first, last = int(rows[0]), int(rows[-1])
+        return self.retain_bank[first: last + 1] if last - first + 1 == rows.numel() else self.retain_bank[rows]
+
+    def _on(self, device: torch.device) -> dict:
+        """The scoring tensors on `device` (banks float32) and the banks' Segments, made once per device."""
         if device not in self._device_cache:
-            names = ("forget_bank", "forget_owner", "retain_bank", "retain_owner") if self.kind == "knn" else ("u",)
-            moved = {n: getattr(self, n).to(device) for n in names}
-            for n in ("forget_bank", "retain_bank", "u"):
-                if n in moved:
-                    moved[n] = moved[n].to(torch.float32)
+            if self.kind == "knn":
+                moved = {n: getattr(self, n).to(device=device, dtype=torch.float32) for n in ("forget_bank", "retain_bank")}
+                for bank, owner in (("forget", self.forget_owner), ("retain", self.retain_owner)):
+                    moved[f"{bank}_segments"] = segments(owner.to(device), self.num_terms, self.neighbours)
+            else:
+                moved = {"u": self.u.to(device)}
             moved["threshold"] = torch.tensor(self.threshold, dtype=torch.float32, device=device)
             self._device_cache[device] = moved
         return self._device_cache[device]
@@ -154,8 +234,8 @@ class PromptGate:
         if self.kind == "ridge":
             return z @ t["u"].T
         z = unit_rows(z)
-        return ratio_score(top_mean(z @ t["forget_bank"].T, t["forget_owner"], self.num_terms, self.neighbours),
-                           top_mean(z @ t["retain_bank"].T, t["retain_owner"], self.num_terms, self.neighbours))
+        return ratio_score(segment_top_mean(z @ t["forget_bank"].T, t["forget_segments"]),
+                           segment_top_mean(z @ t["retain_bank"].T, t["retain_segments"]))
 
     def fires(self, scores: Tensor) -> Tensor:
         """g [batch, K] float32 in {0, 1} from scores [batch, K]: s_k > tau_k."""
@@ -187,40 +267,114 @@ class PromptGate:
         return None
 
     def stack(self, other: PromptGate) -> PromptGate:
-        """Both gates' terms, self's first (the banks concatenate; other's owners shift by self's K)."""
-        why = self.compatible(other)
-        if why is not None:
-            raise ValueError(f"cannot combine prompt gates: {why}")
+        """Both gates' terms, self's first (see `concat`)."""
+        return PromptGate.concat([self, other])
+
+    @staticmethod
+    def concat(gates: Sequence[PromptGate]) -> PromptGate:
+        """Every gate's terms, in order, with one concatenation per bank (owners shifted by the terms before).
+
+        Shared retain rows stay one copy where every gate's are equal (the usual case: one model, one retain
+        corpus); otherwise each gate's shared rows become rows owned by each of its terms, so every term still
+        reads exactly the rows it read alone (correct, just K copies).
+        """
+        gates = list(gates)
+        if not gates:
+            raise ValueError("concat needs at least one prompt gate")
+        first = gates[0]
+        for other in gates[1:]:
+            why = first.compatible(other)
+            if why is not None:
+                raise ValueError(f"cannot combine prompt gates: {why}")
+        threshold = tuple(t for g in gates for t in g.threshold)
+        offsets = [0]
+        for g in gates:
+            offsets.append(offsets[-1] + g.num_terms)
+        if first.kind == "ridge":
+            return PromptGate(**{**first.header(), "threshold": threshold}, u=torch.cat([g.u for g in gates]))
+        forget_owner = torch.cat([g.forget_owner + offset for g, offset in zip(gates, offsets)])
+        shared = first.shared_rows
+        if all(same_bank(shared, g.shared_rows) for g in gates[1:]):
+            retain = [first.retain_bank] + [g.retain_bank[g.retain_owner != SHARED] for g in gates[1:]]
+            owners = [first.retain_owner] + [g.retain_owner[g.retain_owner != SHARED] + offset
+                                             for g, offset in zip(gates[1:], offsets[1:])]
+        else:
+            retain, owners = [], []
+            for g, offset in zip(gates, offsets):
+                bank, owner = g._owned_retain()
+                retain.append(bank)
+                owners.append(owner + offset)
+        return PromptGate(**{**first.header(), "threshold": threshold},
+                          forget_bank=torch.cat([g.forget_bank for g in gates]), forget_owner=forget_owner,
+                          retain_bank=torch.cat(retain), retain_owner=torch.cat(owners))
+
+    def _owned_retain(self) -> tuple[Tensor, Tensor]:
+        """The retain bank with every shared row copied to each term as an owned row (owners 0..K-1)."""
+        owned = self.retain_owner != SHARED
+        shared = self.shared_rows
         K = self.num_terms
-        if self.kind == "ridge":
-            return PromptGate(**{**self.header(), "threshold": self.threshold + other.threshold},
-                              u=torch.cat([self.u, other.u]))
-        return PromptGate(**{**self.header(), "threshold": self.threshold + other.threshold},
-                          forget_bank=torch.cat([self.forget_bank, other.forget_bank]),
-                          forget_owner=torch.cat([self.forget_owner, other.forget_owner + K]),
-                          retain_bank=torch.cat([self.retain_bank, other.retain_bank]),
-                          retain_owner=torch.cat([self.retain_owner, other.retain_owner + K]))
+        bank = torch.cat([self.retain_bank[owned], shared.repeat(K, 1)])
+        owner = torch.cat([self.retain_owner[owned], torch.arange(K).repeat_interleave(shared.shape[0])])
+        return bank, owner
 
     def select(self, keep: Sequence[int]) -> PromptGate:
-        """The gate of terms `keep` only (renumbered 0..len(keep)-1 in that order)."""
+        """The gate of terms `keep` only (renumbered 0..len(keep)-1 in that order); shared retain rows stay."""
+        keep = [int(k) for k in keep]
         threshold = [self.threshold[k] for k in keep]
         if self.kind == "ridge":
-            return PromptGate(**{**self.header(), "threshold": threshold}, u=self.u[list(keep)])
+            return PromptGate(**{**self.header(), "threshold": threshold}, u=self.u[keep])
         parts = {}
         for bank, owner in (("forget_bank", "forget_owner"), ("retain_bank", "retain_owner")):
-            rows = [getattr(self, owner) == k for k in keep]
-            parts[bank] = torch.cat([getattr(self, bank)[r] for r in rows])
-            parts[owner] = torch.cat([torch.full((int(r.sum()),), new, dtype=torch.int64) for new, r in enumerate(rows)])
+            rows, owners = _select_rows(getattr(self, owner), self.num_terms, keep)
+            parts[bank], parts[owner] = getattr(self, bank)[rows], owners
         return PromptGate(**{**self.header(), "threshold": threshold}, **parts)
 
 
+def _select_rows(owner: Tensor, num_terms: int, keep: list[int]) -> tuple[Tensor, Tensor]:
+    """(row indices, new owners) of a bank cut down to terms `keep` (renumbered by position): shared rows first,
+    then each kept term's rows in bank order, term by term; one stable sort, whatever K is."""
+    if len(set(keep)) != len(keep):  # a term kept twice: its rows twice (rare; not worth vectorising)
+        shared = (owner == SHARED).nonzero().flatten()
+        rows = [shared] + [(owner == k).nonzero().flatten() for k in keep]
+        owners = [torch.full((shared.numel(),), SHARED, dtype=torch.int64)]
+        owners += [torch.full((r.numel(),), new, dtype=torch.int64) for new, r in enumerate(rows[1:])]
+        return torch.cat(rows), torch.cat(owners)
+    position = torch.full((num_terms + 1,), -2, dtype=torch.int64)  # by owner + 1: shared -> -1, dropped -> -2
+    position[0] = SHARED
+    position[torch.tensor(keep, dtype=torch.int64) + 1] = torch.arange(len(keep))
+    new = position[owner + 1]
+    rows = (new != -2).nonzero().flatten()
+    rows = rows[torch.argsort(new[rows], stable=True)]
+    return rows, new[rows]
+
+
+def same_bank(a: Tensor, b: Tensor) -> bool:
+    """Whether two banks hold the same rows in the same order: shapes first, then one view of one storage, then
+    every element's bits (torch.equal of integer views: on a CPU 8x faster than comparing float16 values,
+    ~14 ms for 9,000 x 4,096; -0.0 and 0.0 differ, which two copies of one bank never do)."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+        return True
+    return bool(torch.equal(_bits(a), _bits(b)))
+
+
+def _bits(t: Tensor) -> Tensor:
+    """The raw bytes of `t` in row-major order, viewed as int64 where their length and alignment allow."""
+    flat = t.contiguous().reshape(-1).view(torch.uint8)
+    if flat.numel() % 8 == 0 and flat.data_ptr() % 8 == 0:
+        return flat.view(torch.int64)
+    return flat
+
+
 def fit_knn(forget: Tensor, retain: Tensor, pooling: str, layer: int, neighbours: int = 1) -> PromptGate:
-    """A one-term knn gate (threshold +inf until calibrated) from pooled features [N, d]."""
+    """A one-term knn gate (threshold +inf until calibrated) from pooled features [N, d]; its retain rows are
+    SHARED, so gates fitted on one retain corpus stack with one copy of it."""
     return PromptGate(kind="knn", pooling=pooling, layer=layer, threshold=[math.inf], neighbours=neighbours,
                       forget_bank=unit_rows(forget.to(torch.float32)),
                       forget_owner=torch.zeros(forget.shape[0], dtype=torch.int64),
                       retain_bank=unit_rows(retain.to(torch.float32)),
-                      retain_owner=torch.zeros(retain.shape[0], dtype=torch.int64))
+                      retain_owner=torch.full((retain.shape[0],), SHARED, dtype=torch.int64))
 
 
 def fit_ridge(forget: Tensor, retain: Tensor, pooling: str, layer: int, beta: float, lam: float) -> PromptGate:

@@ -1,11 +1,9 @@
 """Which erasers a request gets: the loaded erasers by name, the tenants' bindings, and the one combined eraser
-the batcher attaches (every loaded eraser stacked with `+`, one term range per name)."""
+the batcher attaches (every loaded eraser stacked, one term range per name)."""
 
 from __future__ import annotations
 
-import functools
 import json
-import operator
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -71,10 +69,11 @@ def read_tenants(path: Path, names: Iterable[str]) -> dict[str, list[str]]:
 
 
 def combine(erasers: Iterable[Eraser]) -> Eraser | None:
-    """Every eraser stacked (`+`), or None for none. Raises ValueError where they cannot share one attachment
-    (a prompt gate with the paper's per-layer gate, other layers, another steering mode)."""
+    """Every eraser stacked (as with `+`, in one concatenation: Eraser.concat), or None for none. Raises
+    ValueError where they cannot share one attachment (a prompt gate with the paper's per-layer gate, other
+    layers, another steering mode)."""
     erasers = list(erasers)
-    return functools.reduce(operator.add, erasers) if erasers else None
+    return Eraser.concat(erasers) if erasers else None
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,11 @@ import torch
 from PIL import Image
 
 from ..bench.data import PARQUET_NAME, expand_items
+from ..core.cache import cache_root
 from . import model as tm
 from . import render, train, vision, world
 
 BUILD_VERSION = 7
-CACHE_ENV = "MLLMERASER_CACHE"
 
 
 @dataclass(frozen=True)
@@ -68,10 +68,6 @@ PRESETS = {
                     vision=vision.VisionSettings(steps=1000), mix=TrainingMix(cloze=1, image=1),
                     train=train.TrainSettings(steps=3500)),
 }
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mllmeraser")
 
 
 def default_build_dir(seed: int, preset: str) -> Path:

@@ -1,0 +1,215 @@
+"""The model cache: what every deletion request on one model shares, computed once and kept on disk.
+
+A fit reads two kinds of inputs (fitting.py). Per request: the forget questions (their PGD recall pass and,
+for a prompt gate, their pooled features). Per model: everything else, the same for every request,
+
+    erasure   counts and sums of the steered layers' last-token outputs (the erasure mean of r_l)
+    retain    prompt gates: pooled features at the decision layer (the knn bank; the ridge Grams);
+              paper gate: counts, sums and Grams of the steered layers (the null space)
+    calibration  prompt gates: pooled features of the held-out calibration prompts (the threshold)
+
+`SharedStatistics` holds them; `shared_statistics` loads them from a cache directory or computes and writes
+them there. An entry is one safetensors file named by a key: the sha256 of
+
+    the model's fingerprint (eraser.model_fingerprint: weights sampled, not just the name), its parameter
+    dtype and device type (the same weights in bfloat16 or on a GPU give other activations), the settings
+    that shape the statistics (gate family, pooling, decision layer, steered layers, decoder-layer path,
+    batch size: padding changes the float sums), CACHE_VERSION, and a digest of every retain, erasure and
+    calibration item (its text, its options, its answer and its image's bytes).
+
+So a change to the data, the settings or the weights reads another entry, and a stale entry is never read:
+it only takes disk until `mllmeraser cache --clear`. A request's fit with a warm cache runs only its forget
+set through the model. Entries are written atomically; one that cannot be read is rebuilt and overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import Tensor
+
+from ..errors import atomic_write_bytes
+from . import hooks, steering
+from .inputs import EncodedImage, QAItem
+
+if TYPE_CHECKING:
+    from .fitting import FitSettings
+
+CACHE_VERSION = 1
+CACHE_ENV = "MLLMERASER_CACHE"  # the per-user cache root (the testbed's builds live there too)
+METADATA_KEY = "mllmeraser_cache"
+SHARED_GROUPS = ("retain", "erasure")  # the SteeringStats groups a cache entry holds
+
+
+def cache_root() -> Path:
+    """$MLLMERASER_CACHE, else ~/.cache/mllmeraser."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mllmeraser")
+
+
+def default_cache_dir() -> Path:
+    """Where fits keep their model caches: <cache root>/fits."""
+    return cache_root() / "fits"
+
+
+def item_digest(items: Sequence[QAItem]) -> str:
+    """sha256 over every item's prompt-shaping fields and image bytes, in order. An EncodedImage hashes its file
+    bytes without decoding; a PIL image its mode, size and pixels."""
+    digest = hashlib.sha256()
+    for item in items:
+        fields = [item.subject_id, item.task, item.modality, item.question, item.answer, item.options,
+                  item.verbatim, [list(turn) for turn in item.history], item.prefill]
+        digest.update(json.dumps(fields, sort_keys=True).encode())
+        image = item.image_source
+        if isinstance(image, EncodedImage):
+            digest.update(b"encoded:" + hashlib.sha256(image.data).digest())
+        elif image is not None:
+            digest.update(f"pil:{image.mode}:{image.size}:".encode() + hashlib.sha256(image.tobytes()).digest())
+        else:
+            digest.update(b"none")
+    return digest.hexdigest()
+
+
+def shape_settings(settings: FitSettings, layers_path: str, steered: Sequence[int]) -> dict[str, Any]:
+    """The fit settings that change what a cache entry holds (the others act on the closed forms only)."""
+    if settings.gate == "paper":
+        return {"family": "paper", "layers_path": layers_path, "steered": list(steered),
+                "batch_size": settings.batch_size}
+    return {"family": "prompt", "layers_path": layers_path, "steered": list(steered),
+            "batch_size": settings.batch_size, "pooling": settings.pooling, "decision_layer": settings.decision_layer}
+
+
+@dataclass(frozen=True, eq=False)
+class SharedStatistics:
+    """A model's shared fit inputs (see the module docstring). `stats` holds the groups SHARED_GROUPS (retain
+    counts, sums and, for the paper gate, Grams; erasure counts and sums); `features` the pooled prompt
+    features "retain" and, where calibration prompts were given, "calibration" [N, d] float32 (prompt gates);
+    `identity` the key's inputs; `key` their sha256."""
+
+    key: str
+    identity: dict[str, Any]
+    stats: steering.SteeringStats
+    features: dict[str, Tensor] = field(default_factory=dict)
+    source: str = "computed"  # "computed", "built" (computed and written) or "loaded", and from where
+    seconds: float = 0.0  # computing or loading
+
+    def check(self, settings: FitSettings, layers_path: str, steered: Sequence[int]) -> None:
+        """Raise ValueError where these statistics were made under other settings than `settings`'s."""
+        wanted = shape_settings(settings, layers_path, steered)
+        have = {k: self.identity["settings"].get(k) for k in wanted}
+        if have != wanted:
+            differ = sorted(k for k in wanted if have[k] != wanted[k])
+            raise ValueError(f"the shared statistics were computed with other settings ({', '.join(differ)}): "
+                             f"{ {k: have[k] for k in differ} } vs { {k: wanted[k] for k in differ} }")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        tensors = {f"stats.{name}": t.detach().cpu().contiguous() for name, t in self.stats.state_dict().items()}
+        tensors.update({f"features.{name}": t.detach().cpu().contiguous() for name, t in self.features.items()})
+        header = {"cache_version": CACHE_VERSION, "key": self.key, "identity": self.identity}
+        data = safetensors.torch.save(tensors, metadata={METADATA_KEY: json.dumps(header)})
+        return atomic_write_bytes(path, data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | None = None) -> SharedStatistics:
+        """Read an entry written by `save`; ValueError (or safetensors' error) where it is not one."""
+        with safetensors.safe_open(str(path), framework="pt") as reader:
+            header = json.loads((reader.metadata() or {})[METADATA_KEY])
+            tensors = {name: reader.get_tensor(name) for name in reader.keys()}
+        if header.get("cache_version") != CACHE_VERSION:
+            raise ValueError(f"cache version {header.get('cache_version')!r}, expected {CACHE_VERSION}")
+        stats = steering.SteeringStats.from_state_dict(
+            {name.removeprefix("stats."): t for name, t in tensors.items() if name.startswith("stats.")}, device)
+        features = {name.removeprefix("features."): t for name, t in tensors.items() if name.startswith("features.")}
+        return cls(header["key"], header["identity"], stats, features, source=f"loaded from {path}")
+
+
+def cache_key(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def entry_path(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir) / f"shared-{key}.safetensors"
+
+
+def shared_statistics(model, processor, *, retain: Sequence[QAItem], erasure: Sequence[QAItem],
+                      calibration: Sequence[QAItem] | None, settings: FitSettings, layers_path: str | None = None,
+                      cache_dir: str | os.PathLike | None = None, progress: bool = True) -> SharedStatistics:
+    """The shared statistics of `model` on these retain, erasure and calibration items under `settings`:
+    read from `cache_dir` where an entry with their key is there, else computed (the forwards of fitting.py)
+    and, with a `cache_dir`, written there. cache_dir None: computed, never written."""
+    from . import fitting  # fitting imports this module (Eraser.fit builds through it)
+    from .eraser import model_fingerprint
+
+    names, layers = hooks.find_decoder_layers(model, layers_path)
+    path = names[0].rsplit(".", 1)[0]
+    steered = fitting.steered_layers(settings, len(layers))
+    parameter = next(model.parameters())
+    identity = {
+        "cache_version": CACHE_VERSION,
+        "fingerprint": model_fingerprint(model),
+        "dtype": str(parameter.dtype).removeprefix("torch."),
+        "device_type": parameter.device.type,
+        "settings": shape_settings(settings, path, steered),
+        "retain": [len(retain), item_digest(retain)],
+        "erasure": [len(erasure), item_digest(erasure)],
+        "calibration": None if not calibration else [len(calibration), item_digest(calibration)],
+    }
+    key = cache_key(identity)
+    started = time.perf_counter()
+    entry = None if cache_dir is None else entry_path(Path(cache_dir), key)
+    if entry is not None and entry.is_file():
+        try:
+            shared = SharedStatistics.load(entry, fitting.statistics_device(model))
+            if shared.key == key:
+                object.__setattr__(shared, "seconds", time.perf_counter() - started)
+                return shared
+        except (ValueError, KeyError, OSError, safetensors.SafetensorError, json.JSONDecodeError) as error:
+            print(f"mllmeraser: model cache entry {entry} is unreadable ({type(error).__name__}); rebuilding it")
+    stats, features = fitting.shared_inputs(model, processor, retain=retain, erasure=erasure, calibration=calibration,
+                                            settings=settings, layers_path=layers_path, progress=progress)
+    shared = SharedStatistics(key, identity, stats, features, source="computed")
+    if entry is not None and _writes():
+        shared.save(entry)
+        object.__setattr__(shared, "source", f"built at {entry}")
+    object.__setattr__(shared, "seconds", time.perf_counter() - started)
+    return shared
+
+
+def _writes() -> bool:
+    """Only one process writes an entry: rank 0 under torchrun, the process itself otherwise."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
+
+
+def entries(cache_dir: str | os.PathLike | None = None) -> list[tuple[Path, int, dict[str, Any]]]:
+    """(path, bytes, identity) of every entry in `cache_dir` (default default_cache_dir()); an unreadable
+    one has identity {"error": ...}."""
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    found = []
+    for path in sorted(directory.glob("shared-*.safetensors")):
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as reader:
+                identity = json.loads((reader.metadata() or {})[METADATA_KEY])["identity"]
+        except Exception as error:  # a listing must not fail on one bad file
+            identity = {"error": f"{type(error).__name__}"}
+        found.append((path, path.stat().st_size, identity))
+    return found
+
+
+def clear(cache_dir: str | os.PathLike | None = None) -> int:
+    """Delete every entry in `cache_dir` (default default_cache_dir()); returns how many bytes were freed."""
+    freed = 0
+    for path, size, _ in entries(cache_dir):
+        path.unlink(missing_ok=True)
+        freed += size
+    return freed
+

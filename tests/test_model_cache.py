@@ -1,0 +1,155 @@
+"""The model cache (core/cache.py): a request's fit with a warm cache is the fit without one, bit for bit; the
+cache is found by what shapes it and by nothing else; a bad entry is rebuilt; the command line lists and clears
+it. And PGD's early stop (PGDSettings.stop_nll) moves exactly the items the model does not yet recall."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mllmeraser.bench import data
+from mllmeraser.core import cache, fitting, models
+from mllmeraser.core.eraser import Eraser
+from mllmeraser.core.fitting import FitSettings, PGDSettings
+
+
+@pytest.fixture(scope="module")
+def sets(testbed_data):
+    """A small request and parts of the shared sets (the cache's logic does not depend on their size)."""
+    forget = data.resolve_spec("forget_5", testbed_data, 5)
+    return {"forget": forget, "retain": data.retained_inputs(testbed_data, 5)[::6],
+            "erasure": data.erasure_items(None, testbed_data)[::4],
+            "calibration": data.validation_items(testbed_data, 5)[::3]}
+
+
+def shared(model, processor, sets, settings, directory):
+    return cache.shared_statistics(model, processor, retain=sets["retain"], erasure=sets["erasure"],
+                                   calibration=sets["calibration"], settings=settings, cache_dir=directory,
+                                   progress=False)
+
+
+def same_eraser(a: Eraser, b: Eraser) -> None:
+    assert a.header() == b.header()
+    assert torch.equal(a.r, b.r)
+    tensors_a = a.prompt_gate.tensors() if a.prompt_gate is not None else {"u": a.u}
+    tensors_b = b.prompt_gate.tensors() if b.prompt_gate is not None else {"u": b.u}
+    assert list(tensors_a) == list(tensors_b)
+    assert all(torch.equal(tensors_a[name], tensors_b[name]) for name in tensors_a)
+
+
+@pytest.mark.parametrize("gate", ["knn", "paper"])
+def test_a_warm_cache_gives_the_eraser_fitted_without_one(testbed_model, sets, gate, tmp_path):
+    model, processor = testbed_model
+    settings = FitSettings(gate=gate)
+    direct = Eraser.fit(model, processor, **sets, settings=settings, progress=False)
+    built = shared(model, processor, sets, settings, tmp_path)
+    assert built.source.startswith("built") and len(list(tmp_path.iterdir())) == 1
+    loaded = shared(model, processor, sets, settings, tmp_path)
+    assert loaded.source.startswith("loaded") and loaded.key == built.key
+    timings = {}
+    warm = Eraser.fit(model, processor, forget=sets["forget"], settings=settings, shared=loaded, progress=False,
+                      timings=timings)
+    same_eraser(direct, warm)
+    assert "solve" in timings and not any("shared" in stage for stage in timings)  # only the request ran
+    if gate == "paper":
+        assert "retain" in loaded.stats.grams and not loaded.features
+    else:
+        assert set(loaded.features) == {"retain", "calibration"}
+        assert loaded.features["retain"].shape[0] == len(sets["retain"])
+
+
+def test_the_key_follows_the_data_the_settings_and_the_weights(testbed_model, sets, tmp_path):
+    model, processor = testbed_model
+    settings = FitSettings()
+    key = shared(model, processor, sets, settings, tmp_path).key
+    assert shared(model, processor, sets, settings, tmp_path).key == key  # the same inputs: the same entry
+    # Settings that act on the closed forms only (strength, threshold budget) share the entry
+    assert shared(model, processor, sets, dataclasses.replace(settings, alpha=2.0, max_fpr=0.05), tmp_path).key == key
+    changed_item = dataclasses.replace(sets["retain"][3], question=sets["retain"][3].question + " Really?")
+    other_retain = {**sets, "retain": sets["retain"][:3] + [changed_item] + sets["retain"][4:]}
+    keys = {key,
+            shared(model, processor, other_retain, settings, tmp_path).key,
+            shared(model, processor, {**sets, "erasure": sets["erasure"][1:]}, settings, tmp_path).key,
+            shared(model, processor, {**sets, "calibration": None}, settings, tmp_path).key,
+            shared(model, processor, sets, dataclasses.replace(settings, pooling="last"), tmp_path).key,
+            shared(model, processor, sets, dataclasses.replace(settings, decision_layer=2), tmp_path).key}
+    weight = next(model.parameters())
+    with torch.no_grad():
+        saved = weight.detach().clone()
+        weight.add_(1e-2)
+        try:
+            keys.add(shared(model, processor, sets, settings, tmp_path).key)
+        finally:
+            weight.copy_(saved)
+    assert len(keys) == 7
+    assert len(cache.entries(tmp_path)) == 7
+
+
+def test_statistics_of_other_settings_are_refused(testbed_model, sets, tmp_path):
+    model, processor = testbed_model
+    built = shared(model, processor, sets, FitSettings(), tmp_path)
+    with pytest.raises(ValueError, match="decision_layer"):
+        Eraser.fit(model, processor, forget=sets["forget"], settings=FitSettings(decision_layer=2), shared=built,
+                   progress=False)
+
+
+def test_an_unreadable_entry_is_rebuilt(testbed_model, sets, tmp_path, capsys):
+    model, processor = testbed_model
+    settings = FitSettings()
+    good = shared(model, processor, sets, settings, tmp_path)
+    entry = cache.entry_path(tmp_path, good.key)
+    entry.write_bytes(b"not a safetensors file")
+    rebuilt = shared(model, processor, sets, settings, tmp_path)
+    assert "unreadable" in capsys.readouterr().out
+    assert rebuilt.source.startswith("built")
+    assert torch.equal(cache.SharedStatistics.load(entry).features["retain"], good.features["retain"])
+
+
+def test_fit_reuses_the_cache_from_the_command_line_and_cache_clears_it(testbed_dir, tmp_path):
+    base = [sys.executable, "-m", "mllmeraser.cli"]
+    fit = base + ["fit", "--model", str(testbed_dir / "model"), "--data", str(testbed_dir / "data"),
+                  "--forget", "forget_5", "--forget-ratio", "5", "--cache-dir", str(tmp_path / "cache")]
+    outputs = []
+    for name in ("cold", "warm"):
+        result = subprocess.run(fit + ["--out", str(tmp_path / f"{name}.safetensors")], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        outputs.append(result.stdout)
+    assert "model cache: built at" in outputs[0] and "model cache: loaded from" in outputs[1]
+    assert "time: model cache (loaded)" in outputs[1] and "PGD recall" in outputs[1]
+    assert (tmp_path / "cold.safetensors").read_bytes() == (tmp_path / "warm.safetensors").read_bytes()
+    listed = subprocess.run(base + ["cache", "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True)
+    assert listed.returncode == 0 and ": 1 entries" in listed.stdout and "prompt gate" in listed.stdout
+    cleared = subprocess.run(base + ["cache", "--cache-dir", str(tmp_path / "cache"), "--clear"], capture_output=True,
+                             text=True)
+    assert cleared.returncode == 0 and "removed 1 model cache entries" in cleared.stdout
+    assert not list((tmp_path / "cache").glob("*.safetensors"))
+
+
+def test_pgd_early_stop_moves_only_the_items_not_yet_recalled(testbed_model, sets):
+    model, processor = testbed_model
+    items = [item for item in sets["forget"] if item.modality == "image"][:12]
+    clean = models.encode_prompts(processor, items)["pixel_values"].float()
+    full = fitting.pgd_images(model, processor, items, PGDSettings(stop_nll=None))
+    inputs = models.encode_with_answers(processor, items)
+    labels = inputs.pop("labels")
+    inputs = models.forward_inputs(model, inputs)
+    nll = fitting._answer_nll(model, inputs.pop("pixel_values").float(), labels, inputs, len(items),
+                              list(range(len(items) + 1)), range(len(items)), len(items), torch.float32)
+    threshold = float(nll.median())  # half the items count as recalled at their clean image
+    stopped = fitting.pgd_images(model, processor, items, PGDSettings(stop_nll=threshold))
+    for i, value in enumerate(nll.tolist()):
+        if value <= threshold:
+            assert torch.equal(stopped[i], clean[i]), f"item {i} (NLL {value:.4f}) moved"
+        else:
+            assert not torch.equal(stopped[i], clean[i]), f"item {i} (NLL {value:.4f}) did not move"
+    # the first step of a moving item is the full PGD's first step: both images lie in the same eps ball
+    assert float((stopped - clean).abs().max()) <= float((full - clean).abs().max()) + 1e-6
+    # micro-batches of one item give the same images (each item's stop and steps are its own)
+    single = fitting.pgd_images(model, processor, items, PGDSettings(stop_nll=threshold, batch_size=1))
+    assert float((single - stopped).abs().gt(1e-5).float().mean()) < 1e-3
+    # stop_nll 0 never stops: the paper's PGD
+    assert torch.equal(fitting.pgd_images(model, processor, items, PGDSettings(stop_nll=0.0)), full)
