@@ -47,9 +47,9 @@ def test_a_warm_cache_gives_the_eraser_fitted_without_one(testbed_model, sets, g
     settings = FitSettings(gate=gate)
     direct = Eraser.fit(model, processor, **sets, settings=settings, progress=False)
     built = shared(model, processor, sets, settings, tmp_path)
-    assert built.source.startswith("built") and len(list(tmp_path.iterdir())) == 1
+    assert built.status == "built" and built.path == cache.entry_path(tmp_path, built.key) and len(list(tmp_path.iterdir())) == 1
     loaded = shared(model, processor, sets, settings, tmp_path)
-    assert loaded.source.startswith("loaded") and loaded.key == built.key
+    assert loaded.status == "loaded" and loaded.key == built.key
     timings = {}
     warm = Eraser.fit(model, processor, forget=sets["forget"], settings=settings, shared=loaded, progress=False,
                       timings=timings)
@@ -105,7 +105,7 @@ def test_an_unreadable_entry_is_rebuilt(testbed_model, sets, tmp_path, capsys):
     entry.write_bytes(b"not a safetensors file")
     rebuilt = shared(model, processor, sets, settings, tmp_path)
     assert "unreadable" in capsys.readouterr().out
-    assert rebuilt.source.startswith("built")
+    assert rebuilt.status == "built"
     assert torch.equal(cache.SharedStatistics.load(entry).features["retain"], good.features["retain"])
 
 

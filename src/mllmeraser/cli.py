@@ -309,7 +309,7 @@ def cmd_fit(args) -> int:
     started = time.perf_counter()
     shared = cache.shared_statistics(model, processor, retain=retain, erasure=erasure, calibration=calibration,
                                      settings=settings, layers_path=args.layers_path, cache_dir=cache_dir(args))
-    timings = {f"model cache ({shared.source.split(' ')[0]})": shared.seconds}
+    timings = {f"model cache ({shared.status})": shared.seconds}
     eraser = Eraser.fit(model, processor, forget=forget, settings=settings, layers_path=args.layers_path,
                         request=str(args.forget), shared=shared, timings=timings)
     if distributed.world()[0] != 0:

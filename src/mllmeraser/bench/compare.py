@@ -155,7 +155,7 @@ def run_eraser(h: Harness, name: str, settings: FitSettings, vanilla_val: float)
     chosen = eraser.with_alpha(chosen_alpha)
     with chosen.attach(h.model):
         results = h.evaluate(splits=REPORT_SPLITS)
-    cost_record = {"model_cache": shared.source.split(" ")[0], "model_cache_seconds": round(shared.seconds, 3),
+    cost_record = {"model_cache": shared.status, "model_cache_seconds": round(shared.seconds, 3),
                    "fit_stages": {stage: round(value, 3) for stage, value in timings.items()}}
     return MethodResult(name, results, cost.seconds, cost.peak_extra_mib,
                         {**asdict(settings), "alpha": chosen_alpha, "fitted_alpha": base_alpha, **cost_record}, curve,

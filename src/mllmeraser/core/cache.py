@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..errors import atomic_write_bytes
-from . import hooks, steering
+from . import distributed, hooks, steering
 from .inputs import EncodedImage, QAItem
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ def shape_settings(settings: FitSettings, layers_path: str, steered: Sequence[in
             "batch_size": settings.batch_size, "pooling": settings.pooling, "decision_layer": settings.decision_layer}
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class SharedStatistics:
     """A model's shared fit inputs (see the module docstring). `stats` holds the groups SHARED_GROUPS (retain
     counts, sums and, for the paper gate, Grams; erasure counts and sums); `features` the pooled prompt
@@ -99,8 +99,14 @@ class SharedStatistics:
     identity: dict[str, Any]
     stats: steering.SteeringStats
     features: dict[str, Tensor] = field(default_factory=dict)
-    source: str = "computed"  # "computed", "built" (computed and written) or "loaded", and from where
+    status: str = "computed"  # "computed", "built" (computed and written to `path`) or "loaded" (from `path`)
+    path: Path | None = None
     seconds: float = 0.0  # computing or loading
+
+    @property
+    def source(self) -> str:
+        """Where these statistics came from, for people: "computed", "built at PATH" or "loaded from PATH"."""
+        return {"built": f"built at {self.path}", "loaded": f"loaded from {self.path}"}.get(self.status, self.status)
 
     def check(self, settings: FitSettings, layers_path: str, steered: Sequence[int]) -> None:
         """Raise ValueError where these statistics were made under other settings than `settings`'s."""
@@ -129,7 +135,7 @@ class SharedStatistics:
         stats = steering.SteeringStats.from_state_dict(
             {name.removeprefix("stats."): t for name, t in tensors.items() if name.startswith("stats.")}, device)
         features = {name.removeprefix("features."): t for name, t in tensors.items() if name.startswith("features.")}
-        return cls(header["key"], header["identity"], stats, features, source=f"loaded from {path}")
+        return cls(header["key"], header["identity"], stats, features, status="loaded", path=Path(path))
 
 
 def cache_key(identity: dict[str, Any]) -> str:
@@ -170,24 +176,18 @@ def shared_statistics(model, processor, *, retain: Sequence[QAItem], erasure: Se
         try:
             shared = SharedStatistics.load(entry, fitting.statistics_device(model))
             if shared.key == key:
-                object.__setattr__(shared, "seconds", time.perf_counter() - started)
+                shared.seconds = time.perf_counter() - started
                 return shared
         except (ValueError, KeyError, OSError, safetensors.SafetensorError, json.JSONDecodeError) as error:
             print(f"mllmeraser: model cache entry {entry} is unreadable ({type(error).__name__}); rebuilding it")
     stats, features = fitting.shared_inputs(model, processor, retain=retain, erasure=erasure, calibration=calibration,
                                             settings=settings, layers_path=layers_path, progress=progress)
-    shared = SharedStatistics(key, identity, stats, features, source="computed")
-    if entry is not None and _writes():
+    shared = SharedStatistics(key, identity, stats, features)
+    if entry is not None and distributed.world()[0] == 0:  # one writer: rank 0 under torchrun
         shared.save(entry)
-        object.__setattr__(shared, "source", f"built at {entry}")
-    object.__setattr__(shared, "seconds", time.perf_counter() - started)
+        shared.status, shared.path = "built", entry
+    shared.seconds = time.perf_counter() - started
     return shared
-
-
-def _writes() -> bool:
-    """Only one process writes an entry: rank 0 under torchrun, the process itself otherwise."""
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-        torch.distributed.get_rank() == 0
 
 
 def entries(cache_dir: str | os.PathLike | None = None) -> list[tuple[Path, int, dict[str, Any]]]:

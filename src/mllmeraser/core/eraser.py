@@ -227,11 +227,9 @@ class Eraser:
         forget = as_items(forget)
         if not forget:
             raise UserInputError(None, "fitting needs a non-empty forget set")
-        if shared is None:
+        if shared is None:  # fit_statistics checks that retain and erasure are not empty
             retain, erasure = as_items(retain or ()), as_items(erasure or ())
             calibration = as_items(calibration) if calibration is not None else None
-            if not retain or not erasure:
-                raise UserInputError(None, "fitting needs non-empty forget, retain and erasure sets")
         settings = settings if settings is not None else fitting.FitSettings()
         timings = {} if timings is None else timings
         stats, path, features = fitting.fit_statistics(model, processor, forget=forget, retain=retain, erasure=erasure,

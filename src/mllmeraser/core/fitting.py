@@ -334,22 +334,24 @@ def fit_statistics(model, processor, *, forget: Sequence[QAItem], retain: Sequen
     `shared` (then retain, erasure and calibration are not read) or it is computed here. `timings` (a dict)
     gets the seconds of each stage."""
     timings = {} if timings is None else timings
-    if shared is None:
-        if not retain or not erasure:
-            raise UserInputError(None, "fitting needs non-empty retain and erasure sets, or their shared statistics")
-        started = time.perf_counter()
-        stats, features = shared_inputs(model, processor, retain=retain, erasure=erasure, calibration=calibration,
-                                        settings=settings, layers_path=layers_path, progress=progress)
-        shared = cache.SharedStatistics("", {}, stats, features)
-        timings["shared (computed)"] = time.perf_counter() - started
     names, layers = hooks.find_decoder_layers(model, layers_path)
     path = names[0].rsplit(".", 1)[0]
-    if shared.identity:
+    if shared is not None:
         shared.check(settings, path, steered_layers(settings, len(layers)))
+        shared_stats, shared_features = shared.stats, shared.features
+    else:
+        if not retain or not erasure:
+            raise UserInputError(None, "fitting needs non-empty forget, retain and erasure sets "
+                                       "(or, for retain and erasure, their shared statistics)")
+        started = time.perf_counter()
+        shared_stats, shared_features = shared_inputs(model, processor, retain=retain, erasure=erasure,
+                                                      calibration=calibration, settings=settings,
+                                                      layers_path=layers_path, progress=progress)
+        timings["shared (computed)"] = time.perf_counter() - started
     stats, features = request_inputs(model, processor, forget=forget, settings=settings, layers_path=layers_path,
                                      progress=progress, timings=timings)
-    stats.merge_(shared.stats)  # the groups are disjoint: each sum is the one a single pass would give, bit for bit
-    features.update(shared.features)
+    stats.merge_(shared_stats)  # the groups are disjoint: each sum is the one a single pass would give, bit for bit
+    features.update(shared_features)
     return stats, path, features
 
 
