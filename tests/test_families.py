@@ -291,6 +291,42 @@ def test_pgd_images_stays_in_budget_lowers_loss_and_touches_no_parameter(family,
     assert answer_loss(model, processor, chosen, adversarial) < answer_loss(model, processor, chosen)
 
 
+def test_pgd_reads_what_prompt_only_forwards_would(family, items):
+    """The fit reads its activations from PGD's own teacher-forced forwards (fitting.pgd_recall): the clean
+    activations and pooled features are a clean prompt-only forward's, the recall activations a prompt-only
+    forward's at the final images; items the early stop keeps at their clean image keep the clean reading."""
+    model, processor, layers = family.model, family.processor, family.layers
+    chosen = select(items, "image")
+    batch = models.encode_prompts(processor, chosen)
+    assert len(set(batch["attention_mask"].sum(1).tolist())) > 1  # padding: the prompt ends at different columns
+    inputs = models.forward_inputs(model, models.encode_with_answers(processor, chosen))
+    labels = inputs.pop("labels")
+    pixels = inputs.pop("pixel_values").float()
+    offsets = fitting._pixel_offsets(inputs, len(chosen), pixels.shape[0])
+    nll = fitting._answer_nll(model, pixels, labels, inputs, len(chosen), offsets, range(len(chosen)), len(chosen),
+                              torch.float32)
+    with torch.no_grad():  # the NLL the early stop reads is the model's own loss, item by item
+        whole = model(**models.forward_inputs(model, models.encode_with_answers(processor, chosen))).loss
+    counts = (labels[:, 1:] != -100).sum(1)
+    torch.testing.assert_close((nll * counts).sum() / counts.sum(), whole, atol=1e-5, rtol=1e-5)
+    settings = fitting.PGDSettings(steps=3, stop_nll=float(nll.median()))
+    result = fitting.pgd_recall(model, processor, chosen, settings, fitting.RecallRead(layers, 1, "mean"))
+
+    def prompt_only(pixel_values):
+        encoded = dict(batch, pixel_values=pixel_values)
+        return hooks.capture(model, layers, 1, "mean", **models.forward_inputs(model, encoded))
+
+    clean_last, clean_pooled = prompt_only(batch["pixel_values"])
+    torch.testing.assert_close(result.clean, clean_last, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(result.clean_pooled, clean_pooled, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(result.recall, prompt_only(result.images)[0], atol=1e-5, rtol=1e-4)
+    clean_pixels = batch["pixel_values"].float()
+    moved = [not torch.equal(result.images[a:b], clean_pixels[a:b]) for a, b in zip(offsets, offsets[1:])]
+    assert moved == [value > settings.stop_nll for value in nll.tolist()] and 0 < sum(moved) < len(chosen)
+    for index, item_moved in enumerate(moved):
+        assert torch.equal(result.recall[index], result.clean[index]) != item_moved
+
+
 # ---- a whole fit --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("gate", ["knn", "paper"])

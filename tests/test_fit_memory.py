@@ -152,9 +152,11 @@ def test_statistics_of_the_steered_layers_give_the_eraser_of_every_layer(family)
     assert stats.layers == tuple(range(1, len(layers)))  # held in increasing order; layer 0 is not held
     assert stats.gram("forget").shape == (len(layers) - 1, d, d) and stats.device == torch.device("cpu")
     every = steering.SteeringStats(len(layers), d)
-    for items, groups, pgd_settings in ((forget, ("recall", "forget"), settings.pgd), (forget, ("forget",), None),
-                                        (retain, ("retain",), None), (erasure, ("erasure",), None)):
-        fitting.collect(model, processor, layers, items, every, groups, 8, "", pgd_settings, False)
+    # the forget pass as the fit runs it: the recall (PGD) and clean activations from PGD's own forwards
+    fitting.collect(model, processor, layers, forget, every, ("recall", "forget"), 8, "", settings.pgd, False,
+                    clean_groups=("forget",))
+    for items, groups in ((retain, ("retain",)), (erasure, ("erasure",))):
+        fitting.collect(model, processor, layers, items, every, groups, 8, "", None, False)
     fitted = fitting.solve_eraser(stats, settings, path, {})
     reference = fitting.solve_eraser(every, settings, path, {})
     assert fitted.layer_indices == reference.layer_indices == steered

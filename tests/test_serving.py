@@ -309,15 +309,20 @@ def test_row_terms_give_each_row_its_own_terms_in_one_forward(gate, testbed_mode
 
 
 @pytest.mark.slow
-def test_the_serve_command_answers_and_shuts_down_cleanly(testbed_model, testbed_dir, erasers, questions, tmp_path):
-    """`mllmeraser serve` as a user starts it: a subprocess on a free loopback port; an answer as generate gives,
-    then SIGINT stops it with exit status 0."""
+def test_the_serve_command_answers_and_shuts_down_cleanly(testbed_model, testbed_dir, testbed_data, erasers, questions,
+                                                         tmp_path):
+    """`mllmeraser serve` as a user starts it: a subprocess on a free loopback port; an answer as generate gives; with
+    --data it builds the model cache at start-up and fits a request, saved to --erasers; SIGINT stops it with exit
+    status 0."""
     import os
+    import shutil
     import signal
     import socket
     import subprocess
     import sys
     import time
+
+    directory = shutil.copytree(erasers[0], tmp_path / "erasers")  # the server writes the fitted request here
 
     with socket.socket() as probe:  # a port free a moment ago (the in-process tests bind theirs race-free)
         probe.bind(("127.0.0.1", 0))
@@ -325,8 +330,9 @@ def test_the_serve_command_answers_and_shuts_down_cleanly(testbed_model, testbed
     tenants = tmp_path / "tenants.json"
     tenants.write_text(json.dumps(TENANTS))
     process = subprocess.Popen([sys.executable, "-m", "mllmeraser.cli", "serve", "--model", str(testbed_dir / "model"),
-                                "--erasers", str(erasers[0]), "--tenants", str(tenants), "--port", str(port),
-                                "--model-name", MODEL], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                "--erasers", str(directory), "--tenants", str(tenants), "--port", str(port),
+                                "--model-name", MODEL, "--data", str(testbed_data), "--cache-dir",
+                                str(tmp_path / "cache")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "MLLMERASER_ADMIN_TOKEN": ADMIN})
     base = f"http://127.0.0.1:{port}"
     try:
@@ -343,7 +349,106 @@ def test_the_serve_command_answers_and_shuts_down_cleanly(testbed_model, testbed
         image, prompt = questions[2]
         assert ask(base, "key-b", image, prompt) == reference(testbed_model, erasers[1]["p2"], image, prompt)
         assert httpx.get(base + "/admin/erasers", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+        fitted = httpx.post(base + "/admin/requests", json={"name": "p4", "forget": "forget", "tenants": ["key-a"]},
+                            headers={"Authorization": f"Bearer {ADMIN}"}, timeout=300)
+        assert fitted.status_code == 201, fitted.text
+        assert fitted.json()["model_cache"] == "built" and fitted.json()["saved"] == str(directory / "p4.safetensors")
+        assert Eraser.load(directory / "p4.safetensors").requests()[0]["name"] == "p4"
+        assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
     finally:
         process.send_signal(signal.SIGINT)
         code = process.wait(timeout=60)
+    output = process.stdout.read()
     assert code == 0, process.stderr.read()
+    assert "fitting deletion requests (POST /admin/requests); model cache: built at" in output
+
+
+# ---- one index over every request, and requests fitted by the server ------------------------------------------
+
+def test_steering_holds_every_knn_request_in_one_index_and_changes_only_what_changed(testbed_model, erasers):
+    """Erasers fitted on one retain bank join one RequestIndex, attached once: adding one leaves the others'
+    slots as they were, removing one frees its slots for the next; a gate of another kind stacks instead."""
+    model, _ = testbed_model
+    fitted = erasers[1]
+    steering = serve.Steering(model)
+    try:
+        steering.apply(serve.policy.Snapshot(1, {"p1": fitted["p1"]}))
+        assert steering.kind == "index" and steering.terms == {"p1": (0,)}
+        index, handle = steering.index, steering.handle
+        steering.apply(serve.policy.Snapshot(2, {"p1": fitted["p1"], "p2": fitted["p2"]}))
+        assert steering.index is index and steering.handle is handle  # no rebuild, no re-attach
+        assert steering.terms == {"p1": (0,), "p2": (1,)} and index.names() == ["p1", "p2"]
+        steering.apply(serve.policy.Snapshot(3, {"p2": fitted["p2"]}))
+        assert index.names() == ["p2"] and steering.terms == {"p2": (1,)}
+        steering.apply(serve.policy.Snapshot(4, {"p2": fitted["p2"], "p3": fitted["p1"]}))
+        assert steering.terms == {"p2": (1,), "p3": (0,)} and steering.width == index.capacity["slots"]
+        # the index's decisions are the stacked eraser's, term by term
+        z = torch.randn(5, fitted["p1"].hidden_size)
+        stacked = Eraser.concat([fitted["p2"], fitted["p1"]]).prompt_gate
+        torch.testing.assert_close(index.decide(z)[:, [1, 0]], stacked.decide(z))
+        base = fitted["p2"]
+        paper = Eraser(u=torch.randn_like(base.r), r=base.r, alpha=1.0, layer_indices=base.layer_indices,
+                       layers_path=base.layers_path, hidden_size=base.hidden_size)
+        steering.apply(serve.policy.Snapshot(5, {"a": paper, "b": paper}))
+        assert steering.kind == "stacked" and steering.terms == {"a": (0,), "b": (1,)} and steering.width == 2
+        steering.apply(serve.policy.Snapshot(6, {}))
+        assert steering.kind == "none" and steering.handle is None
+    finally:
+        steering.detach()
+
+
+@pytest.mark.slow
+def test_the_server_fits_a_request_from_the_model_cache(testbed_model, testbed_dir, testbed_data, erasers, tmp_path):
+    """POST /admin/requests fits on the served model with the model cache's statistics: the eraser is the one
+    Eraser.fit gives with the same cache, bit for bit; it is saved to --erasers, joins the index, and the next
+    answer about that person is the eraser's. A second server finds the cache on disk."""
+    person = "F0023"  # a forget person neither fixture eraser erases
+    forget = [i for i in data.load_split_items(testbed_data, "forget", 10)
+              if i.subject_id == person and i.task == "generation"]
+    body = [{"question": i.prompt, "answer": i.answer, "image": data_url(i.image) if i.modality == "image" else None}
+            for i in forget]
+    plain = [(i.image if i.modality == "image" else None, i.prompt, i.answer) for i in forget]
+    model, processor = models.load_model(testbed_dir / "model")
+    cache_dir, save_dir = tmp_path / "cache", tmp_path / "erasers"
+    save_dir.mkdir()
+    fitter = serve.RequestFitter.from_data(model, processor, testbed_data, cache_dir=cache_dir, save_dir=save_dir,
+                                           progress=False)
+    assert fitter.shared.status == "built"
+    app = serve.create_app(model, processor, serve.Registry(dict(erasers[1]), model),
+                           serve.ServeSettings(model_name=MODEL, admin_token=ADMIN), fitter)
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    image, prompt = plain[0][0], plain[0][1]
+    vanilla = reference(testbed_model, None, image, prompt)
+    with serve.serving(app) as base:
+        assert ask(base, "any", image, prompt) == vanilla
+        fitted = httpx.post(base + "/admin/requests", json={"name": "p3", "forget": body}, headers=admin, timeout=300)
+        assert fitted.status_code == 201, fitted.text
+        record = fitted.json()
+        assert record["terms"] == 1 and record["model_cache"] == "built" and record["forget_questions"] == len(body)
+        assert "forget (PGD recall, gate features)" in record["stages"] and record["erasers"] == ["p1", "p2", "p3"]
+        assert app.state.engine.steering.kind == "index"
+        served = Eraser.load(record["saved"])
+        expected = Eraser.fit(testbed_model[0], testbed_model[1], forget=plain, settings=fitter.settings,
+                              shared=fitter.shared, request="p3", progress=False)
+        assert torch.equal(served.r, expected.r)
+        assert all(torch.equal(a, b) for a, b in zip(served.prompt_gate.tensors().values(),
+                                                      expected.prompt_gate.tensors().values()))
+        erased = reference(testbed_model, expected, image, prompt)
+        assert erased != vanilla and ask(base, "any", image, prompt) == erased
+        # refused before any fit: a taken name, a missing split, a malformed entry
+        taken = httpx.post(base + "/admin/requests", json={"name": "p3", "forget": body}, headers=admin)
+        assert taken.status_code == 409 and taken.json()["error"]["code"] == "name_taken"
+        missing = httpx.post(base + "/admin/requests", json={"name": "p4", "forget": "no_such_split"}, headers=admin)
+        assert missing.status_code == 400 and missing.json()["error"]["code"] == "invalid_forget"
+        malformed = httpx.post(base + "/admin/requests", json={"name": "p4", "forget": [{"question": "q"}]},
+                               headers=admin)
+        assert malformed.status_code == 400 and malformed.json()["error"]["param"] == "forget[0]"
+        assert httpx.post(base + "/admin/requests", json={"name": "p4", "forget": body}).status_code == 401
+        assert [e["name"] for e in httpx.get(base + "/admin/erasers", headers=admin).json()["erasers"]] == \
+            ["p1", "p2", "p3"]
+    again = serve.RequestFitter.from_data(model, processor, testbed_data, cache_dir=cache_dir, progress=False)
+    assert again.shared.status == "loaded" and again.shared.key == fitter.shared.key
+    with serve.serving(serve.create_app(model, processor, serve.Registry({}, model),
+                                        serve.ServeSettings(model_name=MODEL, admin_token=ADMIN))) as base:
+        off = httpx.post(base + "/admin/requests", json={"name": "p3", "forget": body}, headers=admin)
+        assert off.status_code == 400 and off.json()["error"]["code"] == "fitting_disabled"

@@ -71,6 +71,11 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
                         "key gets its erasers (and cannot switch them off); any other key is refused (401)")
     parser.add_argument("--admin-token", default=None, help="token for POST/DELETE /admin/erasers "
                         "(default: $MLLMERASER_ADMIN_TOKEN; neither: the admin endpoints are off)")
+    parser.add_argument("--data", type=Path, default=None, help="MLLMU-Bench directory: with it the server fits "
+                        "deletion requests itself (POST /admin/requests) from the model cache of its retain, erasure "
+                        "and calibration sets (built at start-up if missing); fitted erasers are saved to --erasers")
+    _add_forget_ratio_arg(parser)
+    _add_cache_args(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model-name", default=None, help="the model id clients send (default: the --model "
@@ -386,7 +391,12 @@ def cmd_serve(args) -> int:
     settings = serve.ServeSettings(model_name=args.model_name or Path(str(args.model).rstrip("/")).name,
                                    admin_token=args.admin_token or os.environ.get("MLLMERASER_ADMIN_TOKEN") or None,
                                    limits=limits, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000)
-    app = serve.create_app(model, processor, registry, settings)
+    fitter = None
+    if args.data is not None:  # the model cache: loaded, or built once here, before the first request arrives
+        fitter = serve.RequestFitter.from_data(model, processor, args.data, args.forget_ratio,
+                                               cache_dir=cache_dir(args), save_dir=args.erasers)
+        print(f"fitting deletion requests (POST /admin/requests); model cache: {fitter.shared.source}", flush=True)
+    app = serve.create_app(model, processor, registry, settings, fitter)
     print(f"serving {settings.model_name} with erasers {registry.names()} on http://{args.host}:{args.port}",
           flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -2,9 +2,12 @@
 
 1. Knowledge-recall inputs: the forget questions, their images perturbed by PGD (the model's own gradient,
    L-inf budget, pixels kept in range, eval mode, no parameter touched; in micro-batches of
-   `PGDSettings.batch_size` under activation checkpointing) so the model recalls the fact as strongly as it can. Knowledge-erasure inputs: questions the model refuses (on the testbed, questions
-   about strangers) or any user-supplied set. Their last-prompt-token block outputs give the direction
-   r_l = mean(erasure) - mean(recall) (`steering.SteeringStats.direction`).
+   `PGDSettings.batch_size` under activation checkpointing) so the model recalls the fact as strongly as it can;
+   an item already recalled at mean answer NLL <= stop_nll keeps its image. Knowledge-erasure inputs: questions
+   the model refuses (on the testbed, questions about strangers) or any user-supplied set. Their
+   last-prompt-token block outputs give the direction r_l = mean(erasure) - mean(recall)
+   (`steering.SteeringStats.direction`). A request's pass over its forget set is one pass (`pgd_recall`): PGD's
+   own teacher-forced forwards give the answer NLL and, read at the prompt's positions, the activations.
 2. The gate. Default, a prompt gate (`gating.py`): the pooled prompt feature at the decision layer of the
    clean forget questions (fire) and of the retained questions (stay off) make a knn (or ridge) scorer; its
    threshold is calibrated on held-out calibration prompts, people outside the fit (on a benchmark: its
@@ -17,6 +20,7 @@ it all is `Eraser.fit`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -125,72 +129,161 @@ class FitSettings:
             raise UserInputError(None, f"neighbours must be >= 1, got {self.neighbours}")
 
 
+@dataclass(frozen=True)
+class RecallRead:
+    """What PGD's forwards also read, so no other forward is needed (hooks.reading_prompt): the block outputs at
+    `layers` of each item's last prompt token, and the pooled prompt feature of `layers[pooled_layer]`."""
+    layers: Sequence[torch.nn.Module]
+    pooled_layer: int | None = None
+    pooling: str = "mean"
+
+
+@dataclass
+class PGDResult:
+    """`images`: the perturbed pixel values (normalised, as the model takes them). With a RecallRead: `recall`
+    [N, len(layers), d], the last-prompt-token outputs at each item's final image (the knowledge-recall
+    activations); `clean` the same at the clean image; `clean_pooled` [N, d] the clean prompts' pooled
+    features (or None). Float32 on CPU."""
+    images: torch.Tensor
+    recall: torch.Tensor | None = None
+    clean: torch.Tensor | None = None
+    clean_pooled: torch.Tensor | None = None
+
+
 def pgd_images(model, processor, items: Sequence[QAItem], settings: PGDSettings) -> torch.Tensor:
     """Adversarially perturbed pixel values (normalised, as the model takes them) that maximise the
-    likelihood of each item's ground-truth answer. Parameters are never updated; only the pixels get
-    gradients. The forward/backward passes take `settings.batch_size` items at a time, under activation
-    checkpointing where `settings.checkpointing` and the model allow it; the result is the same per item."""
+    likelihood of each item's ground-truth answer (see pgd_recall)."""
+    return pgd_recall(model, processor, items, settings).images
+
+
+def pgd_recall(model, processor, items: Sequence[QAItem], settings: PGDSettings,
+               read: RecallRead | None = None) -> PGDResult:
+    """PGD on the images of `items` and, with `read`, the activations the fit needs, read from PGD's own forwards.
+
+    Parameters are never updated; only the pixels get gradients. The forward/backward passes take
+    `settings.batch_size` items at a time, under activation checkpointing where `settings.checkpointing` and the
+    model allow it; the result is the same per item.
+
+    Every forward is teacher-forced (prompt, then answer): its logits give the answer's NLL, which the early
+    stop reads, and under causal attention its prompt positions are a forward of the prompt alone (up to float
+    rounding), which is where the fit's activations are read (hooks.reading_prompt). So the first forward, at
+    the clean images, gives the clean activations and pooled features; a forward after each step gives the
+    activations at the new images, kept for the items that stop there; the last step's forward gives the rest.
+    Without an early stop only the first and the last of these run; without `read` and without an early stop,
+    none do."""
     settings = settings.resolved(model, len(items))
     inputs = models.encode_with_answers(processor, items)
     labels = inputs.pop("labels")
+    columns = models.prompt_width(labels)
     inputs = models.forward_inputs(model, inputs)
     clean = inputs.pop("pixel_values").detach().float()
     labels = labels.to(clean.device)
     low, high, scale = (t.to(clean.device) for t in models.pixel_value_bounds(processor, clean))
     eps, step = settings.eps * scale, settings.step * scale
-    # The model's loss is the answer NLL summed over answer tokens, divided by num_items_in_batch: the whole
-    # batch's answer-token count (what its mean divides by, labels shifted by one), so a micro-batch's gradient
-    # is the slice of the whole batch's gradient, not a rescaled one.
+    # The loss is the answer NLL summed over answer tokens, divided by the whole batch's answer-token count
+    # (what its mean divides by), so a micro-batch's gradient is the slice of the whole batch's gradient, not a
+    # rescaled one.
     answer_tokens = int((labels[:, 1:] != -100).sum())
     offsets = _pixel_offsets(inputs, len(items), clean.shape[0])
     adversarial = clean.clone()
     param_dtype = next(model.parameters()).dtype
+    result = PGDResult(images=clean)
+    early_stop = settings.stop_nll is not None
+
+    def forward(ids: list[int]) -> torch.Tensor:
+        """The answer NLL of items `ids` at their current images; with `read`, their activations into result.recall
+        (and, the first time, result.clean and result.clean_pooled)."""
+        nll, last, pooled = _answer_forward(model, adversarial, labels, inputs, len(items), offsets, ids,
+                                            settings.batch_size, param_dtype, read, columns)
+        if read is not None:
+            if result.recall is None:
+                result.recall, result.clean, result.clean_pooled = last.clone(), last, pooled
+            else:
+                result.recall[torch.tensor(ids)] = last
+        return nll
+
+    def still_moving(ids: list[int], nll: torch.Tensor) -> list[int]:
+        # An item whose answer the model already recalls strongly (mean answer-token NLL at its current image at
+        # most stop_nll) has what PGD is for: its image stays as it is now, and so do its activations.
+        return [i for i, value in zip(ids, nll.tolist()) if not early_stop or value > settings.stop_nll]
+
+    active = list(range(len(items)))  # the items PGD still moves
+    if read is not None or (early_stop and settings.steps > 0):
+        active = still_moving(active, forward(active))
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
-    active = list(range(len(items)))  # the items PGD still moves
     try:
         with activation_checkpointing(model, settings.checkpointing and settings.steps > 0):
-            for _ in range(settings.steps):
-                if settings.stop_nll is not None:
-                    # An item whose answer the model already recalls strongly (its mean answer-token NLL at the
-                    # current image is at most stop_nll) has what PGD is for: its image stays as it is now.
-                    nll = _answer_nll(model, adversarial, labels, inputs, len(items), offsets, active,
-                                      settings.batch_size, param_dtype)
-                    active = [i for i, value in zip(active, nll.tolist()) if value > settings.stop_nll]
-                    if not active:
-                        break
+            for index in range(settings.steps):
+                if not active:
+                    break
                 gradient = torch.zeros_like(adversarial)  # sign(0) = 0: a stopped item's pixels do not move
                 for rows, pixels, part in _micro_batches(inputs, len(items), offsets, settings.batch_size, active):
                     x = adversarial[pixels].requires_grad_(True)
                     # use_cache=False: no KV cache is built for a loss (checkpointed blocks would drop it anyway)
-                    loss = model(**part, pixel_values=x.to(param_dtype), labels=labels[rows], use_cache=False,
-                                 num_items_in_batch=answer_tokens).loss
-                    (gradient[pixels],) = torch.autograd.grad(loss, x)
+                    nll_sums, _ = _answer_nll_sums(model, part, x.to(param_dtype), labels[rows], columns)
+                    (gradient[pixels],) = torch.autograd.grad(nll_sums.sum() / answer_tokens, x)
                 with torch.no_grad():  # descend the answer's loss = ascend its likelihood
                     adversarial = adversarial - step * gradient.sign()
                     adversarial = torch.maximum(torch.minimum(adversarial, clean + eps), clean - eps)
                     adversarial = torch.maximum(torch.minimum(adversarial, high), low)
+                last_step = index == settings.steps - 1
+                if (early_stop and not last_step) or (read is not None and last_step):
+                    active = still_moving(active, forward(active))
     finally:
         for p, flag in zip(model.parameters(), requires):
             p.requires_grad_(flag)
-    return adversarial.detach()
+    result.images = adversarial.detach()
+    return result
 
 
 @torch.no_grad()
 def _answer_nll(model, pixel_values: torch.Tensor, labels: torch.Tensor, inputs: dict[str, torch.Tensor], batch: int,
                 offsets: list[int], ids: Sequence[int], size: int, param_dtype: torch.dtype) -> torch.Tensor:
     """Mean answer-token NLL [len(ids)] of items `ids` at `pixel_values` (labels shifted by one, as the loss)."""
-    values = []
+    return _answer_forward(model, pixel_values, labels, inputs, batch, offsets, ids, size, param_dtype)[0]
+
+
+@torch.no_grad()
+def _answer_forward(model, pixel_values: torch.Tensor, labels: torch.Tensor, inputs: dict[str, torch.Tensor],
+                    batch: int, offsets: list[int], ids: Sequence[int], size: int, param_dtype: torch.dtype,
+                    read: RecallRead | None = None, columns: int | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(mean answer-token NLL [len(ids)] of items `ids` at `pixel_values` (labels shifted by one, as the loss);
+    with `read`, their last-prompt-token outputs [len(ids), len(read.layers), d] and pooled prompt features,
+    read from the same forwards over the first `columns` positions, the prompt; else None, None)."""
+    values, lasts, pooled = [], [], []
     for rows, pixels, part in _micro_batches(inputs, batch, offsets, size, ids):
-        logits = model(**part, pixel_values=pixel_values[pixels].to(param_dtype), use_cache=False).logits
-        target = labels[rows][:, 1:]
-        answer = target != -100
-        token_nll = torch.nn.functional.cross_entropy(logits[:, :-1][answer].float(), target[answer], reduction="none")
-        row = torch.arange(target.shape[0], device=target.device)[:, None].expand_as(target)[answer]
-        total = torch.zeros(target.shape[0], device=token_nll.device).index_add_(0, row, token_nll)
-        values.append(total / answer.sum(dim=1).clamp(min=1))
-    return torch.cat(values).cpu()
+        with contextlib.ExitStack() as stack:
+            reading = None if read is None else stack.enter_context(hooks.reading_prompt(
+                read.layers, part.get("attention_mask"), read.pooled_layer, read.pooling, columns))
+            sums, counts = _answer_nll_sums(model, part, pixel_values[pixels].to(param_dtype), labels[rows], columns)
+        if reading is not None:
+            lasts.append(reading.last)
+            pooled.append(reading.pooled)
+        values.append(sums / counts.clamp(min=1))
+    if read is None:
+        return torch.cat(values).cpu(), None, None
+    features = torch.cat(pooled) if read.pooled_layer is not None else None
+    return torch.cat(values).cpu(), torch.cat(lasts), features
+
+
+def _answer_nll_sums(model, part: dict[str, torch.Tensor], pixel_values: torch.Tensor, labels: torch.Tensor,
+                     columns: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per item, the answer's token NLL summed ([B], float32, differentiable) and its token count ([B]), from one
+    teacher-forced forward whose logits cover only the positions that predict an answer token: the answer block
+    starts after the first `columns` positions (models.prompt_width), so logits_to_keep is the block's width plus
+    one. (At 7B the full [batch, seq, vocab] logits of image prompts are GBs, and the prompt's are never read.)"""
+    columns = models.prompt_width(labels) if columns is None else columns
+    logits = model(**part, pixel_values=pixel_values, use_cache=False,
+                   logits_to_keep=labels.shape[1] - columns + 1).logits[:, :-1]
+    target = labels[:, columns:]
+    answer = target != -100
+    token_nll = torch.nn.functional.cross_entropy(logits[answer].float(), target[answer], reduction="none")
+    row = torch.arange(target.shape[0], device=target.device)[:, None].expand_as(target)[answer]
+    sums = torch.zeros(target.shape[0], device=token_nll.device, dtype=token_nll.dtype).index_add(0, row, token_nll)
+    return sums, answer.sum(dim=1)
 
 
 def _pixel_offsets(inputs: dict[str, torch.Tensor], batch: int, num_pixel_rows: int) -> list[int]:
@@ -276,15 +369,16 @@ _CHECKPOINT_FLAGS = ("gradient_checkpointing", "_gradient_checkpointing_func", "
 
 def collect(model, processor, layers, items: Sequence[QAItem], stats: steering.SteeringStats | None,
             groups: Sequence[str], batch_size: int, desc: str, pgd: PGDSettings | None = None, progress: bool = True,
-            pooled_layer: int | None = None, pooling: str = "mean", clean_pooled: bool = False) -> torch.Tensor | None:
+            pooled_layer: int | None = None, pooling: str = "mean", clean_groups: Sequence[str] = (),
+            ) -> torch.Tensor | None:
     """Feed the last-prompt-token block outputs of `items` at `layers` into `stats` under each of `groups`;
     with `pooled_layer`, also return the pooled prompt features of that entry of `layers` [N, d] (in the
-    order of `models.batches`, grouped by modality and task). With `pgd`, image questions are first perturbed
-    (the knowledge-recall inputs). The forwards stop after the last of `layers`.
+    order of `models.batches`, grouped by modality and task).
 
-    clean_pooled: the pooled features are the clean prompts' even under `pgd`: taken from the same forward
-    where PGD left a batch's images as they were (its early stop), else from a second forward of the clean
-    batch that stops at the pooled layer. Either way they equal a separate clean pass's, bit for bit.
+    With `pgd`, image questions are first perturbed (the knowledge-recall inputs), and the activations come from
+    PGD's own forwards (pgd_recall): `groups` get those at each item's final image, `clean_groups` those at its
+    clean image, and the pooled features are the clean prompts'. Text questions and image questions without
+    PGD take one forward that stops after the last of `layers`, and feed both.
 
     Under torchrun (`distributed.world()` size P > 1) this rank runs every P-th batch; the ranks' statistics
     are summed and their features gathered back into the single-process order, so every rank returns what
@@ -299,24 +393,22 @@ def collect(model, processor, layers, items: Sequence[QAItem], stats: steering.S
     for indices in tqdm(distributed.shard(every_batch, rank, size), desc=desc, disable=not progress or rank != 0,
                         unit="batch", leave=False):
         chunk = [items[i] for i in indices]
-        batch = models.encode_prompts(processor, chunk)
-        clean_features = None
         if pgd is not None and chunk[0].modality == "image" and pgd.steps > 0:
-            adversarial = pgd_images(model, processor, chunk, pgd)
-            if clean_pooled and not torch.equal(adversarial.to(batch["pixel_values"].device),
-                                                batch["pixel_values"].float()):
-                _, clean_features = hooks.capture(model, layers[: pooled_layer + 1], pooled_layer, pooling,
-                                                  **models.forward_inputs(model, batch))
-            batch["pixel_values"] = adversarial
-        acts, features = hooks.capture(model, layers, pooled_layer, pooling, **models.forward_inputs(model, batch))
-        features = clean_features if clean_features is not None else features
+            recall = pgd_recall(model, processor, chunk, pgd, RecallRead(layers, pooled_layer, pooling))
+            acts, clean, features = recall.recall, recall.clean, recall.clean_pooled
+        else:
+            batch = models.forward_inputs(model, models.encode_prompts(processor, chunk))
+            acts, features = hooks.capture(model, layers, pooled_layer, pooling, **batch)
+            clean = acts
         for group in groups:
             into.update(group, acts)
+        for group in clean_groups:
+            into.update(group, clean)
         if features is not None:
             pooled.append(features)
     if size > 1:
         if stats is not None:
-            stats.merge_(distributed.all_reduce_stats(into, groups))
+            stats.merge_(distributed.all_reduce_stats(into, tuple(dict.fromkeys((*groups, *clean_groups)))))
         return distributed.gather_rows(pooled, every_batch) if pooled_layer is not None else None
     return torch.cat(pooled) if pooled else None
 
@@ -405,23 +497,23 @@ def request_inputs(model, processor, *, forget: Sequence[QAItem], settings: FitS
     bs = settings.batch_size
     started = time.perf_counter()
     features: dict[str, torch.Tensor] = {}
-    if settings.gate != "paper" and settings.decision_layer in stats.layers:
-        # One pass over the forget set: the recall statistics and the gate's clean pooled features (the decision
-        # layer is steered, so the recall forward goes through it).
-        features["forget"] = collect(model, processor, held, forget, stats, ("recall",), bs, "forget (PGD recall)",
-                                     settings.pgd, progress, stats.layers.index(settings.decision_layer),
-                                     settings.pooling, clean_pooled=True)
-        timings["forget (PGD recall, gate features)"] = time.perf_counter() - started
-        return stats, features
-    groups = ("recall", "forget") if settings.gate == "paper" else ("recall",)
-    collect(model, processor, held, forget, stats, groups, bs, "recall (PGD)", settings.pgd, progress)
-    timings["recall (PGD)"] = time.perf_counter() - started
-    started = time.perf_counter()
-    if settings.gate == "paper":
-        collect(model, processor, held, forget, stats, ("forget",), bs, "forget", None, progress)
-    else:
+    if settings.gate != "paper" and settings.decision_layer not in stats.layers:
+        # The decision layer is not steered (--layers leaves it out): the gate's features take their own forwards.
+        collect(model, processor, held, forget, stats, ("recall",), bs, "recall (PGD)", settings.pgd, progress)
+        timings["recall (PGD)"] = time.perf_counter() - started
+        started = time.perf_counter()
         features["forget"] = _pooled(model, processor, layers, forget, settings, "forget", progress)
-    timings["forget"] = time.perf_counter() - started
+        timings["forget"] = time.perf_counter() - started
+        return stats, features
+    # One pass over the forget set: PGD's own forwards give the recall statistics and the clean prompts' gate
+    # features (prompt gates: pooled at the decision layer; paper: the forget Gram, of clean and PGD inputs).
+    pooled = None if settings.gate == "paper" else stats.layers.index(settings.decision_layer)
+    groups, clean_groups = (("recall", "forget"), ("forget",)) if settings.gate == "paper" else (("recall",), ())
+    forget_features = collect(model, processor, held, forget, stats, groups, bs, "forget (PGD recall)", settings.pgd,
+                              progress, pooled, settings.pooling, clean_groups)
+    if forget_features is not None:
+        features["forget"] = forget_features
+    timings["forget (PGD recall, gate features)"] = time.perf_counter() - started
     return stats, features
 
 

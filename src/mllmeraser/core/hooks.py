@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -95,38 +96,70 @@ def capture(model: nn.Module, layers: Sequence[nn.Module], pooled_layer: int | N
     `layers[pooled_layer]` under the inputs' attention mask (gating.pool), or None), float32 on CPU, from one
     forward pass that stops after the last requested layer (see capture_last_token).
     """
-    captured: list[Tensor | None] = [None] * len(layers)
-    pooled: list[Tensor] = []
-    mask = inputs.get("attention_mask")
+    with reading_prompt(layers, inputs.get("attention_mask"), pooled_layer, pooling, stop=True) as read:
+        try:
+            with torch.no_grad():
+                model(**inputs)
+        except _StopForward:
+            pass
+    return read.last, read.pooled
+
+
+class PromptRead:
+    """What `reading_prompt` read from one forward: `last` [batch, num_layers, d], the block outputs at each
+    row's last prompt position, and `pooled` [batch, d] (or None), float32 on CPU."""
+
+    def __init__(self, num_layers: int):
+        self._captured: list[Tensor | None] = [None] * num_layers
+        self.pooled: Tensor | None = None
+
+    @property
+    def complete(self) -> bool:
+        return all(c is not None for c in self._captured)
+
+    @property
+    def last(self) -> Tensor:
+        missing = [index for index, c in enumerate(self._captured) if c is None]
+        if missing:
+            raise RuntimeError(f"the forward pass never reached the layers at positions {missing}")
+        return torch.stack(self._captured, dim=1)  # type: ignore[arg-type]
+
+
+@contextmanager
+def reading_prompt(layers: Sequence[nn.Module], mask: Tensor | None, pooled_layer: int | None = None,
+                   pooling: str = "mean", columns: int | None = None, stop: bool = False) -> Iterator[PromptRead]:
+    """Within the block, the next forward of the model over `layers` is read into the yielded PromptRead: at
+    each of `layers`, the block output at each row's last prompt position, and the pooled prompt feature of
+    `layers[pooled_layer]` (gating.pool under the 2-D attention `mask`).
+
+    The prompt is the first `columns` positions of the inputs (None: all of them). A teacher-forced forward
+    (models.encode_with_answers: [left padding][prompt][answer][right padding]) thus reads what a forward of
+    the prompt alone would, causal attention keeping the answer out of the prompt's positions, and still gives
+    the answer's logits: one forward for both (fitting's PGD). With `stop`, _StopForward is raised once every
+    layer is read (the caller catches it: the rest of the model never runs)."""
+    read = PromptRead(len(layers))
 
     def make_hook(index: int):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             hidden = _hidden_states(output)
-            last = last_real_positions(_mask_for(mask, hidden), hidden.shape[1], hidden.shape[0]).to(hidden.device)
-            captured[index] = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].to(
+            hidden = hidden if columns is None else hidden[:, :columns]
+            rows = _mask_for(mask if columns is None or mask is None else mask[:, :columns], hidden)
+            last = last_real_positions(rows, hidden.shape[1], hidden.shape[0]).to(hidden.device)
+            read._captured[index] = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].to(
                 device="cpu", dtype=torch.float32)
             if index == pooled_layer:
-                pooled.append(gating.pool(hidden, _mask_for(mask, hidden), pooling).cpu())
-            if all(c is not None for c in captured):
+                read.pooled = gating.pool(hidden, rows, pooling).cpu()
+            if stop and read.complete:
                 raise _StopForward
 
         return hook
 
-    handles = []
+    handles = [layer.register_forward_hook(make_hook(index)) for index, layer in enumerate(layers)]
     try:
-        for index, layer in enumerate(layers):
-            handles.append(layer.register_forward_hook(make_hook(index)))
-        with torch.no_grad():
-            model(**inputs)
-    except _StopForward:
-        pass
+        yield read
     finally:
         for handle in handles:
             handle.remove()
-    missing = [index for index, c in enumerate(captured) if c is None]
-    if missing:
-        raise RuntimeError(f"the forward pass never reached the layers at positions {missing}")
-    return torch.stack(captured, dim=1), (pooled[0] if pooled else None)  # type: ignore[arg-type]
 
 
 def _mask_for(mask: Tensor | None, hidden: Tensor) -> Tensor | None:

@@ -174,8 +174,8 @@ def encode_with_answers(processor, items: Sequence[QAItem], images: Sequence | N
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token to end the answers with")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    answer_ids = [tokenizer(" " + item.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                  for item in items]
+    answer_ids = [ids + [tokenizer.eos_token_id] for ids in
+                  tokenizer([" " + item.answer for item in items], add_special_tokens=False)["input_ids"]]
     width = max(len(ids) for ids in answer_ids)
     answer_block = torch.full((len(items), width), pad_id, dtype=batch["input_ids"].dtype)
     answer_mask = torch.zeros((len(items), width), dtype=batch["attention_mask"].dtype)
@@ -190,6 +190,15 @@ def encode_with_answers(processor, items: Sequence[QAItem], images: Sequence | N
             "input_ids": torch.cat([batch["input_ids"], answer_block], dim=1),
             "attention_mask": torch.cat([batch["attention_mask"], answer_mask], dim=1),
             "labels": torch.cat([prompt_labels, answer_labels], dim=1)}
+
+
+def prompt_width(labels: torch.Tensor) -> int:
+    """The number of leading columns of an `encode_with_answers` batch that hold the (left-padded) prompts: every
+    row's answer block starts right after them, and its first token is labelled."""
+    answered = (labels != -100).any(dim=0).nonzero()
+    if answered.numel() == 0:
+        raise ValueError("no answer tokens in the labels")
+    return int(answered[0])
 
 
 def batches(items: Sequence[QAItem], batch_size: int) -> list[list[int]]:

@@ -11,10 +11,10 @@ from .policy import PolicyError, Registry, load_erasers, read_tenants
 from .settings import Limits, ServeSettings
 
 _LAZY = {"create_app": "api", "decode_image": "api", "error_body": "api", "parse_messages": "api", "Engine": "engine",
-         "Job": "engine", "serving": "background"}
+         "Job": "engine", "Steering": "engine", "RequestFitter": "fitter", "serving": "background"}
 
-__all__ = ["Engine", "Job", "Limits", "PolicyError", "Registry", "ServeSettings", "create_app", "decode_image",
-           "error_body", "load_erasers", "parse_messages", "read_tenants", "serving"]
+__all__ = ["Engine", "Job", "Limits", "PolicyError", "Registry", "RequestFitter", "ServeSettings", "Steering",
+           "create_app", "decode_image", "error_body", "load_erasers", "parse_messages", "read_tenants", "serving"]
 
 
 def __getattr__(name: str):

@@ -32,6 +32,7 @@ from ..core.eraser import Eraser
 from ..core.inputs import QAItem, as_items
 from ..errors import UserInputError
 from .engine import Engine, Job
+from .fitter import RequestFitter
 from .policy import PolicyError, Registry
 from .settings import Limits, ServeSettings
 
@@ -154,8 +155,10 @@ def parse_messages(messages: Any, limits: Limits) -> QAItem:
 
 # ---- the app ---------------------------------------------------------------------------------------------
 
-def create_app(model, processor, registry: Registry, settings: ServeSettings = ServeSettings()) -> FastAPI:
-    """The FastAPI app serving `model` with `registry`'s erasers; its batcher thread runs while the app does."""
+def create_app(model, processor, registry: Registry, settings: ServeSettings = ServeSettings(),
+               fitter: RequestFitter | None = None) -> FastAPI:
+    """The FastAPI app serving `model` with `registry`'s erasers; its batcher thread runs while the app does.
+    With a `fitter`, `POST /admin/requests` fits deletion requests on the served model."""
     from ..core import models
 
     engine = Engine(model, processor, registry, settings.max_batch, settings.max_wait)
@@ -355,6 +358,34 @@ def create_app(model, processor, registry: Registry, settings: ServeSettings = S
         eraser = await run_in_threadpool(_load_eraser, source)
         registry.add(name, eraser, tenants)
         return JSONResponse({"name": name, "terms": eraser.num_terms, "erasers": registry.names()}, status_code=201)
+
+    @app.post("/admin/requests", status_code=201)
+    async def admin_fit(request: Request):
+        """A deletion request fitted here: {"name", "forget": a split or server-side file, or [{"question",
+        "answer", "image"?}], "tenants"?}. Only the forget set runs through the model (the model cache holds
+        the rest), on the batcher thread between batches; the eraser applies from the next batch."""
+        require_admin(request)
+        if fitter is None:
+            raise PolicyError(400, "this server fits no requests: start it with --data DIR (the retain, erasure "
+                              "and calibration sets of the model cache)", "fitting_disabled")
+        body = await json_body(request)
+        name, tenants = _field(body, "name", (str,)), _field(body, "tenants", (list,), [])
+        if not name:
+            raise PolicyError(400, "name the request ('name')", "missing_name", "name")
+        registry.check_new(name, tenants)  # what would refuse the eraser after its fit is refused before it
+        items = await run_in_threadpool(fitter.items, body.get("forget"),
+                                        lambda url, param: decode_image(url, limits, param))
+        eraser, record = await asyncio.wrap_future(engine.call(lambda: fitter.fit(name, items)))
+        registry.add(name, eraser, tenants)
+        try:
+            saved = await run_in_threadpool(fitter.save, name, eraser)
+        except OSError as exc:  # not kept across a restart: withdrawn, so what is served is what is on disk
+            registry.remove(name)
+            raise PolicyError(500, f"the eraser could not be saved ({exc.strerror or exc}); it was not loaded",
+                              "save_failed", kind="server_error") from None
+        return JSONResponse({"name": name, "terms": eraser.num_terms, **record,
+                             "saved": None if saved is None else str(saved), "erasers": registry.names()},
+                            status_code=201)
 
     @app.delete("/admin/erasers/{name}")
     async def admin_remove(name: str, request: Request) -> dict:

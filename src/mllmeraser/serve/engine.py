@@ -1,7 +1,10 @@
 """The batcher: one thread owns the model. Requests wait in a queue; a batch is taken when `max_batch` requests
 of one modality (image or text) are waiting or the oldest has waited `max_wait` seconds. Every loaded eraser is
-attached once, stacked into one combined eraser (re-attached when the registry changes), and each batch sets a
-per-row term mask (SteeringHandle.row_terms) so rows with different eraser sets share one forward pass.
+attached at once (`Steering`: one RequestIndex over every request where they all have knn gates over one retain
+bank, the default; else one stacked Eraser), kept in step with the registry between batches, and each batch sets
+a per-row term mask (SteeringHandle.row_terms) so rows with different eraser sets share one forward pass. Other
+work on the model (fitting a deletion request, `Engine.call`) runs on the same thread between batches, with the
+steering detached.
 
 Per row, in one `model.generate` call: its own token limit (a stopping criterion), its own temperature, top_p and
 seed (a logits processor that samples the row with the row's generator and hands generate a one-hot score, so
@@ -14,7 +17,9 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +28,8 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.streamers import BaseStreamer
 
 from ..core import models
+from ..core.eraser import Eraser
+from ..core.index import RequestIndex
 from ..core.inputs import QAItem
 from .policy import Registry, Snapshot
 
@@ -142,6 +149,92 @@ class _RowStreamer(BaseStreamer):
                 self._finish(row, "length")
 
 
+class Steering:
+    """What the batcher attaches, kept in step with the registry's snapshots (`apply`, between batches).
+
+    Where every loaded eraser has a knn prompt gate and they share one retain bank (requests fitted on one model
+    cache do), one RequestIndex holds them all and stays attached: a change adds or removes only the erasers that
+    changed, O(their size) whatever else is loaded, and a prompt is scored against every request at once. Otherwise
+    (ridge or paper gates, or another retain bank) the erasers are stacked into one Eraser (Eraser.concat) and
+    re-attached on every change, O(everything). `terms` maps each name to its columns of the gate's decisions
+    [batch, width], what a row mask selects."""
+
+    def __init__(self, model):
+        self.model = model
+        self.handle = None
+        self.index: RequestIndex | None = None
+        self.stacked: Eraser | None = None
+        self.applied: dict[str, Eraser] = {}  # index mode: the erasers the index holds, by name
+        self.terms: dict[str, tuple[int, ...]] = {}
+        self.width = 0
+        self.version: int | None = None
+
+    @property
+    def kind(self) -> str:
+        return "index" if self.index is not None else "stacked" if self.stacked is not None else "none"
+
+    def apply(self, snapshot: Snapshot) -> None:
+        if snapshot.version == self.version:
+            return
+        erasers = snapshot.erasers
+        if erasers and all(e.prompt_gate is not None and e.prompt_gate.kind == "knn" for e in erasers.values()):
+            try:
+                self._index(erasers)
+            except ValueError:  # not one retain bank (or settings): the erasers still stack
+                self._stack(erasers)
+        elif erasers:
+            self._stack(erasers)
+        else:
+            self._drop()
+        self.version = snapshot.version
+
+    def _index(self, erasers: Mapping[str, Eraser]) -> None:
+        if self.index is None:
+            self._drop()
+            self.index = RequestIndex.like(next(iter(erasers.values())))
+        for name in [name for name, eraser in self.applied.items() if erasers.get(name) is not eraser]:
+            self.index.remove(name)
+            del self.applied[name]
+        for name, eraser in erasers.items():
+            if name not in self.applied:
+                self.index.add(name, eraser)
+                self.applied[name] = eraser
+        if self.handle is None:  # fingerprints were checked when each eraser was loaded
+            self.handle = self.index.attach(self.model, check_fingerprint=False)
+        self.terms = {name: tuple(self.index.slots(name)) for name in erasers}
+        self.width = self.index.capacity["slots"]
+
+    def _stack(self, erasers: Mapping[str, Eraser]) -> None:
+        self._drop()
+        self.stacked = Eraser.concat(list(erasers.values()))
+        self.handle = self.stacked.attach(self.model, check_fingerprint=False)
+        offset = 0
+        for name, eraser in erasers.items():
+            self.terms[name] = tuple(range(offset, offset + eraser.num_terms))
+            offset += eraser.num_terms
+        self.width = offset
+
+    def _drop(self) -> None:
+        self.detach()
+        self.index, self.stacked, self.applied, self.terms, self.width = None, None, {}, {}, 0
+
+    def detach(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    @contextmanager
+    def detached(self) -> Iterator[None]:
+        """The model without steering for the block (e.g. to fit a request on it), then attached as before."""
+        self.detach()
+        try:
+            yield
+        finally:
+            source = self.index if self.index is not None else self.stacked
+            if source is not None:
+                self.handle = source.attach(self.model, check_fingerprint=False)
+
+
 class Engine:
     """The batcher thread and its queue (see the module docstring). `submit` is thread-safe."""
 
@@ -152,9 +245,8 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._handle = None
-        self._version: int | None = None
-        self._snapshot: Snapshot | None = None
+        self._tasks: list[tuple[Callable[[], Any], Future]] = []  # work on the model between batches (call)
+        self.steering = Steering(model)
         self.batches: list[int] = []  # the size of every batch run, for tests and the benchmark
         eos = getattr(model.generation_config, "eos_token_id", None)
         if eos is None:
@@ -171,12 +263,26 @@ class Engine:
         with self._cond:
             self._stopping = True
             pending, self._pending = self._pending, []
+            tasks, self._tasks = self._tasks, []
             self._cond.notify_all()
         for job in pending:
             job.emit(("error", "the server is shutting down"))
+        for _, future in tasks:
+            future.set_exception(RuntimeError("the server is shutting down"))
         if self._thread is not None:
             self._thread.join()
-        self._detach()
+        self.steering.detach()
+
+    def call(self, work: Callable[[], Any]) -> Future:
+        """Run `work()` on the batcher thread between two batches, with the steering detached (the model is then
+        plain: e.g. a deletion request's fit); its result or exception comes back through the Future."""
+        future: Future = Future()
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the server is shutting down")
+            self._tasks.append((work, future))
+            self._cond.notify_all()
+        return future
 
     def submit(self, job: Job) -> None:
         with self._cond:
@@ -187,13 +293,15 @@ class Engine:
 
     # ---- the batcher thread ---------------------------------------------------------------------
 
-    def _take(self) -> list[Job]:
+    def _take(self) -> list[Job] | tuple[Callable[[], Any], Future]:
         with self._cond:
             while True:
-                while not self._pending and not self._stopping:
+                while not self._pending and not self._tasks and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
                     return []
+                if self._tasks:
+                    return self._tasks.pop(0)
                 self._pending = [job for job in self._pending if not job.cancelled.is_set()]
                 if not self._pending:
                     continue
@@ -213,6 +321,9 @@ class Engine:
     def _loop(self) -> None:
         while True:
             jobs = self._take()
+            if isinstance(jobs, tuple):
+                self._run_task(*jobs)
+                continue
             if not jobs:
                 return
             try:
@@ -229,34 +340,32 @@ class Engine:
                     except Exception as row_exc:
                         job.emit(("error", f"generation failed ({type(row_exc).__name__}: {row_exc})"))
 
-    def _detach(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
-    def _sync(self) -> Snapshot:
-        """Attach the registry's combined eraser if it changed since the last batch (this thread owns the model)."""
-        snapshot = self.registry.snapshot()
-        if snapshot.version != self._version:
-            self._detach()
-            if snapshot.combined is not None:  # fingerprints were checked when each eraser was loaded
-                self._handle = snapshot.combined.attach(self.model, check_fingerprint=False)
-            self._version, self._snapshot = snapshot.version, snapshot
-        return self._snapshot
+    def _run_task(self, work: Callable[[], Any], future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            self.steering.apply(self.registry.snapshot())
+            with self.steering.detached():
+                result = work()
+        except BaseException as exc:  # the caller gets it; the batcher goes on
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
 
     @torch.no_grad()
     def _run(self, jobs: list[Job]) -> None:
-        snapshot = self._sync()
+        steering = self.steering
+        steering.apply(self.registry.snapshot())
         self.batches.append(len(jobs))
         tokenizer = self.processor.tokenizer
         batch = models.to_device(models.encode_prompts(self.processor, [job.item for job in jobs]), self.model)
         prompt_length = batch["input_ids"].shape[1]
-        if self._handle is not None:
-            mask = torch.zeros(len(jobs), snapshot.combined.num_terms)
+        if steering.handle is not None:
+            mask = torch.zeros(len(jobs), steering.width)
             for row, job in enumerate(jobs):
                 for name in job.erasers:
-                    mask[row, list(snapshot.terms.get(name, ()))] = 1.0  # a name removed since: gone
-            self._handle.row_terms = mask
+                    mask[row, list(steering.terms.get(name, ()))] = 1.0  # a name removed since: gone
+            steering.handle.row_terms = mask
         streamer = _RowStreamer(jobs, tokenizer, self.eos_ids, batch["attention_mask"].sum(dim=1).tolist())
         try:
             self.model.generate(**batch, max_new_tokens=max(job.max_tokens for job in jobs), do_sample=False,
@@ -264,6 +373,6 @@ class Engine:
                                 logits_processor=LogitsProcessorList([_RowSampler(jobs)]),
                                 stopping_criteria=StoppingCriteriaList([_RowLimits(jobs, prompt_length)]))
         finally:
-            if self._handle is not None:
-                self._handle.row_terms = None
+            if steering.handle is not None:
+                steering.handle.row_terms = None
         streamer.end()

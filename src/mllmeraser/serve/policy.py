@@ -78,11 +78,11 @@ def combine(erasers: Iterable[Eraser]) -> Eraser | None:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """One consistent state of the registry: its version, the combined eraser and each name's term indices."""
+    """One consistent state of the registry: its version and the loaded erasers by name (in load order). The
+    engine turns it into what it attaches (engine.Steering): a change costs the changed erasers, not the rest."""
 
     version: int
-    combined: Eraser | None
-    terms: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    erasers: Mapping[str, Eraser] = field(default_factory=dict)
 
 
 class Registry:
@@ -90,12 +90,12 @@ class Registry:
 
     Policy: without tenants every loaded eraser applies to every request; with tenants (API key -> names) a
     request gets its key's bound erasers plus any it names, and cannot switch a bound one off. Every change
-    bumps `version`; the batcher re-attaches the combined eraser before its next batch.
+    bumps `version`; the batcher applies the change before its next batch (engine.Steering).
     """
 
     def __init__(self, erasers: Mapping[str, Eraser], model: nn.Module | None,
                  tenants: Mapping[str, list[str]] | None = None):
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # add holds it through check_new
         self._model = model
         self._fingerprint = None if model is None else model_fingerprint(model)
         self._erasers: dict[str, Eraser] = {}
@@ -137,26 +137,21 @@ class Registry:
                 eraser._check_fingerprint(self._fingerprint)
         except UserInputError as exc:
             raise PolicyError(400, f"eraser {name!r}: {exc}", "model_mismatch") from None
-        try:
-            combine([*self._erasers.values(), eraser])
+        try:  # against one loaded eraser: stacking checks equal fields, so one stands for all (O(one request))
+            combine([next(iter(self._erasers.values())), eraser] if self._erasers else [eraser])
         except ValueError as exc:
             raise PolicyError(400, f"eraser {name!r} cannot be served with the loaded erasers: {exc}",
                               "incompatible_eraser") from None
 
     def _build(self) -> Snapshot:
-        terms: dict[str, tuple[int, ...]] = {}
-        offset = 0
-        for name, eraser in self._erasers.items():
-            terms[name] = tuple(range(offset, offset + eraser.num_terms))
-            offset += eraser.num_terms
-        return Snapshot(self._version, combine(self._erasers.values()), terms)
+        return Snapshot(self._version, dict(self._erasers))
 
     def snapshot(self) -> Snapshot:
         with self._lock:
             return self._snapshot
 
-    def add(self, name: str, eraser: Eraser, tenants: Iterable[str] = ()) -> None:
-        """Load `eraser` as `name` (bound to the given tenant keys too); effective from the next batch."""
+    def check_new(self, name: str, tenants: Iterable[str] = ()) -> None:
+        """Refuse a name that is invalid or taken, or tenant keys the server does not know (PolicyError)."""
         check_name(name)
         tenants = list(tenants)
         with self._lock:
@@ -165,9 +160,15 @@ class Registry:
                                   "name")
             if tenants and self._tenants is None:
                 raise PolicyError(400, "tenants given, but the server runs without --tenants", "no_tenants", "tenants")
-            unknown = [key for key in tenants if key not in (self._tenants or {})]
+            unknown = [key for key in tenants if not isinstance(key, str) or key not in (self._tenants or {})]
             if unknown:
                 raise PolicyError(400, f"{len(unknown)} unknown tenant key(s)", "unknown_tenant", "tenants")
+
+    def add(self, name: str, eraser: Eraser, tenants: Iterable[str] = ()) -> None:
+        """Load `eraser` as `name` (bound to the given tenant keys too); effective from the next batch."""
+        tenants = list(tenants)
+        with self._lock:
+            self.check_new(name, tenants)
             self.check(name, eraser)
             self._erasers[name] = eraser
             for key in tenants:
