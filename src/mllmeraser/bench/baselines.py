@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..core import models
+from ..core.models import IGNORE_INDEX, answer_logits, answer_token_nll  # noqa: F401 (the losses' inputs)
 from ..core.inputs import QAItem
 from ..errors import UserInputError
 
@@ -38,7 +39,6 @@ RETAIN_METHODS: tuple[str, ...] = ("graddiff", "kl")  # the methods that also se
 REFERENCE_METHODS: tuple[str, ...] = ("kl", "npo")  # the methods that need the vanilla model's outputs
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -98,17 +98,6 @@ def strip_lora(peft_model):
 
 # ---- losses (pure functions of logits and labels) ----------------------------------------------------------
 
-def answer_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position NLL of the next token, -log softmax(logits[:, t])[labels[:, t+1]], and the mask of the
-    positions whose next token is an answer token (labels != -100). Both [B, T-1]; NLL is 0 off the mask."""
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    log_probs = F.log_softmax(logits, dim=-1)
-    nll = -log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return nll * mask, mask
-
-
 def mean_answer_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """CE = sum over answer tokens of -log p(y_t | x, y_<t), divided by the number of answer tokens in the batch
     (the token-mean of Hugging Face's causal LM loss)."""
@@ -157,19 +146,6 @@ def npo_loss(forget_nll: torch.Tensor, reference_nll: torch.Tensor, beta: float)
 
 
 # ---- forward passes --------------------------------------------------------------------------------------
-
-def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) over the trailing columns that hold the answers (and the position before the first
-    answer token), not the whole prompt: `logits_to_keep` spares the [B, T, vocab] tensor for long image
-    prompts. The losses above take the pair as they would take full-length logits and labels."""
-    inputs = models.forward_inputs(model, {k: v for k, v in batch.items() if k != "labels"})
-    labels = batch["labels"].to(inputs["input_ids"].device)
-    answer_columns = (labels != IGNORE_INDEX).any(dim=0).nonzero()
-    keep = labels.shape[1] - int(answer_columns.min()) + 1 if len(answer_columns) else labels.shape[1]
-    keep = min(keep, labels.shape[1])
-    logits = model(**inputs, logits_to_keep=keep).logits
-    return logits, labels[:, -keep:]
-
 
 def reference_answer_logits(peft_model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """`answer_logits` of the vanilla model: the adapter disabled, no dropout, no gradient."""

@@ -222,7 +222,7 @@ def pgd_recall(model, processor, items: Sequence[QAItem], settings: PGDSettings,
                 for rows, pixels, part in _micro_batches(inputs, len(items), offsets, settings.batch_size, active):
                     x = adversarial[pixels].requires_grad_(True)
                     # use_cache=False: no KV cache is built for a loss (checkpointed blocks would drop it anyway)
-                    nll_sums, _ = _answer_nll_sums(model, part, x.to(param_dtype), labels[rows], columns)
+                    nll_sums, _ = _answer_nll_sums(model, part, x.to(param_dtype), labels[rows])
                     (gradient[pixels],) = torch.autograd.grad(nll_sums.sum() / answer_tokens, x)
                 with torch.no_grad():  # descend the answer's loss = ascend its likelihood
                     adversarial = adversarial - step * gradient.sign()
@@ -258,7 +258,7 @@ def _answer_forward(model, pixel_values: torch.Tensor, labels: torch.Tensor, inp
         with contextlib.ExitStack() as stack:
             reading = None if read is None else stack.enter_context(hooks.reading_prompt(
                 read.layers, part.get("attention_mask"), read.pooled_layer, read.pooling, columns))
-            sums, counts = _answer_nll_sums(model, part, pixel_values[pixels].to(param_dtype), labels[rows], columns)
+            sums, counts = _answer_nll_sums(model, part, pixel_values[pixels].to(param_dtype), labels[rows])
         if reading is not None:
             lasts.append(reading.last)
             pooled.append(reading.pooled)
@@ -269,21 +269,13 @@ def _answer_forward(model, pixel_values: torch.Tensor, labels: torch.Tensor, inp
     return torch.cat(values).cpu(), torch.cat(lasts), features
 
 
-def _answer_nll_sums(model, part: dict[str, torch.Tensor], pixel_values: torch.Tensor, labels: torch.Tensor,
-                     columns: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _answer_nll_sums(model, part: dict[str, torch.Tensor], pixel_values: torch.Tensor,
+                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per item, the answer's token NLL summed ([B], float32, differentiable) and its token count ([B]), from one
-    teacher-forced forward whose logits cover only the positions that predict an answer token: the answer block
-    starts after the first `columns` positions (models.prompt_width), so logits_to_keep is the block's width plus
-    one. (At 7B the full [batch, seq, vocab] logits of image prompts are GBs, and the prompt's are never read.)"""
-    columns = models.prompt_width(labels) if columns is None else columns
-    logits = model(**part, pixel_values=pixel_values, use_cache=False,
-                   logits_to_keep=labels.shape[1] - columns + 1).logits[:, :-1]
-    target = labels[:, columns:]
-    answer = target != -100
-    token_nll = torch.nn.functional.cross_entropy(logits[answer].float(), target[answer], reduction="none")
-    row = torch.arange(target.shape[0], device=target.device)[:, None].expand_as(target)[answer]
-    sums = torch.zeros(target.shape[0], device=token_nll.device, dtype=token_nll.dtype).index_add(0, row, token_nll)
-    return sums, answer.sum(dim=1)
+    teacher-forced forward whose logits cover only the answer's positions (models.answer_logits)."""
+    logits, kept = models.answer_logits(model, {**part, "pixel_values": pixel_values, "labels": labels})
+    nll, mask = models.answer_token_nll(logits, kept)
+    return nll.sum(dim=1), mask.sum(dim=1)
 
 
 def _pixel_offsets(inputs: dict[str, torch.Tensor], batch: int, num_pixel_rows: int) -> list[int]:

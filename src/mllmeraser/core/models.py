@@ -160,6 +160,10 @@ def encode_prompts(processor, items: Sequence[QAItem], images: Sequence | None =
     return dict(processor(text=texts, padding=True, return_tensors="pt"))
 
 
+IGNORE_INDEX = -100
+"""The label of a position no loss reads (the prompt, padding), as transformers' losses take it."""
+
+
 def encode_with_answers(processor, items: Sequence[QAItem], images: Sequence | None = None) -> dict[str, torch.Tensor]:
     """Teacher-forcing inputs: each row is [left padding][chat prompt][" " + answer, </s>][right padding].
 
@@ -182,8 +186,8 @@ def encode_with_answers(processor, items: Sequence[QAItem], images: Sequence | N
     for row, ids in enumerate(answer_ids):
         answer_block[row, : len(ids)] = torch.tensor(ids, dtype=answer_block.dtype)
         answer_mask[row, : len(ids)] = 1
-    prompt_labels = torch.full_like(batch["input_ids"], -100)
-    answer_labels = answer_block.masked_fill(answer_mask == 0, -100)
+    prompt_labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+    answer_labels = answer_block.masked_fill(answer_mask == 0, IGNORE_INDEX)
     per_token = {key: torch.cat([batch[key], batch[key].new_zeros(len(items), width)], dim=1)
                  for key in ("mm_token_type_ids", "token_type_ids") if key in batch}  # answer tokens are text (0)
     return {**batch, **per_token,
@@ -195,10 +199,33 @@ def encode_with_answers(processor, items: Sequence[QAItem], images: Sequence | N
 def prompt_width(labels: torch.Tensor) -> int:
     """The number of leading columns of an `encode_with_answers` batch that hold the (left-padded) prompts: every
     row's answer block starts right after them, and its first token is labelled."""
-    answered = (labels != -100).any(dim=0).nonzero()
+    answered = (labels != IGNORE_INDEX).any(dim=0).nonzero()
     if answered.numel() == 0:
         raise ValueError("no answer tokens in the labels")
     return int(answered[0])
+
+
+def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of an `encode_with_answers` batch over the trailing columns that hold the answers (and
+    the position before the first answer token), not the whole prompt: `logits_to_keep` spares the [B, T, vocab]
+    tensor, GBs for image prompts at 7B. answer_token_nll takes the pair as it would take full-length logits and
+    labels. No KV cache is built (a loss needs none; checkpointed blocks would drop it anyway)."""
+    inputs = forward_inputs(model, {k: v for k, v in batch.items() if k != "labels"})
+    labels = batch["labels"].to(inputs["input_ids"].device)
+    keep = min(labels.shape[1] - prompt_width(labels) + 1, labels.shape[1])
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+    return logits, labels[:, -keep:]
+
+
+def answer_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position NLL of the next token, -log softmax(logits[:, t])[labels[:, t+1]], and the mask of the
+    positions whose next token is an answer token (labels != -100). Both [B, T-1]; NLL is 0 off the mask."""
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    log_probs = torch.nn.functional.log_softmax(logits, dim=-1)
+    nll = -log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return nll * mask, mask
 
 
 def batches(items: Sequence[QAItem], batch_size: int) -> list[list[int]]:
