@@ -3,6 +3,9 @@ direct evaluation of the transformed questions, and the eraser is measured under
 
 from __future__ import annotations
 
+import io
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,7 +13,7 @@ from PIL import Image
 from mllmeraser import Eraser, FitSettings
 from mllmeraser.bench import attacks, data, evaluate
 from mllmeraser.core import models
-from mllmeraser.core.inputs import QAItem
+from mllmeraser.core.inputs import EDGES, EncodedImage, OccludedImage, QAItem, occluded_copies
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +170,62 @@ def test_eraser_under_rephrasing_and_photo_attacks(attacked, sources, testbed_mo
     assert vanilla["photo-as-is"]["forget"]["classification"] >= 0.8 and rows["photo-as-is"]["counted"]
     assert erased["photo-as-is"]["forget"]["classification"] <= 0.2 and rows["photo-as-is"]["forget_met"]
     assert attacks.worst_recovered(rows)[1] == max(r["recovered"] for r in rows.values() if r["counted"])
+
+
+def test_occluded_copies_cover_one_edge_each_and_stay_encoded():
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 200, size=(40, 32, 3), dtype=np.uint8))  # no white pixel anywhere
+    encoded = io.BytesIO()
+    photo.save(encoded, format="PNG")
+    held = EncodedImage(encoded.getvalue(), "photo.png", "item 0")
+    items = [QAItem("a", "cloze", "image", "Q?", "A", image=held), QAItem("a", "cloze", "text", "Q?", "A"),
+             QAItem("b", "cloze", "image", "Q?", "A", image=photo)]
+    copies = occluded_copies(items, 0.15)
+    assert len(copies) == 2 * len(EDGES) and occluded_copies(items, 0.0) == []
+    assert isinstance(copies[0].image_source, OccludedImage) and copies[0].image_source.source is held
+    before = np.asarray(photo)
+    for copy, edge in zip(copies[:4], EDGES):
+        after = np.asarray(copy.image)
+        white = (after == 255).all(axis=2)
+        rows, cols = round(40 * 0.15), round(32 * 0.15)  # 6 of 40 rows, 5 of 32 columns
+        band = {"top": np.s_[:rows], "bottom": np.s_[-rows:], "left": np.s_[:, :cols], "right": np.s_[:, -cols:]}[edge]
+        assert white[band].all() and white.sum() == white[band].size, edge
+        untouched = ~white
+        assert np.array_equal(after[untouched], before[untouched]), edge
+    assert np.array_equal(np.asarray(copies[4].image), np.asarray(copies[0].image))  # PIL and encoded alike
+    with pytest.raises(ValueError, match="edge"):
+        OccludedImage(photo, "middle", 0.1)
+
+
+def test_occluded_copies_in_the_banks_keep_the_gate_on_over_covered_photos(testbed_model, testbed_data, eraser):
+    """Photos with an edge covered by a band wider than the banks' copies (0.20 of the side, not 0.15; each
+    photo one edge, in turn): with the copies the gate still fires on the forget people's, without them mostly
+    not, and on the validation people's (covered, in no bank) it stays within max_fpr either way. (The
+    typographic attack itself is measured on the full testbed, where vanilla still knows the covered faces;
+    the small model does not: typo-name forget classification 0.45.)"""
+    model, processor = testbed_model
+    forget, validation = data.load_split_items(testbed_data, "forget", 10), data.validation_items(testbed_data, 10)
+    occluded = Eraser.fit(model, processor, forget=forget, retain=data.retained_inputs(testbed_data, 10),
+                          erasure=data.default_erasure_items(testbed_data), calibration=validation,
+                          settings=FitSettings(occlusion=0.15), progress=False)
+    plain = eraser  # the default: occlusion off
+    counts = occluded.requests()[0]["counts"]
+    assert counts["forget_occluded"] == len(EDGES) * sum(i.modality == "image" for i in forget)
+    assert "forget_occluded" not in plain.requests()[0]["counts"] and FitSettings().occlusion == 0.0
+
+    def covered(items):
+        photos = [i for i in items if i.modality == "image"]
+        return [replace(i, image=OccludedImage(i.image_source, EDGES[n % len(EDGES)], 0.2))
+                for n, i in enumerate(photos)]
+
+    rates = {}
+    for name, fitted in (("plain", plain), ("occluded", occluded)):
+        scores = evaluate.gate_scores(model, processor, fitted, {"forget": covered(forget),
+                                                                  "validation": covered(validation)})
+        rates[name] = {split: evaluate.fire_rate(s, fitted) for split, s in scores.items()}
+    # Measured on the small testbed: forget 0.27 -> 0.95; validation 0.00 and 0.00.
+    assert rates["plain"]["forget"] <= 0.5 and rates["occluded"]["forget"] >= 0.9, rates
+    assert max(r["validation"] for r in rates.values()) <= FitSettings().max_fpr, rates
 
 
 def test_report_attack_table_and_plot(tmp_path):

@@ -129,7 +129,10 @@ def test_fit_and_eval_from_the_command_line(testbed_dir, tmp_path):
                              "--data", str(testbed_dir / "data"), "--forget", "forget_10",
                              "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert 0 < out.stat().st_size < 1024 * 1024
+    eraser = Eraser.load(out)
+    gate = eraser.prompt_gate
+    bank_bytes = 2 * gate.hidden_size * (gate.forget_bank.shape[0] + gate.retain_bank.shape[0])  # float16 rows
+    assert bank_bytes < out.stat().st_size < bank_bytes + 256 * 1024  # the banks, the directions, the header
     report = tmp_path / "r.json"
     result = subprocess.run([sys.executable, "-m", "mllmeraser.cli", "eval", "--model", str(testbed_dir / "model"),
                              "--data", str(testbed_dir / "data"), "--eraser", str(out), "--splits", "forget",

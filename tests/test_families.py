@@ -335,7 +335,9 @@ def test_fit_eraser_end_to_end(family, gate):
     retain = tiny_families.make_items(2, 2)
     erasure = [QAItem(i.subject_id, i.task, i.modality, i.question, prompts.REFUSAL_ANSWER, i.options, i.image)
                for i in tiny_families.make_items(4, 2) if i.task != "classification"]
-    settings = fitting.FitSettings(gate=gate, pgd=fitting.PGDSettings(steps=2), batch_size=8)
+    # knn: with the occluded copies, so each family's image processor takes the covered photos
+    settings = fitting.FitSettings(gate=gate, pgd=fitting.PGDSettings(steps=2), batch_size=8,
+                                   occlusion=0.15 if gate == "knn" else 0.0)
     eraser = Eraser.fit(family.model, family.processor, forget=forget, retain=retain, erasure=erasure, settings=settings,
                         progress=False)
     num_layers, d = len(family.layers), family.text_config.hidden_size
@@ -352,7 +354,9 @@ def test_fit_eraser_end_to_end(family, gate):
     else:
         assert eraser.u is None and eraser.prompt_gate.layer == 1
         assert counts["forget"] == len(forget) and counts["retain"] == len(retain)
-        assert eraser.prompt_gate.forget_bank.shape == (len(forget), d)
+        photos = sum(i.modality == "image" for i in forget)  # each also in the bank with each edge covered
+        assert photos and counts["forget_occluded"] == 4 * photos
+        assert eraser.prompt_gate.forget_bank.shape == (len(forget) + 4 * photos, d)
         record = eraser.requests()[0]["gate"]
         assert record["calibration_prompts"] == len(retain) and record["calibration_fpr"] <= settings.max_fpr
         assert record["forget_fire_rate"] == 1.0  # every fitted forget prompt is its own nearest neighbour

@@ -75,6 +75,21 @@ def test_leave_one_out_scores_equal_refitting_without_each_retain_prompt():
         assert loo[i] == pytest.approx(float(alone), abs=1e-3)  # float16 banks on both sides
 
 
+def test_without_calibration_prompts_the_threshold_ignores_the_occluded_retain_copies():
+    """Left out of the bank, a retain prompt's own occluded copies would stand in for it (the copies are near it),
+    and its score would read low: the threshold is calibrated on the clean retain rows alone."""
+    from mllmeraser.core.fitting import FitSettings, fit_prompt_gate
+    forget, retain = features(6, seed=6, shift=0.5), features(40, seed=7)
+    copies = retain + 0.01 * features(40, seed=8)
+    settings = FitSettings(max_fpr=0.1, min_ratio=1.0)
+    with_copies, record = fit_prompt_gate({"forget": forget, "retain": retain, "retain_occluded": copies}, settings)
+    _, clean_record = fit_prompt_gate({"forget": forget, "retain": retain}, settings)
+    assert record["threshold"] == clean_record["threshold"]
+    assert with_copies.retain_bank.shape[0] == 80  # the copies are in the bank all the same
+    naive = gating.leave_one_out_retain_scores(gating.fit_knn(forget, torch.cat([retain, copies]), "mean", 1))[:40]
+    assert gating.calibrate(naive, 0.1)[0] < record["threshold"] - 1.0  # what counting them would have given
+
+
 def test_ridge_gate_scores_forget_at_one_on_average():
     forget, retain = features(20, seed=6, shift=2.0), features(40, seed=7)
     gate = gating.fit_ridge(forget, retain, "mean", 0, beta=1.0, lam=1e-3)

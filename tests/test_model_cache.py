@@ -62,6 +62,22 @@ def test_a_warm_cache_gives_the_eraser_fitted_without_one(testbed_model, sets, g
         assert loaded.features["retain"].shape[0] == len(sets["retain"])
 
 
+def test_the_occluded_retain_copies_are_part_of_the_entry(testbed_model, sets, tmp_path):
+    model, processor = testbed_model
+    settings = FitSettings(occlusion=0.15)
+    built = shared(model, processor, sets, settings, tmp_path)
+    loaded = shared(model, processor, sets, settings, tmp_path)
+    assert loaded.status == "loaded" and set(loaded.features) == {"retain", "retain_occluded", "calibration"}
+    photos = sum(i.modality == "image" for i in sets["retain"])
+    assert photos and loaded.features["retain_occluded"].shape[0] == 4 * photos  # one copy per edge
+    assert torch.equal(loaded.features["retain_occluded"], built.features["retain_occluded"])
+    cold = Eraser.fit(model, processor, **sets, settings=settings, progress=False)
+    warm = Eraser.fit(model, processor, forget=sets["forget"], settings=settings, shared=loaded, progress=False)
+    same_eraser(cold, warm)
+    with pytest.raises(ValueError, match="occlusion"):  # an entry with copies is not one without, nor the reverse
+        Eraser.fit(model, processor, forget=sets["forget"], settings=FitSettings(), shared=loaded, progress=False)
+
+
 def test_the_key_follows_the_data_the_settings_and_the_weights(testbed_model, sets, tmp_path):
     model, processor = testbed_model
     settings = FitSettings()
@@ -76,7 +92,8 @@ def test_the_key_follows_the_data_the_settings_and_the_weights(testbed_model, se
             shared(model, processor, {**sets, "erasure": sets["erasure"][1:]}, settings, tmp_path).key,
             shared(model, processor, {**sets, "calibration": None}, settings, tmp_path).key,
             shared(model, processor, sets, dataclasses.replace(settings, pooling="last"), tmp_path).key,
-            shared(model, processor, sets, dataclasses.replace(settings, decision_layer=2), tmp_path).key}
+            shared(model, processor, sets, dataclasses.replace(settings, decision_layer=2), tmp_path).key,
+            shared(model, processor, sets, dataclasses.replace(settings, occlusion=0.15), tmp_path).key}
     weight = next(model.parameters())
     with torch.no_grad():
         saved = weight.detach().clone()
@@ -85,8 +102,8 @@ def test_the_key_follows_the_data_the_settings_and_the_weights(testbed_model, se
             keys.add(shared(model, processor, sets, settings, tmp_path).key)
         finally:
             weight.copy_(saved)
-    assert len(keys) == 7
-    assert len(cache.entries(tmp_path)) == 7
+    assert len(keys) == 8
+    assert len(cache.entries(tmp_path)) == 8
 
 
 def test_statistics_of_other_settings_are_refused(testbed_model, sets, tmp_path):

@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--min-ratio", type=float, default=FitSettings.min_ratio,
                      help="knn: fire only where the nearest forget prompt is at least this many times nearer than "
                      "the nearest retained one (a floor under the calibrated threshold)")
+    fit.add_argument("--occlusion", type=float, default=FitSettings.occlusion,
+                     help="prompt gates: the gate's banks also hold each photo with one edge covered by a white band "
+                     "of this fraction of the side, one copy per edge, against text written over photos (default 0: off; "
+                     "0.15 measured in the README's Threat model)")
     fit.add_argument("--alpha", type=float, default=FitSettings.alpha)
     fit.add_argument("--ratio", type=float, default=FitSettings.ratio)
     fit.add_argument("--gamma", type=float, default=FitSettings.gamma)
@@ -273,6 +277,7 @@ def fit_settings(args) -> FitSettings:
     layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
     return FitSettings(gate=args.gate, pooling=args.pooling, decision_layer=args.decision_layer,
                        neighbours=args.neighbours, max_fpr=args.max_fpr, min_ratio=args.min_ratio,
+                       occlusion=args.occlusion,
                        ratio=args.ratio, gamma=args.gamma, beta=args.beta, lam=args.lam,
                        alpha=args.alpha, layers=layers, floor=args.floor, cap=args.cap, mode=args.mode,
                        pgd=PGDSettings(args.pgd_eps / 255, args.pgd_step / 255, args.pgd_steps,

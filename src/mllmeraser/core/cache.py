@@ -4,7 +4,8 @@ A fit reads two kinds of inputs (fitting.py). Per request: the forget questions 
 for a prompt gate, their pooled features). Per model: everything else, the same for every request,
 
     erasure   counts and sums of the steered layers' last-token outputs (the erasure mean of r_l)
-    retain    prompt gates: pooled features at the decision layer (the knn bank; the ridge Grams);
+    retain    prompt gates: pooled features at the decision layer (the knn bank; the ridge Grams), and of the
+              retain photos' occluded copies ("retain_occluded", FitSettings.occlusion);
               paper gate: counts, sums and Grams of the steered layers (the null space)
     calibration  prompt gates: pooled features of the held-out calibration prompts (the threshold)
 
@@ -13,7 +14,7 @@ them there. An entry is one safetensors file named by a key: the sha256 of
 
     the model's fingerprint (eraser.model_fingerprint: weights sampled, not just the name), its parameter
     dtype and device type (the same weights in bfloat16 or on a GPU give other activations), the settings
-    that shape the statistics (gate family, pooling, decision layer, steered layers, decoder-layer path,
+    that shape the statistics (gate family, pooling, decision layer, occlusion, steered layers, decoder-layer path,
     batch size: padding changes the float sums), CACHE_VERSION, and a digest of every retain, erasure and
     calibration item (its text, its options, its answer and its image's bytes).
 
@@ -84,15 +85,19 @@ def shape_settings(settings: FitSettings, layers_path: str, steered: Sequence[in
     if settings.gate == "paper":
         return {"family": "paper", "layers_path": layers_path, "steered": list(steered),
                 "batch_size": settings.batch_size}
-    return {"family": "prompt", "layers_path": layers_path, "steered": list(steered),
-            "batch_size": settings.batch_size, "pooling": settings.pooling, "decision_layer": settings.decision_layer}
+    shape = {"family": "prompt", "layers_path": layers_path, "steered": list(steered),
+             "batch_size": settings.batch_size, "pooling": settings.pooling, "decision_layer": settings.decision_layer}
+    if settings.occlusion:  # named only where on: entries made before the setting existed keep their keys
+        shape["occlusion"] = settings.occlusion
+    return shape
 
 
 @dataclass(eq=False)
 class SharedStatistics:
     """A model's shared fit inputs (see the module docstring). `stats` holds the groups SHARED_GROUPS (retain
     counts, sums and, for the paper gate, Grams; erasure counts and sums); `features` the pooled prompt
-    features "retain" and, where calibration prompts were given, "calibration" [N, d] float32 (prompt gates);
+    features "retain", "retain_occluded" (where retain has photos and occlusion is on) and, where calibration
+    prompts were given, "calibration" [N, d] float32 (prompt gates);
     `identity` the key's inputs; `key` their sha256."""
 
     key: str
@@ -110,12 +115,11 @@ class SharedStatistics:
 
     def check(self, settings: FitSettings, layers_path: str, steered: Sequence[int]) -> None:
         """Raise ValueError where these statistics were made under other settings than `settings`'s."""
-        wanted = shape_settings(settings, layers_path, steered)
-        have = {k: self.identity["settings"].get(k) for k in wanted}
-        if have != wanted:
-            differ = sorted(k for k in wanted if have[k] != wanted[k])
+        wanted, have = shape_settings(settings, layers_path, steered), self.identity["settings"]
+        differ = sorted(k for k in {*wanted, *have} if have.get(k) != wanted.get(k))
+        if differ:
             raise ValueError(f"the shared statistics were computed with other settings ({', '.join(differ)}): "
-                             f"{ {k: have[k] for k in differ} } vs { {k: wanted[k] for k in differ} }")
+                             f"{ {k: have.get(k) for k in differ} } vs { {k: wanted.get(k) for k in differ} }")
 
     def save(self, path: str | os.PathLike) -> Path:
         tensors = {f"stats.{name}": t.detach().cpu().contiguous() for name, t in self.stats.state_dict().items()}

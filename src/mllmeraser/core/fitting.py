@@ -37,7 +37,7 @@ from ..errors import UserInputError
 from . import cache, gating, hooks, models, steering
 from . import distributed  # torchrun: sharded batches, all-reduced statistics
 from .eraser import Eraser
-from .inputs import QAItem
+from .inputs import QAItem, occluded_copies
 
 GATES = ("knn", "ridge", "paper")
 
@@ -112,6 +112,14 @@ class FitSettings:
     floor: float = -math.inf  # paper gate shaping (steering.shape_gate): below the floor 0, above the cap clipped
     cap: float = math.inf
     normalise_gate: bool = False  # paper: rescale u_l so the mean gate over forget inputs is 1
+    # prompt gates: both banks also hold each photo four times, one edge covered by a white band of this fraction
+    # of the side (inputs.occluded_copies; 0: off). Why: writing over a photo (a caption, a name: the typographic
+    # attack) moves its pooled feature away from the clean photo's, and the knn ratio test then finds no forget
+    # prompt near; with covered copies in both banks a covered prompt is compared with covered prompts on both
+    # sides. Off by default: a request's fit then runs 4 more forwards (to the decision layer) per forget photo and
+    # the banks grow by 4 rows per photo, ~2x the fit time and ~4x the artifact on the testbed (README, Threat
+    # model). 0.15, the value to turn it on with, was set before measuring; measured on the seed-2 testbed world.
+    occlusion: float = 0.0
     mode: str = "prefill"
     pgd: PGDSettings = field(default_factory=PGDSettings)
     batch_size: int = 32
@@ -127,6 +135,8 @@ class FitSettings:
             raise UserInputError(None, f"min_ratio must be >= 1, got {self.min_ratio}")
         if self.neighbours < 1:
             raise UserInputError(None, f"neighbours must be >= 1, got {self.neighbours}")
+        if not 0.0 <= self.occlusion < 0.5:
+            raise UserInputError(None, f"occlusion must be in [0, 0.5), got {self.occlusion}")
 
 
 @dataclass(frozen=True)
@@ -472,6 +482,10 @@ def shared_inputs(model, processor, *, retain: Sequence[QAItem], erasure: Sequen
         collect(model, processor, held, retain, stats, ("retain",), bs, "retain", None, progress)
     else:
         features["retain"] = _pooled(model, processor, layers, retain, settings, "retain", progress)
+        covered = occluded_copies(retain, settings.occlusion)
+        if covered:
+            features["retain_occluded"] = _pooled(model, processor, layers, covered, settings, "retain (occluded)",
+                                                  progress)
         if calibration:
             features["calibration"] = _pooled(model, processor, layers, calibration, settings, "calibration", progress)
     collect(model, processor, held, erasure, stats, ("erasure",), bs, "erasure", None, progress)
@@ -496,6 +510,7 @@ def request_inputs(model, processor, *, forget: Sequence[QAItem], settings: FitS
         started = time.perf_counter()
         features["forget"] = _pooled(model, processor, layers, forget, settings, "forget", progress)
         timings["forget"] = time.perf_counter() - started
+        _occluded_forget(model, processor, layers, forget, settings, progress, features, timings)
         return stats, features
     # One pass over the forget set: PGD's own forwards give the recall statistics and the clean prompts' gate
     # features (prompt gates: pooled at the decision layer; paper: the forget Gram, of clean and PGD inputs).
@@ -506,7 +521,21 @@ def request_inputs(model, processor, *, forget: Sequence[QAItem], settings: FitS
     if forget_features is not None:
         features["forget"] = forget_features
     timings["forget (PGD recall, gate features)"] = time.perf_counter() - started
+    if settings.gate != "paper":
+        _occluded_forget(model, processor, layers, forget, settings, progress, features, timings)
     return stats, features
+
+
+def _occluded_forget(model, processor, layers, forget: Sequence[QAItem], settings: FitSettings, progress: bool,
+                     features: dict[str, torch.Tensor], timings: dict[str, float]) -> None:
+    """The gate features of the forget photos' occluded copies (FitSettings.occlusion), forwards to the decision
+    layer only: features["forget_occluded"], where the forget set has photos."""
+    started = time.perf_counter()
+    covered = occluded_copies(forget, settings.occlusion)
+    if covered:
+        features["forget_occluded"] = _pooled(model, processor, layers, covered, settings, "forget (occluded)",
+                                              progress)
+        timings["forget (occluded copies)"] = time.perf_counter() - started
 
 
 def steered_layers(settings: FitSettings, num_layers: int) -> list[int]:
@@ -532,14 +561,21 @@ def fit_prompt_gate(features: dict[str, torch.Tensor], settings: FitSettings) ->
     """The prompt gate from pooled features, its threshold calibrated (see gating.calibrate), and a record of
     the calibration for the eraser's metadata."""
     forget, retain = features["forget"], features["retain"]
+    # The banks: the clean prompts' features, then their occluded copies' (where FitSettings.occlusion made some).
+    forget_bank = torch.cat([forget, *[features[g] for g in ("forget_occluded",) if g in features]])
+    retain_bank = torch.cat([retain, *[features[g] for g in ("retain_occluded",) if g in features]])
     if settings.gate == "knn":
-        gate = gating.fit_knn(forget, retain, settings.pooling, settings.decision_layer, settings.neighbours)
+        gate = gating.fit_knn(forget_bank, retain_bank, settings.pooling, settings.decision_layer, settings.neighbours)
     else:
-        gate = gating.fit_ridge(forget, retain, settings.pooling, settings.decision_layer, settings.beta, settings.lam)
+        gate = gating.fit_ridge(forget_bank, retain_bank, settings.pooling, settings.decision_layer, settings.beta,
+                                settings.lam)
     if "calibration" in features:
         scores, source = gate.scores(features["calibration"])[:, 0], "held-out calibration prompts"
     elif settings.gate == "knn":
-        scores, source = gating.leave_one_out_retain_scores(gate), "retain prompts, each left out of the bank"
+        # Left out of a bank without the occluded retain copies: a left-out prompt's own copies would stand in
+        # for it. Fewer retain rows only raise a score, so the threshold errs high (fewer false positives).
+        clean = gating.fit_knn(forget_bank, retain, settings.pooling, settings.decision_layer, settings.neighbours)
+        scores, source = gating.leave_one_out_retain_scores(clean), "retain prompts, each left out of the bank"
     else:
         scores, source = gate.scores(retain)[:, 0], "retain prompts (in-sample)"
     tau, fpr = gating.calibrate(scores, settings.max_fpr)
@@ -563,7 +599,8 @@ def solve_eraser(stats: steering.SteeringStats, settings: FitSettings, layers_pa
                   layers_path=layers_path, hidden_size=stats.hidden_size, mode=settings.mode)
     if settings.gate != "paper":
         gate, record = fit_prompt_gate(features, settings)
-        request_meta["counts"].update({group: int(t.shape[0]) for group, t in features.items()})
+        # Sorted: a cache entry gives its features back in another order than a cold fit computes them.
+        request_meta["counts"].update({group: int(features[group].shape[0]) for group in sorted(features)})
         request_meta["gate"] = record
         return Eraser(u=None, prompt_gate=gate, metadata={"fingerprint": fingerprint, "requests": [request_meta]},
                       **common)

@@ -6,16 +6,17 @@ explicitly. A `verbatim` item skips it: its prompt is its question exactly as gi
 
 An item's image may be held encoded (`EncodedImage`: the file's bytes, as a benchmark split stores them) and is
 then decoded each time `item.image` is read, never cached: thousands of items cost their files' bytes, not
-their decoded pixels.
+their decoded pixels. So may an `OccludedImage` (another held image with one edge covered, made when read): the
+gate's banks hold four of them per photo (`occluded_copies`), which must not cost four decoded photos each.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Literal
 
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from ..bench import prompts as mllmu_prompts
 from ..errors import UserInputError
@@ -51,6 +52,43 @@ class EncodedImage:
         return image.convert("RGB")
 
 
+EDGES = ("top", "bottom", "left", "right")
+
+
+class OccludedImage:
+    """`source` (a PIL image or an EncodedImage) with a white band over `fraction` of its side along `edge`,
+    drawn on every `decode()` (at least one pixel wide; the rest of the image untouched)."""
+
+    __slots__ = ("source", "edge", "fraction")
+
+    def __init__(self, source: "Image.Image | EncodedImage", edge: str, fraction: float):
+        if edge not in EDGES:
+            raise ValueError(f"edge must be one of {EDGES}, got {edge!r}")
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"the band's fraction must be in (0, 1), got {fraction}")
+        self.source, self.edge, self.fraction = source, edge, fraction
+
+    def decode(self) -> Image.Image:
+        image = (self.source.decode() if isinstance(self.source, EncodedImage) else self.source).convert("RGB")
+        width, height = image.size
+        across = width if self.edge in ("left", "right") else height
+        band = max(1, round(across * self.fraction))
+        box = {"top": (0, 0, width, band), "bottom": (0, height - band, width, height),
+               "left": (0, 0, band, height), "right": (width - band, 0, width, height)}[self.edge]
+        image = image.copy()
+        ImageDraw.Draw(image).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill="white")
+        return image
+
+
+def occluded_copies(items: "Iterable[QAItem]", fraction: float) -> "list[QAItem]":
+    """Each item with an image once per edge (EDGES, in that order per item), that edge covered by a white band of
+    `fraction` of the side; text items have none. Held lazily: a copy costs no decoded pixels until read."""
+    if fraction <= 0.0:
+        return []
+    return [replace(item, image=OccludedImage(item.image_source, edge, fraction))
+            for item in items if item.image_source is not None for edge in EDGES]
+
+
 def _known_format(data: bytes) -> bool:
     """Whether a Pillow format claims these bytes' first 16 (what Image.open itself reads to choose one)."""
     Image.init()
@@ -67,14 +105,14 @@ class QAItem:
     question: str
     answer: str  # classification: the correct letter; cloze and generation: the ground truth
     options: dict[str, str] | None = None
-    image: Image.Image | None = field(default=None, compare=False, repr=False)  # also takes an EncodedImage
+    image: Image.Image | None = field(default=None, compare=False, repr=False)  # or an EncodedImage, OccludedImage
     verbatim: bool = False  # True: the prompt is `question` as given, with no MLLMU-Bench instruction
     history: tuple[tuple[str, str], ...] = ()  # earlier (user, assistant) turns; the image goes in the first
     prefill: str = ""  # text the assistant turn starts with, after the generation prompt (the model continues it)
 
     @property
-    def image_source(self) -> Image.Image | EncodedImage | None:
-        """The image as held: a PIL image, an EncodedImage (not decoded by reading this) or None."""
+    def image_source(self) -> Image.Image | EncodedImage | OccludedImage | None:
+        """The image as held: a PIL image, an EncodedImage or OccludedImage (not decoded by reading this), or None."""
         return self.__dict__.get("_image")
 
     @property
@@ -89,14 +127,14 @@ class QAItem:
 
 
 class _ImageOnRead:
-    """`QAItem.image`: stores what the item was given; reading it gives a PIL image (an EncodedImage is decoded
-    anew on each read) or None."""
+    """`QAItem.image`: stores what the item was given; reading it gives a PIL image (an EncodedImage or
+    OccludedImage is decoded anew on each read) or None."""
 
     def __get__(self, item, owner=None):
         if item is None:
             return None
         held = item.__dict__.get("_image")
-        return held.decode() if isinstance(held, EncodedImage) else held
+        return held.decode() if isinstance(held, (EncodedImage, OccludedImage)) else held
 
     def __set__(self, item, value) -> None:  # reached only from the dataclass __init__ (the item is frozen)
         item.__dict__["_image"] = value
