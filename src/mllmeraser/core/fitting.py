@@ -469,6 +469,23 @@ def _pooled(model, processor, layers, items: Sequence[QAItem], settings: FitSett
                    settings.decision_layer, settings.pooling)
 
 
+def _pool_occluded(model, processor, layers, items: Sequence[QAItem], group: str, settings: FitSettings,
+                   features: dict[str, torch.Tensor], progress: bool) -> bool:
+    """features[group + "_occluded"]: the pooled features of `items`' photos with each edge covered
+    (FitSettings.occlusion; the forwards stop at the decision layer). False where there are none to add."""
+    covered = occluded_copies(items, settings.occlusion)
+    if covered:
+        features[f"{group}_occluded"] = _pooled(model, processor, layers, covered, settings, f"{group} (occluded)",
+                                                progress)
+    return bool(covered)
+
+
+def _with_occluded(features: dict[str, torch.Tensor], group: str) -> torch.Tensor:
+    """A gate bank: the clean prompts' features of `group`, then their occluded copies' where there are some."""
+    copies = features.get(f"{group}_occluded")
+    return features[group] if copies is None else torch.cat([features[group], copies])
+
+
 def shared_inputs(model, processor, *, retain: Sequence[QAItem], erasure: Sequence[QAItem],
                   calibration: Sequence[QAItem] | None, settings: FitSettings, layers_path: str | None = None,
                   progress: bool = True) -> tuple[steering.SteeringStats, dict[str, torch.Tensor]]:
@@ -482,10 +499,7 @@ def shared_inputs(model, processor, *, retain: Sequence[QAItem], erasure: Sequen
         collect(model, processor, held, retain, stats, ("retain",), bs, "retain", None, progress)
     else:
         features["retain"] = _pooled(model, processor, layers, retain, settings, "retain", progress)
-        covered = occluded_copies(retain, settings.occlusion)
-        if covered:
-            features["retain_occluded"] = _pooled(model, processor, layers, covered, settings, "retain (occluded)",
-                                                  progress)
+        _pool_occluded(model, processor, layers, retain, "retain", settings, features, progress)
         if calibration:
             features["calibration"] = _pooled(model, processor, layers, calibration, settings, "calibration", progress)
     collect(model, processor, held, erasure, stats, ("erasure",), bs, "erasure", None, progress)
@@ -510,32 +524,21 @@ def request_inputs(model, processor, *, forget: Sequence[QAItem], settings: FitS
         started = time.perf_counter()
         features["forget"] = _pooled(model, processor, layers, forget, settings, "forget", progress)
         timings["forget"] = time.perf_counter() - started
-        _occluded_forget(model, processor, layers, forget, settings, progress, features, timings)
-        return stats, features
-    # One pass over the forget set: PGD's own forwards give the recall statistics and the clean prompts' gate
-    # features (prompt gates: pooled at the decision layer; paper: the forget Gram, of clean and PGD inputs).
-    pooled = None if settings.gate == "paper" else stats.layers.index(settings.decision_layer)
-    groups, clean_groups = (("recall", "forget"), ("forget",)) if settings.gate == "paper" else (("recall",), ())
-    forget_features = collect(model, processor, held, forget, stats, groups, bs, "forget (PGD recall)", settings.pgd,
-                              progress, pooled, settings.pooling, clean_groups)
-    if forget_features is not None:
-        features["forget"] = forget_features
-    timings["forget (PGD recall, gate features)"] = time.perf_counter() - started
-    if settings.gate != "paper":
-        _occluded_forget(model, processor, layers, forget, settings, progress, features, timings)
-    return stats, features
-
-
-def _occluded_forget(model, processor, layers, forget: Sequence[QAItem], settings: FitSettings, progress: bool,
-                     features: dict[str, torch.Tensor], timings: dict[str, float]) -> None:
-    """The gate features of the forget photos' occluded copies (FitSettings.occlusion), forwards to the decision
-    layer only: features["forget_occluded"], where the forget set has photos."""
+    else:
+        # One pass over the forget set: PGD's own forwards give the recall statistics and the clean prompts' gate
+        # features (prompt gates: pooled at the decision layer; paper: the forget Gram, of clean and PGD inputs).
+        pooled = None if settings.gate == "paper" else stats.layers.index(settings.decision_layer)
+        groups, clean_groups = (("recall", "forget"), ("forget",)) if settings.gate == "paper" else (("recall",), ())
+        forget_features = collect(model, processor, held, forget, stats, groups, bs, "forget (PGD recall)",
+                                  settings.pgd, progress, pooled, settings.pooling, clean_groups)
+        if forget_features is not None:
+            features["forget"] = forget_features
+        timings["forget (PGD recall, gate features)"] = time.perf_counter() - started
     started = time.perf_counter()
-    covered = occluded_copies(forget, settings.occlusion)
-    if covered:
-        features["forget_occluded"] = _pooled(model, processor, layers, covered, settings, "forget (occluded)",
-                                              progress)
+    if settings.gate != "paper" and _pool_occluded(model, processor, layers, forget, "forget", settings, features,
+                                                   progress):
         timings["forget (occluded copies)"] = time.perf_counter() - started
+    return stats, features
 
 
 def steered_layers(settings: FitSettings, num_layers: int) -> list[int]:
@@ -561,9 +564,7 @@ def fit_prompt_gate(features: dict[str, torch.Tensor], settings: FitSettings) ->
     """The prompt gate from pooled features, its threshold calibrated (see gating.calibrate), and a record of
     the calibration for the eraser's metadata."""
     forget, retain = features["forget"], features["retain"]
-    # The banks: the clean prompts' features, then their occluded copies' (where FitSettings.occlusion made some).
-    forget_bank = torch.cat([forget, *[features[g] for g in ("forget_occluded",) if g in features]])
-    retain_bank = torch.cat([retain, *[features[g] for g in ("retain_occluded",) if g in features]])
+    forget_bank, retain_bank = _with_occluded(features, "forget"), _with_occluded(features, "retain")
     if settings.gate == "knn":
         gate = gating.fit_knn(forget_bank, retain_bank, settings.pooling, settings.decision_layer, settings.neighbours)
     else:
