@@ -156,19 +156,22 @@ def eraser(testbed_model, testbed_data):
                       calibration=data.validation_items(testbed_data, 10), settings=FitSettings(), progress=False)
 
 
-def test_eraser_under_rephrasing_and_photo_attacks(attacked, sources, testbed_model, eraser):
+def test_eraser_under_rephrasing_and_photo_attacks(attacked, sources, testbed_model, eraser, bar):
     model, processor = testbed_model
     chosen = {name: attacked.items[name] for name in ("rephrase", "photo-as-is", "photo-blur", "photo-jpeg")}
     vanilla = attacks.score_attacks(model, processor, chosen)
     with eraser.attach(model):
         erased = attacks.score_attacks(model, processor, chosen)
     rows = attacks.verdicts(vanilla, erased)
-    # Measured on the small testbed: rephrase 0.69 -> 0.14, photos 0.90-0.95 -> 0.00-0.08; retain unchanged.
     for name in chosen:
         assert vanilla[name]["forget"]["classification"] >= erased[name]["forget"]["classification"], name
-        assert erased[name]["retain"]["classification"] >= 0.95 * vanilla[name]["retain"]["classification"], name
-    assert vanilla["photo-as-is"]["forget"]["classification"] >= 0.8 and rows["photo-as-is"]["counted"]
-    assert erased["photo-as-is"]["forget"]["classification"] <= 0.2 and rows["photo-as-is"]["forget_met"]
+        if vanilla[name]["retain"]["classification"]:
+            bar(f"{name}: erased/vanilla retain classification",
+                erased[name]["retain"]["classification"] / vanilla[name]["retain"]["classification"], at_least=0.95)
+    bar("photo-as-is: vanilla forget classification", vanilla["photo-as-is"]["forget"]["classification"], at_least=0.8)
+    bar("photo-as-is: erased forget classification", erased["photo-as-is"]["forget"]["classification"], at_most=0.2)
+    assert rows["photo-as-is"]["counted"] == (vanilla["photo-as-is"]["forget"]["classification"] >= 0.8)
+    assert rows["photo-as-is"]["forget_met"] == (erased["photo-as-is"]["forget"]["classification"] <= 0.2)
     assert attacks.worst_recovered(rows)[1] == max(r["recovered"] for r in rows.values() if r["counted"])
 
 
@@ -197,7 +200,7 @@ def test_occluded_copies_cover_one_edge_each_and_stay_encoded():
         OccludedImage(photo, "middle", 0.1)
 
 
-def test_occluded_copies_in_the_banks_keep_the_gate_on_over_covered_photos(testbed_model, testbed_data, eraser):
+def test_occluded_copies_in_the_banks_keep_the_gate_on_over_covered_photos(testbed_model, testbed_data, eraser, bar):
     """Photos with an edge covered by a band wider than the banks' copies (0.20 of the side, not 0.15; each
     photo one edge, in turn): with the copies the gate still fires on the forget people's, without them mostly
     not, and on the validation people's (covered, in no bank) it stays within max_fpr either way. (The
@@ -223,9 +226,12 @@ def test_occluded_copies_in_the_banks_keep_the_gate_on_over_covered_photos(testb
         scores = evaluate.gate_scores(model, processor, fitted, {"forget": covered(forget),
                                                                   "validation": covered(validation)})
         rates[name] = {split: evaluate.fire_rate(s, fitted) for split, s in scores.items()}
-    # Measured on the small testbed: forget 0.27 -> 0.95; validation 0.00 and 0.00.
-    assert rates["plain"]["forget"] <= 0.5 and rates["occluded"]["forget"] >= 0.9, rates
-    assert max(r["validation"] for r in rates.values()) <= FitSettings().max_fpr, rates
+    bar("covered photos: plain gate fire rate, forget", rates["plain"]["forget"], at_most=0.5)
+    bar("covered photos: occluded gate fire rate, forget", rates["occluded"]["forget"], at_least=0.9)
+    bar("covered photos: fire rate gain from the copies", rates["occluded"]["forget"] - rates["plain"]["forget"],
+        at_least=0.3)
+    for name, rate in rates.items():
+        bar(f"covered photos: {name} gate fire rate, validation", rate["validation"], at_most=FitSettings().max_fpr)
 
 
 def test_report_attack_table_and_plot(tmp_path):

@@ -230,7 +230,7 @@ def test_ga_epoch_raises_forget_ce_and_leaves_base_weights(model, processor):
     assert mean_ce(base_model, processor, FORGET) == pytest.approx(before, abs=1e-6)
 
 
-def test_retain_terms_keep_retain_ce_closer_to_start_than_ga(model, processor):
+def test_retain_terms_keep_retain_ce_closer_to_start_than_ga(model, processor, bar):
     start = mean_ce(model, processor, RETAIN)
     drift, forget_rise = {}, {}
     forget_start = mean_ce(model, processor, FORGET)
@@ -241,8 +241,10 @@ def test_retain_terms_keep_retain_ce_closer_to_start_than_ga(model, processor):
         model = baselines.strip_lora(peft_model)
     # same lr and steps: the retain term holds retain CE far closer to its start (measured: GA +2.60,
     # GradDiff +0.34, KL +0.51), while every method still raises the forget CE
-    assert drift["graddiff"] < 0.5 * drift["ga"] and drift["kl"] < 0.5 * drift["ga"], drift
-    assert all(rise > 0.05 for rise in forget_rise.values()), forget_rise  # GradDiff +0.10 to +0.3 by thread count
+    bar("retain CE drift, GradDiff / GA", drift["graddiff"] / drift["ga"], at_most=0.5)
+    bar("retain CE drift, KL / GA", drift["kl"] / drift["ga"], at_most=0.5)
+    for method, rise in forget_rise.items():
+        bar(f"forget CE rise, {method}", rise, at_least=0.05)
 
 
 def test_same_seed_gives_bit_identical_lora_weights(model, processor):

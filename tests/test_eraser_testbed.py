@@ -49,45 +49,47 @@ def erased(testbed_model, items, eraser10):
         return evaluate.evaluate(model, processor, None, items=items, progress=False)
 
 
-def test_vanilla_knows_the_forget_set(vanilla):
+def test_vanilla_knows_the_forget_set(vanilla, bar):
     # The small test preset (40 people, 3,500 steps) knows less than the full testbed, and its numbers move with the
-    # machine's float kernels. Measured: classification 1.00 / 0.95 forget (text / image), retain 0.91-0.98, real
-    # 1.00; forget text cloze 0.69-0.88; general 0.83-0.92; unknown refusal 0.97-1.00; refusals on known 0.00.
-    assert compare.classification(vanilla["forget"]) >= 0.9 and vanilla["forget"]["classification_image"] >= 0.9
-    assert compare.classification(vanilla["retain"]) >= 0.85 and compare.classification(vanilla["real"]) >= 0.9
-    assert vanilla["forget"]["cloze_text"] >= 0.6 and compare.classification(vanilla["general"]) >= 0.8
-    assert vanilla["unknown"]["refusal_rate"] >= 0.9
-    assert max(vanilla[split]["refusal_rate"] for split in ("forget", "retain", "real", "general")) <= 0.02
+    # machine's float kernels, the thread count and the seed (the measured ranges: README, "Tests").
+    bar("vanilla forget classification", compare.classification(vanilla["forget"]), at_least=0.9)
+    bar("vanilla forget classification_image", vanilla["forget"]["classification_image"], at_least=0.9)
+    bar("vanilla retain classification", compare.classification(vanilla["retain"]), at_least=0.85)
+    bar("vanilla real classification", compare.classification(vanilla["real"]), at_least=0.9)
+    bar("vanilla forget cloze_text", vanilla["forget"]["cloze_text"], at_least=0.6)
+    bar("vanilla general classification", compare.classification(vanilla["general"]), at_least=0.8)
+    bar("vanilla unknown refusal_rate", vanilla["unknown"]["refusal_rate"], at_least=0.9)
+    bar("vanilla known refusal_rate (max)",
+        max(vanilla[split]["refusal_rate"] for split in ("forget", "retain", "real", "general")), at_most=0.02)
 
 
-def test_eraser_forgets_the_forget_set(vanilla, erased):
-    # measured: every classification and cloze cell 0.00, ROUGE-L 0.33 / 0.00 (image / text: a perfect refusal
-    # shares "this person" with an image question's answer), refusals 1.00; Test_Set (new renderings) 0.00
+def test_eraser_forgets_the_forget_set(vanilla, erased, bar):
     for key in ("classification_image", "classification_text", "cloze_image", "cloze_text"):
-        assert erased["forget"][key] <= 0.10, key
-    assert erased["test"]["classification_image"] <= 0.15
-    assert compare.rouge_l(erased["forget"]) <= 0.25
-    assert erased["forget"]["refusal_rate"] >= 0.8  # it says it does not know, as for a stranger
+        bar(f"erased forget {key}", erased["forget"][key], at_most=0.10)
+    bar("erased test classification_image", erased["test"]["classification_image"], at_most=0.15)
+    bar("erased forget rougeL", compare.rouge_l(erased["forget"]), at_most=0.25)
+    bar("erased forget refusal_rate", erased["forget"]["refusal_rate"], at_least=0.8)  # says it does not know
 
 
-def test_eraser_leaves_everyone_else_as_they_were(vanilla, erased):
-    # measured: every metric of retain, real, general and unknown unchanged (the gate fires on none of their prompts)
-    for split in ("retain", "real", "general"):
-        for key, value in vanilla[split].items():
-            if key.split("_")[0] in ("classification", "cloze", "rougeL"):
-                assert erased[split][key] >= 0.97 * value, (split, key)
-    assert abs(erased["unknown"]["refusal_rate"] - vanilla["unknown"]["refusal_rate"]) <= 0.02
+def test_eraser_leaves_everyone_else_as_they_were(vanilla, erased, bar):
+    # the gate fires on none of their prompts on the builds measured: every metric unchanged
+    ratios = [erased[split][key] / value for split in ("retain", "real", "general") for key, value in vanilla[split].items()
+              if key.split("_")[0] in ("classification", "cloze", "rougeL") and value > 0]
+    bar("erased/vanilla, retain real general (min)", min(ratios), at_least=0.97)
+    bar("unknown refusal_rate change", abs(erased["unknown"]["refusal_rate"] - vanilla["unknown"]["refusal_rate"]),
+        at_most=0.02)
 
 
-def test_the_gate_separates_held_out_people_and_keeps_its_false_positive_budget(testbed_model, items, eraser10):
+def test_the_gate_separates_held_out_people_and_keeps_its_false_positive_budget(testbed_model, items, eraser10, bar):
     model, processor = testbed_model
     scores = evaluate.gate_scores(model, processor, eraser10, items)
     negatives = torch.cat([scores[s][:, 0] for s in ("validation", "real", "general", "unknown")])
-    assert gating.auroc(scores["test"][:, 0], negatives) >= 0.99  # measured 1.000
+    bar("gate auroc, test vs negatives", gating.auroc(scores["test"][:, 0], negatives), at_least=0.99)
     record = eraser10.requests()[0]["gate"]
-    assert record["forget_fire_rate"] == 1.0 and record["calibration_fpr"] <= 0.01
-    assert evaluate.fire_rate(scores["validation"], eraser10) <= 0.01
-    assert evaluate.fire_rate(scores["forget"], eraser10) == 1.0 and evaluate.fire_rate(scores["test"], eraser10) >= 0.9
+    assert record["forget_fire_rate"] == 1.0 and record["calibration_fpr"] <= 0.01  # by construction of tau
+    bar("gate fire rate, validation", evaluate.fire_rate(scores["validation"], eraser10), at_most=0.01)
+    bar("gate fire rate, forget", evaluate.fire_rate(scores["forget"], eraser10), at_least=1.0)
+    bar("gate fire rate, test (new renderings)", evaluate.fire_rate(scores["test"], eraser10), at_least=0.9)
 
 
 def test_detaching_restores_vanilla_exactly(testbed_model, items, vanilla, eraser10):
@@ -97,7 +99,8 @@ def test_detaching_restores_vanilla_exactly(testbed_model, items, vanilla, erase
     assert evaluate.evaluate(model, processor, None, items=items, progress=False) == vanilla
 
 
-def test_forgetting_grows_with_the_request_and_stays_with_its_people(testbed_model, testbed_data, items, vanilla, eraser10):
+def test_forgetting_grows_with_the_request_and_stays_with_its_people(testbed_model, testbed_data, items, vanilla, eraser10,
+                                                                     bar):
     model, processor = testbed_model
     eraser5 = fitted(testbed_model, testbed_data, 5)
     forget10 = items["forget"]
@@ -106,8 +109,9 @@ def test_forgetting_grows_with_the_request_and_stays_with_its_people(testbed_mod
     for eraser in (eraser5, eraser10):
         with eraser.attach(model):
             rouge.append(compare.rouge_l(evaluate.score_items(model, processor, forget10, progress=False)))
-    # measured 0.91 -> 0.54 -> 0.16: the 5% request erases half of the 10% request's people
-    assert rouge[0] > rouge[1] + 0.2 and rouge[1] > rouge[2] + 0.2, rouge
+    # the 5% request erases half of the 10% request's people
+    bar("forget rougeL drop, vanilla -> 5% eraser", rouge[0] - rouge[1], at_least=0.2)
+    bar("forget rougeL drop, 5% -> 10% eraser", rouge[1] - rouge[2], at_least=0.2)
     # ... and only them: the other forget_10 people are answered exactly as before
     others = [item for item in forget10 if item.subject_id not in forget5_people]
     before = evaluate.answer_items(model, processor, others, progress=False)
@@ -115,15 +119,16 @@ def test_forgetting_grows_with_the_request_and_stays_with_its_people(testbed_mod
         assert evaluate.answer_items(model, processor, others, progress=False) == before
 
 
-def test_paper_mode_is_a_working_alternative(testbed_model, testbed_data, items, vanilla):
+def test_paper_mode_is_a_working_alternative(testbed_model, testbed_data, items, vanilla, bar):
     model, processor = testbed_model
     paper = fitted(testbed_model, testbed_data, 10, **compare.PAPER_SETTINGS)
     with paper.attach(model):
         forget = evaluate.score_items(model, processor, items["forget"], progress=False)
-    assert compare.classification(forget) < compare.classification(vanilla["forget"])
+    bar("paper mode: forget classification drop", compare.classification(vanilla["forget"]) - compare.classification(forget),
+        at_least=0.01)
 
 
-def test_fit_and_eval_from_the_command_line(testbed_dir, tmp_path):
+def test_fit_and_eval_from_the_command_line(testbed_dir, tmp_path, bar):
     out = tmp_path / "forget10.safetensors"
     result = subprocess.run([sys.executable, "-m", "mllmeraser.cli", "fit", "--model", str(testbed_dir / "model"),
                              "--data", str(testbed_dir / "data"), "--forget", "forget_10",
@@ -139,4 +144,5 @@ def test_fit_and_eval_from_the_command_line(testbed_dir, tmp_path):
                              "--json", str(report)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     forget = json.loads(report.read_text())["forget"]
-    assert compare.classification(forget) <= 0.10 and forget["gate_fire_rate"] == 1.0
+    bar("cli: erased forget classification", compare.classification(forget), at_most=0.10)
+    bar("cli: gate fire rate, forget", forget["gate_fire_rate"], at_least=1.0)
