@@ -186,26 +186,25 @@ def tensor_names(header: dict[str, Any]) -> tuple[str, ...]:
 def _check_tensors(check: _Checker, header: dict[str, Any], tensors: dict[str, Tensor]) -> None:
     """dtype, shape and finiteness of each tensor (names were checked before any was read)."""
     terms, layers, width = header["num_terms"], len(header["layer_indices"]), header["hidden_size"]
+    for name in (name for name in tensors if name.endswith("_owner")):  # first: they give the banks' rows
+        owner = tensors[name]
+        if owner.dtype != torch.int64 or owner.ndim != 1:
+            raise check.refuse(f"tensor {name!r} is {owner.dtype} {list(owner.shape)}, expected torch.int64 [N]")
     for name, tensor in tensors.items():
         if name.endswith("_owner"):
-            if tensor.dtype != torch.int64:
-                raise check.refuse(f"tensor {name!r} is {tensor.dtype}, expected torch.int64")
             continue
         floats = (torch.float16, torch.bfloat16, torch.float32) if name.endswith("_bank") else (torch.float32,)
         if tensor.dtype not in floats:
             expected = " or ".join(str(dtype) for dtype in floats)
             raise check.refuse(f"tensor {name!r} is {tensor.dtype}, expected {expected}")
-        expected_shape = {"r": [terms, layers, width], "u": [terms, layers, width], "gate.u": [terms, width]}.get(name)
-        if expected_shape is None:  # a knn bank: [rows, d], one owner per row
-            owner = tensors[name.replace("_bank", "_owner")]
-            expected_shape = [owner.shape[0] if owner.ndim == 1 else "N", width]
+        owner = name.replace("_bank", "_owner")
+        expected_shape, why = {"r": ([terms, layers, width], ""), "u": ([terms, layers, width], ""),
+                               "gate.u": ([terms, width], "")}.get(name) or (
+            [tensors[owner].shape[0], width], f" (a row per entry of {owner!r})")
         if list(tensor.shape) != expected_shape:
-            raise check.refuse(f"tensor {name!r} has shape {list(tensor.shape)}, expected {expected_shape}")
+            raise check.refuse(f"tensor {name!r} has shape {list(tensor.shape)}, expected {expected_shape}{why}")
         if not bool(torch.isfinite(tensor).all()):
             raise check.refuse(f"tensor {name!r} holds non-finite values (NaN or infinity)")
-    for owner in (name for name in tensors if name.endswith("_owner")):
-        if tensors[owner].ndim != 1:
-            raise check.refuse(f"tensor {owner!r} has shape {list(tensors[owner].shape)}, expected one owner per row")
 
 
 def read_eraser_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
