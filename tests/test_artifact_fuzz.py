@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors
 import safetensors.torch
 import torch
 
@@ -339,6 +340,46 @@ def test_every_mutant_is_refused_with_one_line_naming_the_file_and_the_field(fuz
         else:
             wrong.append(f"{name}: loaded")
     assert wrong == [], f"{len(wrong)} of {len(mutants)} mutants:\n" + "\n".join(wrong)
+
+
+def test_no_tensor_is_read_before_the_header_and_the_names_pass(fuzz, monkeypatch):
+    from mllmeraser.core import artifact
+
+    reads = []
+    real_open = safetensors.safe_open
+
+    class Counting:
+        def __init__(self, *args, **kwargs):
+            self.reader = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner = self.reader.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.reader.__exit__(*exc)
+
+        def metadata(self):
+            return self.inner.metadata()
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_tensor(self, name):
+            reads.append(name)
+            return self.inner.get_tensor(name)
+
+    monkeypatch.setattr(artifact.safetensors, "safe_open", Counting)
+    goods, mutants = fuzz
+    Eraser.load(goods["knn"])
+    assert sorted(reads) == ["gate.forget_bank", "gate.forget_owner", "gate.retain_bank", "gate.retain_owner", "r"]
+    named = {name: path for name, path, _ in mutants}
+    for name in ["knn/metadata=[]", "knn/alpha[0]=nan", "knn/unknown tensor gate._device_cache", "knn/missing r",
+                 "paper/gate=knn", "ridge/header text 'null'...'null' (4)"]:
+        reads.clear()
+        with pytest.raises(UserInputError):
+            Eraser.load(named[name])
+        assert reads == [], name
 
 
 def test_the_server_upload_refuses_every_mutant_with_a_400(fuzz):
