@@ -170,3 +170,54 @@ def test_pgd_early_stop_moves_only_the_items_not_yet_recalled(testbed_model, set
     assert float((single - stopped).abs().gt(1e-5).float().mean()) < 1e-3
     # stop_nll 0 never stops: the paper's PGD
     assert torch.equal(fitting.pgd_images(model, processor, items, PGDSettings(stop_nll=0.0)), full)
+
+
+# ---- the processing and the libraries are part of the key (a tiny random llava: no testbed needed) ----------
+
+
+@pytest.fixture(scope="module")
+def tiny_llava_dir(tmp_path_factory):
+    from tiny_families import build_llava
+
+    return build_llava(tmp_path_factory.mktemp("tiny-llava"))
+
+
+def test_an_entry_of_other_processing_or_libraries_is_never_read(tiny_llava_dir, tmp_path, monkeypatch):
+    import transformers
+    from tiny_families import LLAVA_CHAT_TEMPLATE, make_items
+
+    items = {"retain": make_items(0, 2), "erasure": make_items(2, 1), "calibration": None}
+    settings = FitSettings(batch_size=8)
+
+    def tiny_shared(model, processor):
+        return shared(model, processor, items, settings, tmp_path)
+
+    model, processor = models.load_model(tiny_llava_dir)
+    built = tiny_shared(model, processor)
+    assert built.status == "built" and set(built.identity["versions"]) == {"torch", "transformers", "mllmeraser"}
+    # the same checkpoint loaded again: the same key, the entry is read (the key is stable across loads)
+    reloaded = tiny_shared(*models.load_model(tiny_llava_dir))
+    assert reloaded.status == "loaded" and reloaded.key == built.key
+
+    keys, mean = {built.key}, list(processor.image_processor.image_mean)
+    processor.image_processor.image_mean = [0.5, 0.5, 0.5]  # another normalisation: other image activations
+    other_mean = tiny_shared(model, processor)
+    assert other_mean.status == "built" and other_mean.key not in keys
+    assert not torch.equal(other_mean.features["retain"], built.features["retain"])  # the old entry was stale
+    keys.add(other_mean.key)
+    processor.image_processor.image_mean = mean
+    assert tiny_shared(model, processor).status == "loaded"  # back to the first settings: the first entry
+
+    processor.chat_template = LLAVA_CHAT_TEMPLATE.replace("{{ message['role'].upper() + ': ' }}", "")  # no "USER:"
+    other_template = tiny_shared(model, processor)
+    assert other_template.status == "built" and other_template.key not in keys
+    assert not torch.equal(other_template.features["retain"], built.features["retain"])
+    keys.add(other_template.key)
+    processor.chat_template = LLAVA_CHAT_TEMPLATE
+
+    model.set_attn_implementation("eager")
+    keys.add(tiny_shared(model, processor).key)
+    model.set_attn_implementation("sdpa")
+    monkeypatch.setattr(transformers, "__version__", "0.0.0")
+    keys.add(tiny_shared(model, processor).key)
+    assert len(keys) == 5 and len(cache.entries(tmp_path)) == 5

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -246,6 +247,8 @@ def load_eraser(path: Path | None, alpha: float | None) -> Eraser | None:
     if path is None:
         return None
     eraser = Eraser.load(path)
+    if alpha is not None and not math.isfinite(alpha):  # argparse's float() takes "nan" and "inf"
+        raise UserInputError(None, f"--alpha must be a finite number, got {alpha}")
     return eraser.with_alpha(alpha) if alpha is not None else eraser
 
 

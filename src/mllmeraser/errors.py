@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -16,20 +17,50 @@ class UserInputError(Exception):
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` so a reader sees either the old file or the whole new one, never a torn one."""
+    """Write `data` to `path` so a reader sees either the old file or the whole new one, never a torn one, and
+    so the new file survives a crash once this returns.
+
+    The temporary file is unique per call (mkstemp in the same directory: os.replace is atomic within one
+    filesystem), so two threads or processes writing one path never touch each other's temporary; the last
+    os.replace wins whole. The data is fsynced before the rename, and the directory after it (the rename itself
+    is only durable once the directory entry is on disk). On any failure the temporary is removed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with open(tmp, "wb") as fh:
+        with os.fdopen(handle, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the file gets what open() would have given it
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
     return path
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import: setting it per write would race with other threads' files
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable (where the platform lets a directory be opened: not on Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -15,11 +15,16 @@ them there. An entry is one safetensors file named by a key: the sha256 of
     the model's fingerprint (eraser.model_fingerprint: weights sampled, not just the name), its parameter
     dtype and device type (the same weights in bfloat16 or on a GPU give other activations), the settings
     that shape the statistics (gate family, pooling, decision layer, occlusion, steered layers, decoder-layer path,
-    batch size: padding changes the float sums), CACHE_VERSION, and a digest of every retain, erasure and
-    calibration item (its text, its options, its answer and its image's bytes).
+    batch size: padding changes the float sums), CACHE_VERSION, a digest of every retain, erasure and
+    calibration item (its text, its options, its answer and its image's bytes), a digest of what turns an item
+    into a forward besides the weights (`processing_identity`: the processor's and image processor's settings,
+    the chat template, the tokenizer's class, size and padding side, the attention implementation) and the
+    versions of torch, transformers and mllmeraser (their kernels and processors change activations too).
 
-So a change to the data, the settings or the weights reads another entry, and a stale entry is never read:
-it only takes disk until `mllmeraser cache --clear`. A request's fit with a warm cache runs only its forget
+So a change to the data, the settings, the weights, the processing or the libraries reads another entry
+(entries written before the processing and versions were part of the key are simply never read again), and
+a stale entry is never read: it only takes disk until `mllmeraser cache --clear`. The tokenizer's vocabulary
+itself is not hashed (its size is): a tokenizer edited in place at the same size is not seen. A request's fit with a warm cache runs only its forget
 set through the model. Entries are written atomically; one that cannot be read is rebuilt and overwritten.
 """
 
@@ -78,6 +83,29 @@ def item_digest(items: Sequence[QAItem]) -> str:
         else:
             digest.update(b"none")
     return digest.hexdigest()
+
+
+def processing_identity(model, processor) -> dict[str, Any]:
+    """The key's part for everything between an item and the model's activations other than the weights: a
+    digest of the processor's settings (processor.to_dict(): the image processor's size, crop, mean, std,
+    resampling, and the processor's own patch size and image token), the chat template, the tokenizer's class,
+    size and padding side, and the attention implementation; and the library versions, in the clear (so
+    `mllmeraser cache` can show them)."""
+    import transformers
+
+    from .. import __version__
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    described = {
+        "processor": processor.to_dict() if hasattr(processor, "to_dict") else None,
+        "chat_template": getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None),
+        "tokenizer": [type(tokenizer).__name__, len(tokenizer) if hasattr(tokenizer, "__len__") else None,
+                      getattr(tokenizer, "padding_side", None)],
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+    }
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"processing": digest,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "mllmeraser": __version__}}
 
 
 def shape_settings(settings: FitSettings, layers_path: str, steered: Sequence[int]) -> dict[str, Any]:
@@ -172,6 +200,7 @@ def shared_statistics(model, processor, *, retain: Sequence[QAItem], erasure: Se
         "retain": [len(retain), item_digest(retain)],
         "erasure": [len(erasure), item_digest(erasure)],
         "calibration": None if not calibration else [len(calibration), item_digest(calibration)],
+        **processing_identity(model, processor),
     }
     key = cache_key(identity)
     started = time.perf_counter()

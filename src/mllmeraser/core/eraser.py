@@ -15,7 +15,8 @@ num_terms, dtype, mode, alpha, gate_floor, gate_cap (null = unbounded), gate (th
 layer, thresholds and neighbours, or null) and metadata (fingerprint, per-request fit settings, counts and the
 gate's calibration). Format 1 files (per-layer gates only) and format 2 files (prompt gates whose retain rows
 each belong to one term) load unchanged; format 3 adds retain rows shared by every term (owner -1, see
-gating.PromptGate), which a format-2 reader would refuse.
+gating.PromptGate), which a format-2 reader would refuse. `load` reads through artifact.read_eraser_file, the
+one validator of these files (header first, then tensors: types, names, finiteness).
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import safetensors
 import safetensors.torch
 import torch
 from torch import Tensor, nn
 
 from ..errors import UserInputError, atomic_write_bytes
+from .artifact import FORMAT_VERSION, METADATA_KEY, read_eraser_file
 from .gating import PromptGate
 from .hooks import STEERING_MODES, SteeringHandle, attach_prompt_steering, attach_steering, find_decoder_layers
 from .inputs import PlainInput, QAItem, as_items
@@ -45,8 +46,6 @@ if TYPE_CHECKING:
     from .cache import SharedStatistics
     from .fitting import FitSettings
 
-FORMAT_VERSION = 3  # 3: shared retain rows (owner -1); 1..3 are read
-METADATA_KEY = "mllmeraser"
 _FINGERPRINT_ROWS = 64
 _FINGERPRINT_SAMPLES = 256
 
@@ -186,6 +185,12 @@ class Eraser:
         object.__setattr__(self, "metadata", metadata)
         for name in ("alpha", "floor", "cap"):
             object.__setattr__(self, name, _per_term(getattr(self, name), num_terms, name))
+        # A NaN or infinite strength reaches every row of a shared batch (0 * NaN is NaN); a NaN bound makes the
+        # gate undefined. Infinite bounds are the unbounded gate.
+        if not all(math.isfinite(a) for a in self.alpha):
+            raise ValueError(f"alpha must be finite, got {self.alpha}")
+        if any(math.isnan(x) for x in self.floor + self.cap):
+            raise ValueError(f"floor and cap must not be NaN, got {self.floor} and {self.cap}")
 
     @property
     def num_terms(self) -> int:
@@ -380,30 +385,12 @@ class Eraser:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Eraser:
-        """Read and validate an artifact; any problem is a UserInputError naming the file."""
+        """Read and validate an artifact (artifact.read_eraser_file: the header, then the tensors); any problem is
+        a one-line UserInputError naming the file and the field."""
         path = Path(path)
-        if not path.is_file():
-            raise UserInputError(path, "no such eraser file")
-        try:
-            with safetensors.safe_open(str(path), framework="pt") as reader:
-                raw_metadata = reader.metadata() or {}
-                tensors = {name: reader.get_tensor(name) for name in reader.keys()}
-        except safetensors.SafetensorError as error:
-            raise UserInputError(path, f"not a safetensors file ({error})") from None
-        header = _parse_header(path, raw_metadata)
+        header, tensors = read_eraser_file(path)
         gate_header = header.get("gate")
-        dense = ("r",) if gate_header else ("u", "r")
-        for name in dense:
-            if name not in tensors:
-                raise UserInputError(path, f"missing tensor {name!r}")
-            if tensors[name].dtype != torch.float32:
-                raise UserInputError(path, f"tensor {name!r} is {tensors[name].dtype}, expected float32")
-        try:
-            expected = [header["num_terms"], len(header["layer_indices"]), header["hidden_size"]]
-            for name in dense:
-                if list(tensors[name].shape) != expected:
-                    shape = list(tensors[name].shape)
-                    raise UserInputError(path, f"tensor {name!r} has shape {shape}, expected {expected}")
+        try:  # the constructors' cross-field checks (distinct layers, gate layer, owners) are the last line
             return cls(
                 u=None if gate_header else tensors["u"],
                 prompt_gate=PromptGate.from_parts(gate_header, tensors) if gate_header else None,
@@ -417,26 +404,5 @@ class Eraser:
                 cap=[math.inf if x is None else x for x in header["gate_cap"]],
                 metadata=header["metadata"],
             )
-        except KeyError as error:
-            raise UserInputError(path, f"header has no field {error}") from None
         except (TypeError, ValueError) as error:
-            raise UserInputError(path, f"invalid header ({error})") from None
-
-
-def _parse_header(path: Path, raw_metadata: dict[str, str]) -> dict[str, Any]:
-    if METADATA_KEY not in raw_metadata:
-        raise UserInputError(path, f"not an mllmeraser eraser (no {METADATA_KEY!r} metadata)")
-    try:
-        header = json.loads(raw_metadata[METADATA_KEY])
-    except json.JSONDecodeError as error:
-        raise UserInputError(path, f"eraser header is not valid JSON ({error})") from None
-    if not isinstance(header, dict) or "format_version" not in header:
-        raise UserInputError(path, "eraser header has no format_version")
-    version = header["format_version"]
-    if not isinstance(version, int) or version < 1:
-        raise UserInputError(path, f"invalid format_version {version!r}")
-    if version > FORMAT_VERSION:
-        raise UserInputError(
-            path, f"format_version {version} is newer than this mllmeraser reads ({FORMAT_VERSION}): upgrade mllmeraser"
-        )
-    return header
+            raise UserInputError(path, " ".join(f"invalid eraser ({error})".split())) from None

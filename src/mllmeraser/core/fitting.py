@@ -137,6 +137,8 @@ class FitSettings:
             raise UserInputError(None, f"neighbours must be >= 1, got {self.neighbours}")
         if not 0.0 <= self.occlusion < 0.5:
             raise UserInputError(None, f"occlusion must be in [0, 0.5), got {self.occlusion}")
+        if not math.isfinite(self.alpha):  # the eraser would refuse it after the whole fit
+            raise UserInputError(None, f"alpha must be finite, got {self.alpha}")
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,9 @@ GATE_KINDS = ("knn", "ridge")
 DISTANCE_FLOOR = 3e-3  # eps of the knn ratio: a match closer than this (float16 banks: ~1e-3) counts as exact
 SHARED = -1  # the owner of a retain bank row every term reads (one copy for all requests on one retain corpus)
 POOLINGS = ("mean", "last")
+HEADER_FIELDS = ("kind", "pooling", "layer", "threshold", "neighbours")  # a gate's JSON header, every format
+TENSOR_NAMES = {"knn": ("forget_bank", "forget_owner", "retain_bank", "retain_owner"), "ridge": ("u",)}
+"""Each kind's tensors, stored as "gate.<name>": the only names an artifact's gate may hold."""
 
 
 def pool(hidden: Tensor, mask: Tensor | None, pooling: str) -> Tensor:
@@ -246,8 +249,7 @@ class PromptGate:
         return self.fires(self.scores(z))
 
     def tensors(self) -> dict[str, Tensor]:
-        names = ("forget_bank", "forget_owner", "retain_bank", "retain_owner") if self.kind == "knn" else ("u",)
-        return {f"gate.{n}": getattr(self, n) for n in names}
+        return {f"gate.{n}": getattr(self, n) for n in TENSOR_NAMES[self.kind]}
 
     def header(self) -> dict:
         return {"kind": self.kind, "pooling": self.pooling, "layer": self.layer, "threshold": list(self.threshold),
@@ -255,9 +257,21 @@ class PromptGate:
 
     @classmethod
     def from_parts(cls, header: dict, tensors: dict[str, Tensor]) -> PromptGate:
-        parts = {name.removeprefix("gate."): t for name, t in tensors.items() if name.startswith("gate.")}
-        return cls(kind=header["kind"], pooling=header["pooling"], layer=int(header["layer"]),
-                   threshold=header["threshold"], neighbours=int(header["neighbours"]), **parts)
+        """The gate of a `header()` and its `tensors()` (artifact.read_eraser_file checks both first). Only the
+        kind's own tensor names become constructor arguments: a file cannot set any other field (a stored
+        "gate._device_cache" would have replaced the per-device cache)."""
+        unknown = sorted(set(header) - set(HEADER_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown gate header fields {unknown}")
+        names = TENSOR_NAMES.get(header["kind"])
+        if names is None:
+            raise ValueError(f"gate kind must be one of {GATE_KINDS}, got {header['kind']!r}")
+        extra = sorted(name for name in tensors if name.startswith("gate.") and name[5:] not in names)
+        if extra:
+            raise ValueError(f"unknown gate tensors {extra}")
+        parts = {name: tensors[f"gate.{name}"] for name in names}
+        return cls(kind=header["kind"], pooling=header["pooling"], layer=header["layer"],
+                   threshold=header["threshold"], neighbours=header["neighbours"], **parts)
 
     def compatible(self, other: PromptGate) -> str | None:
         """Why two gates cannot be stacked into one, or None."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +39,10 @@ STEERING_MODES: tuple[str, ...] = ("prefill", "all")
 
 ATTACHED_MARKER = "_mllmeraser_steering"
 """Attribute set on a model while a SteeringHandle is attached to it."""
+
+CACHE_PROMPT = "_mllmeraser_prompt"
+"""Attribute set on a KV cache a steered forward filled: (the handle's serial, the prompt it holds)."""
+_SERIALS = itertools.count(1)  # one per SteeringHandle: a cache filled under one attachment is not another's
 
 _OVERRIDE_HINT = "pass --layers-path with the dotted path to the text decoder's layer ModuleList"
 
@@ -99,7 +104,9 @@ def capture(model: nn.Module, layers: Sequence[nn.Module], pooled_layer: int | N
     with reading_prompt(layers, inputs.get("attention_mask"), pooled_layer, pooling, stop=True) as read:
         try:
             with torch.no_grad():
-                model(**inputs)
+                # use_cache=False: a capture never decodes, and a KV cache would be built and dropped per batch
+                # (about 10 GB at 7B)
+                model(**{**inputs, "use_cache": False})
         except _StopForward:
             pass
     return read.last, read.pooled
@@ -216,15 +223,23 @@ class SteeringHandle:
     with the same gate values as one cached forward over the prompt would:
       * a forward with nothing cached (no `cache`/`past_key_values`, or an empty one) starts a new prompt,
         all of whose positions are the prompt, unless it is a later step of one `model.generate` call;
+      * outside `generate`, a forward that extends a KV cache continues the prompt that filled that cache (its
+        positions and gate decisions travel with the cache object, copies included), so two conversations'
+        decode steps may interleave; a cache no forward under this handle filled (built before attaching, by
+        another attachment, or by hand) is refused with a RuntimeError: its prompt's decisions are unknown;
       * `model.generate` (wrapped while attached) fixes the prompt to its input: a generation without a KV
         cache re-runs prompt and answer at every step, and only the prompt's positions are steered, with the
         decisions of the first step; chunked prefill decides from the whole prompt before the first chunk
         (one extra forward up to the decision layer); assisted decoding's verification passes and decode steps
         start beyond the prompt and are left alone (mode "prefill"), seeing the steering through the cache.
+
+    Single-threaded: a handle holds the state of the forward in flight (its mask, start and prompt), so one
+    model with an attachment runs one forward at a time (serve's engine runs every batch on one thread).
     """
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.serial = next(_SERIALS)
         self._hooks: list[RemovableHandle] = []
         self.attention_mask: Tensor | None = None  # the 2-D mask of the forward in flight, or None
         self.start = 0  # the position (padded coordinates) of the forward in flight's first row entry
@@ -292,6 +307,29 @@ class SteeringHandle:
                 self.prompt = _Prompt(prompt_length, self._prompt_mask(prompt_length, generation["mask"]))
         elif self.start == 0:  # nothing cached: a new prompt, and all of this forward is the prompt
             self.prompt = _Prompt(length, self._prompt_mask(length, None))
+        else:  # extends a KV cache: the prompt that filled it, never the last one this handle saw
+            self.prompt = self._prompt_of(cache)
+
+    def _prompt_of(self, cache: Any) -> _Prompt:
+        serial, prompt = getattr(cache, CACHE_PROMPT, (None, None))
+        if serial != self.serial:
+            raise RuntimeError("this forward extends a KV cache that no forward under this eraser's attachment "
+                               "filled, so the gate decisions of its prompt are unknown: run the prompt's first "
+                               "forward (on an empty cache) with the eraser attached, or use model.generate")
+        return prompt
+
+    def _end_forward(self, module: nn.Module, args: Any, kwargs: dict, output: Any) -> None:
+        """Tag the KV cache this forward filled with its prompt (see _prompt_of)."""
+        if self._suspended or self.prompt is None:
+            return
+        cache = getattr(output, "past_key_values", None)
+        if cache is None:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None:
+            try:
+                setattr(cache, CACHE_PROMPT, (self.serial, self.prompt))
+            except AttributeError:  # a cache that takes no attribute cannot be continued outside generate
+                pass
 
     def _prompt_mask(self, length: int, fallback: Tensor | None) -> Tensor | None:
         mask = self.attention_mask if self.attention_mask is not None else fallback
@@ -364,6 +402,7 @@ def _new_handle(model: nn.Module) -> SteeringHandle:
 
 def _start_tracking(handle: SteeringHandle) -> None:
     handle._hooks.append(handle.model.register_forward_pre_hook(handle._begin_forward, with_kwargs=True))
+    handle._hooks.append(handle.model.register_forward_hook(handle._end_forward, with_kwargs=True))
     handle._wrap_generate()
 
 
