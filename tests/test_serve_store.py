@@ -307,6 +307,16 @@ def test_health_is_503_when_the_batcher_thread_has_died(tmp_path):
         assert "\nmllmeraser_batcher_up 0\n" in metrics
 
 
+def test_the_batch_log_is_bounded_and_sliceable():
+    from mllmeraser.serve.engine import BATCH_LOG, BatchLog
+
+    log = BatchLog(4)
+    for size in range(10):
+        log.append(size)
+    assert list(log) == [6, 7, 8, 9] and log[2:] == [8, 9] and log[-1] == 9
+    assert stand_in_app().state.engine.batches.maxlen == BATCH_LOG
+
+
 def test_metrics_is_prometheus_text(tmp_path):
     from starlette.testclient import TestClient
 

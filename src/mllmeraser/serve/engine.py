@@ -239,6 +239,17 @@ class Steering:
 BATCH_LOG = 10_000  # batch sizes kept in Engine.batches
 
 
+class BatchLog(deque):
+    """The latest batch sizes: a deque with a maxlen (a server runs for months), sliceable like the list it
+    replaced (`engine.batches[before:]` in the tests and the benchmark)."""
+
+    def __init__(self, maxlen: int = BATCH_LOG):
+        super().__init__(maxlen=maxlen)
+
+    def __getitem__(self, index):
+        return list(self)[index] if isinstance(index, slice) else super().__getitem__(index)
+
+
 class Engine:
     """The batcher thread and its queue (see the module docstring). `submit` is thread-safe."""
 
@@ -252,7 +263,7 @@ class Engine:
         self._tasks: list[tuple[Callable[[], Any], Future]] = []  # work on the model between batches (call)
         self.steering = Steering(model)
         # the sizes of the latest batches (tests, the benchmark): bounded, a server runs for months
-        self.batches: deque[int] = deque(maxlen=BATCH_LOG)
+        self.batches = BatchLog()
         self.batch_count = 0  # every batch run, and their rows (/metrics)
         self.row_count = 0
         self.gate_fires: Counter[str] = Counter()  # per eraser name: rows whose prompt gate fired it (/metrics)
