@@ -295,7 +295,8 @@ def create_app(model, processor, registry: Registry, settings: ServeSettings = S
         try:
             engine.submit(job)
         except RuntimeError as exc:  # stopping, or the batcher has died
-            raise PolicyError(503, str(exc), "batcher_dead" if "died" in str(exc) else "shutting_down", kind="server_error") from None
+            code = "batcher_dead" if "died" in str(exc) else "shutting_down"
+            raise PolicyError(503, str(exc), code, kind="server_error") from None
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "created": created, "model": settings.model_name}
         if not stream:
