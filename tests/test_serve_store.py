@@ -184,6 +184,28 @@ def test_a_write_that_fails_leaves_the_store_as_it_was(tmp_path, monkeypatch):
     assert [e["event"] for e in audit_log.read_audit(directory)] == ["bound", "uploaded"]
 
 
+def test_changes_from_many_threads_are_serialised_and_all_kept(tmp_path):
+    """The admin endpoints run in a thread pool: concurrent changes must not tear the manifest (the atomic
+    writer names its temp file per process, so two unserialised writers would share it) or lose one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = Store.open(tmp_path / "state", tenants_file(tmp_path / "t.json", {"k": []}))
+
+    def worker(thread: int) -> None:
+        for n in range(8):
+            store.add(f"t{thread}-{n}", bytes([thread, n]) * 50, "uploaded", ["k"])
+            if n % 2:
+                store.delete(f"t{thread}-{n - 1}")
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(worker, range(4)))
+    kept = sorted(f"t{t}-{n}" for t in range(4) for n in range(1, 8, 2))
+    state = Store.open(tmp_path / "state").state()
+    assert sorted(state["erasers"]) == kept and sorted(state["tenants"]["k"]) == kept
+    assert files_in(tmp_path / "state") == [f"{name}.safetensors" for name in kept]
+    assert len(audit_log.read_audit(tmp_path / "state")) == 1 + 32 + 16
+
+
 # ---- the audit log ----------------------------------------------------------------------------------------
 
 def test_the_audit_log_holds_digests_never_tokens_or_facts(tmp_path, capsys):
