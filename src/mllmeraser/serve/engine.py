@@ -411,11 +411,14 @@ class Engine:
     def _count_fires(self, rows: int) -> None:
         """Per eraser, the rows of this batch its prompt gate fired on (decisions are already masked to each
         row's eraser set). A paper gate decides per layer and keeps no decisions: not counted."""
-        decisions = None if self.steering.handle is None else self.steering.handle.decisions
+        decisions = getattr(self.steering.handle, "decisions", None)
         if decisions is None:
             return
-        fired = (decisions[:rows] > 0).cpu()
-        owner = {slot: name for name, slots in self.steering.terms.items() for slot in slots}
-        for row in range(fired.shape[0]):
-            names = {owner.get(int(slot)) for slot in fired[row].nonzero().flatten().tolist()}
-            self.gate_fires.update(name for name in names if name is not None)
+        try:  # a counter must never fail the batch it counts
+            fired = (decisions[:rows] > 0).cpu()
+            owner = {slot: name for name, slots in self.steering.terms.items() for slot in slots}
+            for row in range(fired.shape[0]):
+                names = {owner.get(int(slot)) for slot in fired[row].nonzero().flatten().tolist()}
+                self.gate_fires.update(name for name in names if name is not None)
+        except (RuntimeError, TypeError, IndexError):
+            pass
