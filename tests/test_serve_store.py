@@ -613,3 +613,50 @@ def _try(call):
         return call()
     except httpx.TransportError:  # the server was killed under the call
         return None
+
+
+@pytest.mark.slow
+def test_metrics_count_the_gate_fires_of_a_served_request(testbed_dir, testbed_data, tmp_path):
+    """On the testbed: a forget person's question fires that request's gate once, a retained person's does not;
+    both are counted as answered requests in one batch each."""
+    import httpx
+
+    from mllmeraser import serve
+    from mllmeraser.bench import data
+    from mllmeraser.core import models
+    from mllmeraser.core.fitting import FitSettings, PGDSettings
+
+    model, processor = models.load_model(testbed_dir / "model")
+    rng = random.Random(0)
+    forget = [i for i in data.load_split_items(testbed_data, "forget", 10) if i.subject_id == "F0001"]
+    retain = data.load_split_items(testbed_data, "retain", 10)
+    torch.manual_seed(0)
+    eraser = Eraser.fit(model, processor, forget=forget, retain=rng.sample(list(data.retained_inputs(testbed_data, 10)),
+                                                                           300),
+                        erasure=rng.sample(list(data.default_erasure_items(testbed_data)), 60),
+                        calibration=rng.sample(list(data.validation_items(testbed_data, 10)), 80), request="F0001",
+                        settings=FitSettings(pgd=PGDSettings(steps=2)), progress=False)
+    store = Store.open(tmp_path / "state")
+    store.add("p1", eraser, "uploaded")
+    registry = serve.Registry(store.load_erasers(), model)
+    app = serve.create_app(model, processor, registry, serve.ServeSettings(model_name="testbed", admin_token=TOKEN),
+                           store=store)
+    asked = {"forget": next(i for i in forget if i.task == "generation" and i.modality == "text"),
+             "retain": next(i for i in retain if i.task == "generation" and i.modality == "text")}
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+
+    def sample(text: str, series: str) -> float:
+        (line,) = [line for line in text.splitlines() if line.startswith(series + " ")]
+        return float(line.rsplit(" ", 1)[1])
+
+    with serve.serving(app) as base:
+        counts = []
+        for which in ("forget", "retain"):
+            answer = httpx.post(base + "/v1/chat/completions", timeout=120, json={
+                "model": "testbed", "max_tokens": 4, "messages": [{"role": "user", "content": asked[which].prompt}]})
+            assert answer.status_code == 200, answer.text
+            text = httpx.get(base + "/metrics", headers=admin).text
+            counts.append((sample(text, 'mllmeraser_gate_fires_total{eraser="p1"}'),
+                           sample(text, 'mllmeraser_chat_requests_total{outcome="ok"}'),
+                           sample(text, "mllmeraser_batches_total")))
+    assert counts == [(1, 1, 1), (1, 2, 2)]
