@@ -515,7 +515,7 @@ def wait_up(process: subprocess.Popen, base: str, timeout: float = 300) -> None:
         time.sleep(0.2)
 
 
-SERVER_ROUNDS = 6
+SERVER_ROUNDS = 4  # each costs a server start (~15 s here: imports, model, model cache)
 
 
 @pytest.mark.slow
@@ -523,7 +523,8 @@ def test_sigkilled_servers_restart_serving_exactly_what_was_acknowledged(testbed
     """The real `mllmeraser serve --data`, fitting, uploading, binding and deleting over HTTP; SIGKILL at a
     random moment (seeded), often while a call is in flight; after each restart GET /admin/erasers and the
     bindings equal the last acknowledged state (or it with the in-flight call applied), and the audit log
-    agrees. Each round costs a model load and a fit; SERVER_ROUNDS keeps the test near a minute and a half."""
+    agrees. Each round costs a server start; SERVER_ROUNDS keeps the test near a minute and a half (the 50-round
+    bar is met at the store level above, where a kill costs milliseconds)."""
     import threading
 
     import httpx
@@ -542,12 +543,14 @@ def test_sigkilled_servers_restart_serving_exactly_what_was_acknowledged(testbed
     acknowledged = {"erasers": [], "tenants": {key: [] for key in KEYS}}
     counter = 0
     for round_ in range(SERVER_ROUNDS + 1):  # the last start only checks what the last kill left
+        started = time.monotonic()
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         process = start_server(testbed_dir, directory, tenants, port, extra)
         in_flight, results = None, []
         try:
             wait_up(process, base)
+            up = time.monotonic() - started
             served = [e["name"] for e in httpx.get(base + "/admin/erasers", headers=admin).json()["erasers"]]
             assert served == acknowledged["erasers"], f"round {round_}"
             if round_ == SERVER_ROUNDS:
@@ -584,8 +587,8 @@ def test_sigkilled_servers_restart_serving_exactly_what_was_acknowledged(testbed
                 in_flight = change
                 thread = threading.Thread(target=lambda: results.append(_try(call)), daemon=True)
                 thread.start()
-                # the last call: killed at a random moment, mid-call or just after (a fit takes ~1 s here)
-                thread.join(timeout=rng.uniform(0.0, 1.5) if number == calls - 1 else 300)
+                # the last call: killed at a random moment, mid-call or just after (a call takes 0.02-0.5 s here)
+                thread.join(timeout=rng.uniform(0.0, 0.3) if number == calls - 1 else 300)
                 if thread.is_alive():
                     break
                 response = results.pop()
@@ -594,6 +597,8 @@ def test_sigkilled_servers_restart_serving_exactly_what_was_acknowledged(testbed
         finally:
             process.send_signal(signal.SIGKILL)
             process.wait(timeout=60)
+        print(f"server round {round_}: up in {up:.1f}s, round {time.monotonic() - started:.1f}s, "
+              f"killed {'mid-call' if in_flight else 'between calls'}")
         if round_ == SERVER_ROUNDS:
             break
         if in_flight is not None:  # a call the kill cut: landed whole or not at all; learn which from the store
