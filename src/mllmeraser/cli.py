@@ -66,10 +66,13 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     from .serve.settings import Limits, ServeSettings  # no web framework needed to build the parser
 
     _add_model_arg(parser)
-    parser.add_argument("--erasers", type=Path, default=None, help="directory of eraser .safetensors, each named by "
-                        "its file stem; every one applies to every request unless --tenants says otherwise")
+    parser.add_argument("--erasers", type=Path, default=None, help="the server's state directory: the erasers its "
+                        "manifest.json names (a directory without one: every .safetensors in it, each named by its "
+                        "file stem, then a manifest is written), tenant bindings and the audit log; every admin change "
+                        "is written there before it is acknowledged (docs/serving.md)")
     parser.add_argument("--tenants", type=Path, default=None, help='JSON {"api key": ["eraser name", ...]}: each '
-                        "key gets its erasers (and cannot switch them off); any other key is refused (401)")
+                        "key gets its erasers (and cannot switch them off); any other key is refused (401); with "
+                        "--erasers, keys new to its manifest are added there")
     parser.add_argument("--admin-token", default=None, help="token for POST/DELETE /admin/erasers "
                         "(default: $MLLMERASER_ADMIN_TOKEN; neither: the admin endpoints are off)")
     parser.add_argument("--data", type=Path, default=None, help="MLLMU-Bench directory: with it the server fits "
@@ -186,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(needs the serve extra)")
     _add_serve_args(serve)
     serve.set_defaults(handler=cmd_serve)
+
+    serve_log = commands.add_parser("serve-log", help="the audit log of a server's deletion requests")
+    serve_log.add_argument("directory", type=Path, help="the server's --erasers directory (or its audit.jsonl)")
+    serve_log.add_argument("--name", default=None, help="only this request's events")
+    serve_log.add_argument("--json", action="store_true", help="the raw JSON lines (as jq reads them)")
+    serve_log.set_defaults(handler=cmd_serve_log)
 
     attack = commands.add_parser("attack", help="the attack suite: vanilla and an eraser under each attack")
     _add_model_arg(attack)
@@ -386,8 +395,16 @@ def cmd_serve(args) -> int:
     except ImportError as exc:
         raise UserInputError(None, f"serve needs the serve extra ({exc.name} is missing): "
                              'pip install "mllmeraser[serve]"') from None
-    erasers = serve.load_erasers(args.erasers)  # the tenants file is checked before the model loads
-    tenants = serve.read_tenants(args.tenants, erasers) if args.tenants is not None else None
+    store = None
+    if args.erasers is not None:  # the manifest (and the tenants file) are checked before the model loads
+        store = serve.Store.open(args.erasers, args.tenants)
+        for stray in store.strays:
+            print(f"{args.erasers}: {stray} is not in the manifest (an add or delete cut short); moved to "
+                  f"{serve.store.DELETED_DIR}/", flush=True)
+        erasers, tenants = store.load_erasers(), store.tenants
+    else:
+        erasers = {}
+        tenants = serve.read_tenants(args.tenants, erasers) if args.tenants is not None else None
     model, processor = models.load_model(args.model, **model_options(args))
     try:
         registry = serve.Registry(erasers, model, tenants)
@@ -402,12 +419,27 @@ def cmd_serve(args) -> int:
     fitter = None
     if args.data is not None:  # the model cache: loaded, or built once here, before the first request arrives
         fitter = serve.RequestFitter.from_data(model, processor, args.data, args.forget_ratio,
-                                               cache_dir=cache_dir(args), save_dir=args.erasers)
+                                               cache_dir=cache_dir(args))  # the store saves what it fits
         print(f"fitting deletion requests (POST /admin/requests); model cache: {fitter.shared.source}", flush=True)
-    app = serve.create_app(model, processor, registry, settings, fitter)
+    app = serve.create_app(model, processor, registry, settings, fitter, store)
     print(f"serving {settings.model_name} with erasers {registry.names()} on http://{args.host}:{args.port}",
           flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def cmd_serve_log(args) -> int:
+    from .serve.audit import AUDIT_FILE, format_table, read_audit  # standard library only: no serve extra needed
+
+    records = [r for r in read_audit(args.directory) if args.name is None or r.get("name") == args.name]
+    if args.json:
+        for record in records:
+            print(json.dumps(record))
+    elif records:
+        print(format_table(records))
+    else:
+        where = args.directory / AUDIT_FILE if args.directory.is_dir() else args.directory
+        print(f"no events{f' for {args.name!r}' if args.name else ''} in {where}")
     return 0
 
 

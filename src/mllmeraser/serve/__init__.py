@@ -3,17 +3,19 @@
     app = create_app(model, processor, Registry(erasers, model, tenants), ServeSettings(...))
 
 One batcher thread owns the model (engine.py); the policy (which erasers a request gets) is policy.py; the HTTP
-surface and its error bodies are api.py; limits and settings, settings.py. Needs the `serve` extra
+surface and its error bodies are api.py; limits and settings, settings.py; the state on disk (manifest, erasers,
+audit log), store.py and audit.py; /metrics, metrics.py. Needs the `serve` extra
 (pip install "mllmeraser[serve]"); policy and settings import without it.
 """
 
 from .policy import PolicyError, Registry, load_erasers, read_tenants
 from .settings import Limits, ServeSettings
+from .store import Store
 
 _LAZY = {"create_app": "api", "decode_image": "api", "error_body": "api", "parse_messages": "api", "Engine": "engine",
          "Job": "engine", "Steering": "engine", "RequestFitter": "fitter", "serving": "background"}
 
-__all__ = ["Engine", "Job", "Limits", "PolicyError", "Registry", "RequestFitter", "ServeSettings", "Steering",
+__all__ = ["Engine", "Job", "Limits", "PolicyError", "Registry", "RequestFitter", "ServeSettings", "Steering", "Store",
            "create_app", "decode_image", "error_body", "load_erasers", "parse_messages", "read_tenants", "serving"]
 
 

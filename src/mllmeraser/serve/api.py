@@ -1,5 +1,8 @@
 """The HTTP surface: OpenAI's chat completions (`/v1/chat/completions`, streamed as server-sent events on request),
-`/v1/models`, `/health`, and the admin endpoints that load and unload erasers without a restart.
+`/v1/models`, `/health`, `/metrics`, and the admin endpoints that load, unload, fit and bind erasers without a
+restart. With a store (store.py: `--erasers DIR`), every admin change is written there before it is acknowledged
+and logged to its audit log; admin changes are serialised by one lock, and the registry work they do (fingerprint
+check, stacking) runs in the thread pool, off the event loop the streams run on.
 
 Every error is OpenAI's body `{"error": {"message", "type", "param", "code"}}` with a 4xx status for bad input
 (the batcher never sees it) and 5xx for a failure of the server's own; the server stays up either way.
@@ -23,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -31,10 +34,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..core.eraser import Eraser
 from ..core.inputs import QAItem, as_items
 from ..errors import UserInputError
+from .audit import canonical_digest, forget_digest, short_digest
 from .engine import Engine, Job
 from .fitter import RequestFitter
+from .metrics import CONTENT_TYPE, Metrics
 from .policy import PolicyError, Registry
 from .settings import Limits, ServeSettings
+from .store import Store
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -156,13 +162,18 @@ def parse_messages(messages: Any, limits: Limits) -> QAItem:
 # ---- the app ---------------------------------------------------------------------------------------------
 
 def create_app(model, processor, registry: Registry, settings: ServeSettings = ServeSettings(),
-               fitter: RequestFitter | None = None) -> FastAPI:
+               fitter: RequestFitter | None = None, store: Store | None = None) -> FastAPI:
     """The FastAPI app serving `model` with `registry`'s erasers; its batcher thread runs while the app does.
-    With a `fitter`, `POST /admin/requests` fits deletion requests on the served model."""
+    With a `fitter`, `POST /admin/requests` fits deletion requests on the served model. With a `store` (holding
+    the names the registry was built from), every admin change is persisted there and audited before its 2xx."""
     from ..core import models
 
     engine = Engine(model, processor, registry, settings.max_batch, settings.max_wait)
     limits = settings.limits
+    metrics = Metrics()
+    admin_lock = asyncio.Lock()  # one admin change at a time: store and registry move in step
+    fingerprint = registry.fingerprint
+    model_digest = None if fingerprint is None else canonical_digest(fingerprint)[:16]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -175,9 +186,13 @@ def create_app(model, processor, registry: Registry, settings: ServeSettings = S
     app = FastAPI(title="mllmeraser", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine = engine
     app.state.registry = registry
+    app.state.store = store
+    app.state.metrics = metrics
 
     @app.exception_handler(PolicyError)
     async def policy_error(request: Request, exc: PolicyError) -> JSONResponse:
+        if request.url.path == "/v1/chat/completions":
+            metrics.count_request("refused" if exc.status < 500 else "error")
         return _error(exc.status, exc.message, exc.kind, exc.param, exc.code)
 
     @app.exception_handler(StarletteHTTPException)
@@ -207,9 +222,19 @@ def create_app(model, processor, registry: Registry, settings: ServeSettings = S
         return body
 
     @app.get("/health")
-    async def health() -> dict:
+    async def health():
         # counts, not names: an eraser's name may name the person who asked to be forgotten
-        return {"status": "ok", "model": settings.model_name, "erasers": len(registry.names())}
+        body = {"status": "ok", "model": settings.model_name, "erasers": len(registry.names()), "batcher": "alive"}
+        if not engine.alive:  # nothing would answer a request: tell the load balancer / supervisor
+            body.update(status="unavailable", batcher="dead",
+                        reason="the batcher thread is not running; restart the server")
+            return JSONResponse(body, status_code=503)
+        return body
+
+    @app.get("/metrics")
+    async def metrics_text(request: Request) -> PlainTextResponse:
+        require_admin(request)  # the gate-fire series are labelled with eraser names
+        return PlainTextResponse(metrics.render(engine, registry.names()), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def list_models() -> dict:
@@ -269,8 +294,9 @@ def create_app(model, processor, registry: Registry, settings: ServeSettings = S
         job.emit = emit
         try:
             engine.submit(job)
-        except RuntimeError as exc:
-            raise PolicyError(503, str(exc), "shutting_down", kind="server_error") from None
+        except RuntimeError as exc:  # stopping, or the batcher has died
+            code = "batcher_dead" if "died" in str(exc) else "shutting_down"
+            raise PolicyError(503, str(exc), code, kind="server_error") from None
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "created": created, "model": settings.model_name}
         if not stream:
@@ -280,10 +306,12 @@ def create_app(model, processor, registry: Registry, settings: ServeSettings = S
                     if kind == "done":
                         break
                     if kind == "error":
+                        metrics.count_request("error")
                         return _error(500, value, "server_error", None, "generation_failed")
             except asyncio.CancelledError:
                 job.cancelled.set()
                 raise
+            metrics.count_request("ok")
             return {**head, "object": "chat.completion",
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": value["text"]},
                                  "finish_reason": value["finish_reason"], "logprobs": None}],
@@ -302,9 +330,11 @@ def create_app(model, processor, registry: Registry, settings: ServeSettings = S
                     if kind == "delta":
                         yield chunk({"content": value})
                     elif kind == "error":
+                        metrics.count_request("error")
                         yield f"data: {json.dumps(error_body(value, 'server_error', None, 'generation_failed'))}\n\n"
                         break
                     else:
+                        metrics.count_request("ok")
                         yield chunk({}, value["finish_reason"])
                         if options.get("include_usage"):
                             yield f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [], 'usage': _usage(value)})}\n\n"
@@ -331,6 +361,36 @@ def create_app(model, processor, registry: Registry, settings: ServeSettings = S
         require_admin(request)
         return {"erasers": registry.describe()}
 
+    async def install(name: str, eraser: Eraser, tenants: list, source: str, token: str | None,
+                      **audit: Any) -> Path | None:
+        """Persist `eraser` (the store: file, then manifest, then audit line), then serve it. Checked first, so
+        an eraser the registry refuses is never written; if loading still fails, the store entry is withdrawn
+        unaudited: what a restart serves is what was acknowledged."""
+        async with admin_lock:
+            registry.check_new(name, tenants)  # again: another call may have taken the name meanwhile
+            await run_in_threadpool(registry.check, name, eraser)
+            try:
+                if store is not None:
+                    saved = await run_in_threadpool(store.add, name, eraser, source, tenants, token,
+                                                    model=model_digest, **audit)
+                elif source == "fitted" and fitter is not None:  # no store: fitted requests still go to save_dir
+                    saved = await run_in_threadpool(fitter.save, name, eraser)
+                else:
+                    saved = None
+            except OSError as exc:
+                raise PolicyError(500, f"the eraser could not be saved ({exc.strerror or exc}); it was not loaded",
+                                  "save_failed", kind="server_error") from None
+            try:
+                await run_in_threadpool(registry.add, name, eraser, tenants)
+            except BaseException:
+                if store is not None:
+                    await run_in_threadpool(store.delete, name, None, False)
+                elif saved is not None:
+                    saved.unlink(missing_ok=True)
+                raise
+            metrics.count_admin(source)
+            return saved
+
     @app.post("/admin/erasers", status_code=201)
     async def admin_add(request: Request):
         require_admin(request)
@@ -355,9 +415,12 @@ def create_app(model, processor, registry: Registry, settings: ServeSettings = S
             source, name = Path(path), name or Path(path).stem
         if not isinstance(name, str) or not name:
             raise PolicyError(400, "name the eraser ('name')", "missing_name", "name")
+        registry.check_new(name, tenants)  # before the load: a taken name costs nothing
         eraser = await run_in_threadpool(_load_eraser, source)
-        registry.add(name, eraser, tenants)
-        return JSONResponse({"name": name, "terms": eraser.num_terms, "erasers": registry.names()}, status_code=201)
+        saved = await install(name, eraser, tenants, "added" if isinstance(source, Path) else "uploaded",
+                              _bearer(request))
+        return JSONResponse({"name": name, "terms": eraser.num_terms, "saved": None if saved is None else str(saved),
+                             "erasers": registry.names()}, status_code=201)
 
     @app.post("/admin/requests", status_code=201)
     async def admin_fit(request: Request):
@@ -375,23 +438,51 @@ def create_app(model, processor, registry: Registry, settings: ServeSettings = S
         registry.check_new(name, tenants)  # what would refuse the eraser after its fit is refused before it
         items = await run_in_threadpool(fitter.items, body.get("forget"),
                                         lambda url, param: decode_image(url, limits, param))
+        digest = await run_in_threadpool(forget_digest, items)
         eraser, record = await asyncio.wrap_future(engine.call(lambda: fitter.fit(name, items)))
-        registry.add(name, eraser, tenants)
-        try:
-            saved = await run_in_threadpool(fitter.save, name, eraser)
-        except OSError as exc:  # not kept across a restart: withdrawn, so what is served is what is on disk
-            registry.remove(name)
-            raise PolicyError(500, f"the eraser could not be saved ({exc.strerror or exc}); it was not loaded",
-                              "save_failed", kind="server_error") from None
+        metrics.count_fit(record["fit_seconds"])
+        saved = await install(name, eraser, tenants, "fitted", _bearer(request), forget_sha256=digest,
+                              forget_questions=len(items), fit_seconds=record["fit_seconds"])
         return JSONResponse({"name": name, "terms": eraser.num_terms, **record,
                              "saved": None if saved is None else str(saved), "erasers": registry.names()},
                             status_code=201)
 
     @app.delete("/admin/erasers/{name}")
     async def admin_remove(name: str, request: Request) -> dict:
+        """Withdraw a request: out of the store's manifest first (a restart never serves it again), then unloaded."""
         require_admin(request)
-        registry.remove(name)
+        async with admin_lock:
+            if name not in registry.names():
+                raise PolicyError(404, f"no eraser named {name!r} is loaded", "unknown_eraser", "name")
+            if store is not None:
+                try:
+                    await run_in_threadpool(store.delete, name, _bearer(request))
+                except OSError as exc:
+                    raise PolicyError(500, f"the deletion could not be saved ({exc.strerror or exc}); the eraser is "
+                                      "still loaded", "save_failed", kind="server_error") from None
+            await run_in_threadpool(registry.remove, name)
+            metrics.count_admin("deleted")
         return {"name": name, "deleted": True, "erasers": registry.names()}
+
+    @app.post("/admin/bindings")
+    async def admin_bind(request: Request) -> dict:
+        """{"tenant": API key, "bind": [names], "unbind": [names]}: a tenant's bound erasers changed (a new key
+        is created), persisted before the answer. The key goes back only as a digest."""
+        require_admin(request)
+        body = await json_body(request)
+        key = _field(body, "tenant", (str,))
+        bind, unbind = _field(body, "bind", (list,), []), _field(body, "unbind", (list,), [])
+        async with admin_lock:
+            registry.check_bind(key, bind, unbind)
+            if store is not None:
+                try:
+                    await run_in_threadpool(store.bind, key, bind, unbind, _bearer(request))
+                except OSError as exc:
+                    raise PolicyError(500, f"the binding could not be saved ({exc.strerror or exc}); nothing "
+                                      "changed", "save_failed", kind="server_error") from None
+            registry.bind(key, bind, unbind)
+            metrics.count_admin("bound")
+        return {"tenant": short_digest(key), "erasers": registry.bindings(key)}
 
     return app
 

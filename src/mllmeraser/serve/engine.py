@@ -17,6 +17,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -235,6 +236,20 @@ class Steering:
                 self.handle = source.attach(self.model, check_fingerprint=False)
 
 
+BATCH_LOG = 10_000  # batch sizes kept in Engine.batches
+
+
+class BatchLog(deque):
+    """The latest batch sizes: a deque with a maxlen (a server runs for months), sliceable like the list it
+    replaced (`engine.batches[before:]` in the tests and the benchmark)."""
+
+    def __init__(self, maxlen: int = BATCH_LOG):
+        super().__init__(maxlen=maxlen)
+
+    def __getitem__(self, index):
+        return list(self)[index] if isinstance(index, slice) else super().__getitem__(index)
+
+
 class Engine:
     """The batcher thread and its queue (see the module docstring). `submit` is thread-safe."""
 
@@ -247,7 +262,11 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._tasks: list[tuple[Callable[[], Any], Future]] = []  # work on the model between batches (call)
         self.steering = Steering(model)
-        self.batches: list[int] = []  # the size of every batch run, for tests and the benchmark
+        # the sizes of the latest batches (tests, the benchmark): bounded, a server runs for months
+        self.batches = BatchLog()
+        self.batch_count = 0  # every batch run, and their rows (/metrics)
+        self.row_count = 0
+        self.gate_fires: Counter[str] = Counter()  # per eraser name: rows whose prompt gate fired it (/metrics)
         eos = getattr(model.generation_config, "eos_token_id", None)
         if eos is None:
             eos = processor.tokenizer.eos_token_id
@@ -273,21 +292,30 @@ class Engine:
             self._thread.join()
         self.steering.detach()
 
+    @property
+    def alive(self) -> bool:
+        """The batcher thread is running (False before start, after stop, or once it died of an error)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _refuse_if_down(self) -> None:
+        if self._stopping:
+            raise RuntimeError("the server is shutting down")
+        if self._thread is not None and not self._thread.is_alive():  # nothing would ever answer the request
+            raise RuntimeError("the batcher thread has died; the server needs a restart")
+
     def call(self, work: Callable[[], Any]) -> Future:
         """Run `work()` on the batcher thread between two batches, with the steering detached (the model is then
         plain: e.g. a deletion request's fit); its result or exception comes back through the Future."""
         future: Future = Future()
         with self._cond:
-            if self._stopping:
-                raise RuntimeError("the server is shutting down")
+            self._refuse_if_down()
             self._tasks.append((work, future))
             self._cond.notify_all()
         return future
 
     def submit(self, job: Job) -> None:
         with self._cond:
-            if self._stopping:
-                raise RuntimeError("the server is shutting down")
+            self._refuse_if_down()
             self._pending.append(job)
             self._cond.notify_all()
 
@@ -357,6 +385,8 @@ class Engine:
         steering = self.steering
         steering.apply(self.registry.snapshot())
         self.batches.append(len(jobs))
+        self.batch_count += 1
+        self.row_count += len(jobs)
         tokenizer = self.processor.tokenizer
         batch = models.to_device(models.encode_prompts(self.processor, [job.item for job in jobs]), self.model)
         prompt_length = batch["input_ids"].shape[1]
@@ -372,7 +402,23 @@ class Engine:
                                 pad_token_id=tokenizer.pad_token_id, streamer=streamer,
                                 logits_processor=LogitsProcessorList([_RowSampler(jobs)]),
                                 stopping_criteria=StoppingCriteriaList([_RowLimits(jobs, prompt_length)]))
+            self._count_fires(len(jobs))
         finally:
             if steering.handle is not None:
                 steering.handle.row_terms = None
         streamer.end()
+
+    def _count_fires(self, rows: int) -> None:
+        """Per eraser, the rows of this batch its prompt gate fired on (decisions are already masked to each
+        row's eraser set). A paper gate decides per layer and keeps no decisions: not counted."""
+        decisions = getattr(self.steering.handle, "decisions", None)
+        if decisions is None:
+            return
+        try:  # a counter must never fail the batch it counts
+            fired = (decisions[:rows] > 0).cpu()
+            owner = {slot: name for name, slots in self.steering.terms.items() for slot in slots}
+            for row in range(fired.shape[0]):
+                names = {owner.get(int(slot)) for slot in fired[row].nonzero().flatten().tolist()}
+                self.gate_fires.update(name for name in names if name is not None)
+        except (RuntimeError, TypeError, IndexError):
+            pass

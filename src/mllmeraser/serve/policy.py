@@ -45,9 +45,9 @@ def load_erasers(directory: Path | None) -> dict[str, Eraser]:
     return {path.stem: Eraser.load(path) for path in sorted(directory.glob("*.safetensors"))}
 
 
-def read_tenants(path: Path, names: Iterable[str]) -> dict[str, list[str]]:
-    """The tenants file, JSON {api key: [eraser name, ...]}; an eraser name not among `names` is an error naming
-    the file."""
+def read_tenants(path: Path, names: Iterable[str] | None = None) -> dict[str, list[str]]:
+    """The tenants file, JSON {api key: [eraser name, ...]}; an eraser name not among `names` (where given) is an
+    error naming the file."""
     path = Path(path)
     try:
         tenants = json.loads(path.read_text())
@@ -59,7 +59,7 @@ def read_tenants(path: Path, names: Iterable[str]) -> dict[str, list[str]]:
             isinstance(key, str) and key and isinstance(value, list) and all(isinstance(n, str) for n in value)
             for key, value in tenants.items()):
         raise UserInputError(path, 'tenants file must be a JSON object {"api key": ["eraser name", ...]}')
-    known = set(names)
+    known = set(names if names is not None else (n for bound in tenants.values() for n in bound))
     for key, bound in tenants.items():
         unknown = [name for name in bound if name not in known]
         if unknown:
@@ -120,6 +120,16 @@ class Registry:
                      "gate": "paper" if eraser.prompt_gate is None else eraser.prompt_gate.kind,
                      "requests": [request.get("request") for request in eraser.requests()]}
                     for name, eraser in self._erasers.items()]
+
+    @property
+    def fingerprint(self) -> dict[str, Any] | None:
+        """The served model's fingerprint (computed once at start-up), or None without a model."""
+        return self._fingerprint
+
+    def bindings(self, key: str) -> list[str]:
+        """The erasers tenant `key` is bound to ([] for an unknown key or without tenants)."""
+        with self._lock:
+            return list((self._tenants or {}).get(key, []))
 
     def check(self, name: str, eraser: Eraser) -> None:
         """Refuse an eraser fitted for another model (Eraser.attach's checks: hidden size, layer count, the
@@ -187,6 +197,29 @@ class Registry:
                     bound.remove(name)
             self._version += 1
             self._snapshot = self._build()
+
+    def check_bind(self, key: str, bind: Iterable[str] = (), unbind: Iterable[str] = ()) -> None:
+        """Refuse a binding the server cannot hold: no tenants, an empty key, or a name that is not loaded."""
+        with self._lock:
+            if self._tenants is None:
+                raise PolicyError(400, "the server runs without tenants (--tenants)", "no_tenants", "tenant")
+            if not isinstance(key, str) or not key:
+                raise PolicyError(400, "'tenant' must be the tenant's API key", "invalid_type", "tenant")
+            names = list(bind) + list(unbind)
+            if not all(isinstance(name, str) for name in names):
+                raise PolicyError(400, "'bind' and 'unbind' must be lists of eraser names", "invalid_type", "bind")
+            unknown = [name for name in bind if name not in self._erasers]
+            if unknown:
+                raise PolicyError(400, f"unknown eraser(s) {unknown}", "unknown_eraser", "bind")
+
+    def bind(self, key: str, bind: Iterable[str] = (), unbind: Iterable[str] = ()) -> None:
+        """Bind tenant `key` (a new key is created) to `bind` and from `unbind`; effective from its next request."""
+        bind, unbind = list(bind), list(unbind)
+        with self._lock:
+            self.check_bind(key, bind, unbind)
+            bound = self._tenants.setdefault(key, [])
+            bound[:] = [name for name in bound if name not in unbind]
+            bound += [name for name in dict.fromkeys(bind) if name not in bound]
 
     def resolve(self, api_key: str | None, requested: Iterable[str] = ()) -> tuple[str, ...]:
         """The erasers for a request: the policy's (see the class) plus `requested`. An unknown key (with
