@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -38,7 +40,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
     return path
 
 
@@ -51,7 +53,7 @@ def _read_umask() -> int:
 _UMASK = _read_umask()  # read once, at import: setting it per write would race with other threads' files
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: str | os.PathLike) -> None:
     """Make a rename in `directory` durable (where the platform lets a directory be opened: not on Windows)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -65,3 +67,19 @@ def _fsync_directory(directory: Path) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON-lines file; a line that is not a JSON object is a
+    UserInputError naming the file and the line."""
+    path = Path(path)
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserInputError(path, f"line {number}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise UserInputError(path, f"line {number}: not a JSON object")
+        yield number, row

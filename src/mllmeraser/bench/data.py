@@ -14,7 +14,6 @@ when an item's `.image` is read. Every problem is a `UserInputError` naming the 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from ..core.inputs import EncodedImage, QAItem, Task
-from ..errors import UserInputError
+from ..errors import UserInputError, json_lines
 
 PARQUET_NAME = "train-00000-of-00001.parquet"  # what a one-shard split is called (the testbed writes it)
 SHARD_NAME = re.compile(r"(?P<stem>.+)-(?P<index>\d+)-of-(?P<count>\d+)\.parquet")
@@ -330,14 +329,8 @@ def read_jsonl_items(path: str | Path) -> list[QAItem]:
     if not path.is_file():
         raise UserInputError(path, "no such JSONL file")
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserInputError(path, f"line {number}: not JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or "question" not in row or "answer" not in row:
+    for number, row in json_lines(path):
+        if "question" not in row or "answer" not in row:
             raise UserInputError(path, f"line {number}: needs 'question' and 'answer'")
         image = None
         if row.get("image"):

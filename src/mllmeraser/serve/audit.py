@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserInputError
+from ..errors import UserInputError, json_lines
 
 AUDIT_FILE = "audit.jsonl"
 EVENTS = ("added", "uploaded", "fitted", "deleted", "bound")
@@ -98,18 +98,7 @@ def read_audit(path: str | os.PathLike) -> list[dict[str, Any]]:
         path = path / AUDIT_FILE
     if not path.is_file():
         raise UserInputError(path, "no audit log here (the server writes it into its --erasers directory)")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserInputError(path, f"line {number} is not JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise UserInputError(path, f"line {number} is not a JSON object")
-        records.append(record)
-    return records
+    return [record for _, record in json_lines(path)]
 
 
 COLUMNS = (("time", "time"), ("event", "event"), ("name", "name"), ("token", "token"),

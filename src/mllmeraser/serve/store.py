@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserInputError, atomic_write_bytes
+from ..errors import UserInputError, atomic_write_bytes, fsync_directory
 from .audit import AUDIT_FILE, AuditLog, short_digest, utc_now
 
 MANIFEST_FILE = "manifest.json"
@@ -50,15 +50,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    """A rename is durable only once its directory is: fsync the directory itself."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -189,8 +180,7 @@ class Store:
             if isinstance(data, (bytes, bytearray)):
                 atomic_write_bytes(path, bytes(data))
             else:
-                data.save(path)
-            _fsync_dir(self.directory)
+                data.save(path)  # atomic, and durable once it returns (errors.atomic_write_bytes)
             entry = Entry(path.name, file_sha256(path), source, utc_now())
             self.erasers[name] = entry
             for key in tenants:
@@ -261,7 +251,6 @@ class Store:
                     "erasers": {name: entry.to_json() for name, entry in self.erasers.items()},
                     "tenants": self.tenants}
         atomic_write_bytes(self.manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
-        _fsync_dir(self.directory)
 
     def _move_aside(self, file: str, why: str) -> None:
         source = self.directory / file
@@ -276,8 +265,8 @@ class Store:
             counter += 1
             target = aside / f"{Path(file).stem}.{why}-{stamp}-{counter}.safetensors"
         os.replace(source, target)
-        _fsync_dir(aside)
-        _fsync_dir(self.directory)
+        fsync_directory(aside)
+        fsync_directory(self.directory)
 
 
 def _clean_temp_files(directory: Path) -> None:
