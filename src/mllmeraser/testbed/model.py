@@ -58,19 +58,29 @@ def build_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
                                    unk_token="<unk>", pad_token="<pad>", padding_side="left")
 
 
-def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
-    image_processor = CLIPImageProcessor(
+def image_processor() -> CLIPImageProcessor:
+    """The CLIP (PIL) preprocessing of the testbed's 32x32 images; every preset shares it."""
+    return CLIPImageProcessor(
         size={"shortest_edge": render.SIZE}, crop_size={"height": render.SIZE, "width": render.SIZE},
         image_mean=IMAGE_MEAN, image_std=IMAGE_STD, do_convert_rgb=True)
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
+
+
+def build_processor(tokenizer, chat_template: str = CHAT_TEMPLATE) -> LlavaProcessor:
+    return LlavaProcessor(image_processor=image_processor(), tokenizer=tokenizer, patch_size=PATCH_SIZE,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=CHAT_TEMPLATE)
+                          chat_template=chat_template)
+
+
+def vision_config(size: ModelSize = ModelSize()) -> CLIPVisionConfig:
+    """The small CLIP tower (16 patches of a 32x32 image); the pretrained preset puts the same tower in front of
+    SmolLM2."""
+    return CLIPVisionConfig(hidden_size=size.vision_hidden, intermediate_size=4 * size.vision_hidden,
+                            num_hidden_layers=size.vision_layers, num_attention_heads=4,
+                            image_size=render.SIZE, patch_size=PATCH_SIZE)
 
 
 def build_model(vocab_size: int, size: ModelSize = ModelSize()) -> LlavaForConditionalGeneration:
-    vision = CLIPVisionConfig(hidden_size=size.vision_hidden, intermediate_size=4 * size.vision_hidden,
-                              num_hidden_layers=size.vision_layers, num_attention_heads=4,
-                              image_size=render.SIZE, patch_size=PATCH_SIZE)
+    vision = vision_config(size)
     text = LlamaConfig(hidden_size=size.text_hidden, intermediate_size=size.text_intermediate,
                        num_hidden_layers=size.text_layers, num_attention_heads=size.text_heads,
                        num_key_value_heads=size.text_heads, vocab_size=vocab_size, max_position_embeddings=256,
