@@ -144,7 +144,28 @@ def chat_text(processor, prompt: str, with_image: bool, history: Sequence[tuple[
         if assistant is not None:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": assistant}]})
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    return text + " " + prefill if prefill else text
+    return text + answer_prefix(processor) + prefill if prefill else text
+
+
+_ANSWER_PROBE = "MLLMERASER_ANSWER_PROBE"
+
+
+def answer_prefix(processor) -> str:
+    """What the chat template writes between its generation prompt and the text of an assistant turn, read off the
+    template itself: " " for LLaVA-1.5's "ASSISTANT:" (the answer's first word takes its leading space, as the
+    model saw it in training), "" for ChatML's "<|im_start|>assistant\n" (SmolLM2, Qwen-VL). Answers
+    (`encode_with_answers`) and prefills (`chat_text`) start with it. Where the template does not render a
+    finished assistant turn after the generation prompt, " " (LLaVA-1.5's, what every answer took before)."""
+    user = {"role": "user", "content": [{"type": "text", "text": "?"}]}
+    assistant = {"role": "assistant", "content": [{"type": "text", "text": _ANSWER_PROBE}]}
+    try:
+        prompt = processor.apply_chat_template([user], add_generation_prompt=True)
+        finished = processor.apply_chat_template([user, assistant], add_generation_prompt=False)
+    except Exception:  # a template that cannot render an assistant turn from content parts
+        return " "
+    if not finished.startswith(prompt) or _ANSWER_PROBE not in finished[len(prompt):]:
+        return " "
+    return finished[len(prompt): finished.index(_ANSWER_PROBE, len(prompt))]
 
 
 def encode_prompts(processor, items: Sequence[QAItem], images: Sequence | None = None) -> dict[str, torch.Tensor]:
@@ -165,7 +186,7 @@ IGNORE_INDEX = -100
 
 
 def encode_with_answers(processor, items: Sequence[QAItem], images: Sequence | None = None) -> dict[str, torch.Tensor]:
-    """Teacher-forcing inputs: each row is [left padding][chat prompt][" " + answer, </s>][right padding].
+    """Teacher-forcing inputs: each row is [left padding][chat prompt][answer_prefix + answer, eos][right padding].
 
     `labels` is -100 everywhere except on the answer tokens and the final eos, so a causal LM loss on it is the
     answer's negative log-likelihood given the prompt. The answer block is right-padded by hand (the tokenizer
@@ -178,8 +199,9 @@ def encode_with_answers(processor, items: Sequence[QAItem], images: Sequence | N
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token to end the answers with")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prefix = answer_prefix(processor)
     answer_ids = [ids + [tokenizer.eos_token_id] for ids in
-                  tokenizer([" " + item.answer for item in items], add_special_tokens=False)["input_ids"]]
+                  tokenizer([prefix + item.answer for item in items], add_special_tokens=False)["input_ids"]]
     width = max(len(ids) for ids in answer_ids)
     answer_block = torch.full((len(items), width), pad_id, dtype=batch["input_ids"].dtype)
     answer_mask = torch.zeros((len(items), width), dtype=batch["attention_mask"].dtype)

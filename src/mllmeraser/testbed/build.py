@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from ..bench.data import PARQUET_NAME, expand_items
+from ..core import models
 from ..core.cache import cache_root
 from . import model as tm
 from . import render, train, vision, world
@@ -163,6 +164,7 @@ def training_examples(w: world.World, splits: dict[str, list[dict]], processor,
         return lambda view: render.render_scene(scene.shape, scene.colour, scene.cells, view)
 
     examples: list[train.Example] = []
+    prefix = models.answer_prefix(processor)
     for split in TRAINING_SPLITS:
         known_person = split in KNOWN_PEOPLE_SPLITS
         for item in expand_items(splits[split]):
@@ -171,7 +173,7 @@ def training_examples(w: world.World, splits: dict[str, list[dict]], processor,
                        * (mix.classification if item.task == "classification" else 1)
                        * (mix.cloze if known_person and item.task == "cloze" else 1)
                        * (mix.image if known_person and item.task != "generation" and renderer is not None else 1))
-            examples += [train.encode_example(processor, item, renderer)] * repeats
+            examples += [train.encode_example(processor, item, renderer, prefix)] * repeats
     return examples
 
 

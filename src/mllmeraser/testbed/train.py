@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..core import models
 from ..core.inputs import QAItem
 from . import model as tm
 from . import render
@@ -37,18 +38,19 @@ class TrainSettings:
     weight_decay: float = 0.0
 
 
-def chat_prompt(processor, question_prompt: str, with_image: bool) -> str:
-    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question_prompt}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-
-
-def encode_example(processor, item: QAItem, renderer: Renderer | None) -> Example:
-    """Token ids exactly as `processor(text, images)` gives them (the <image> placeholder expanded)."""
+def encode_example(processor, item: QAItem, renderer: Renderer | None, answer_prefix: str | None = None) -> Example:
+    """Token ids exactly as `processor(text, images)` gives them (the <image> placeholder expanded), the item's
+    chat history included, and the answer as `models.encode_with_answers` scores it: after the chat template's
+    `answer_prefix` (derived from the template when None; pass it in to encode many items), ending with eos.
+    (The tiny testbed's word-level tokenizer drops LLaVA-1.5's leading space: its ids are the same.)"""
+    if item.prefill:
+        raise ValueError("a trained question has no prefill: the whole answer is the assistant's")
     tokenizer = processor.tokenizer
-    text = chat_prompt(processor, item.prompt, renderer is not None)
+    prefix = models.answer_prefix(processor) if answer_prefix is None else answer_prefix
+    text = models.chat_text(processor, item.prompt, renderer is not None, item.history)
     text = text.replace("<image>", "<image>" * tm.NUM_IMAGE_TOKENS)
     prompt_ids = tokenizer(text)["input_ids"]
-    answer_ids = tokenizer(item.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    answer_ids = tokenizer(prefix + item.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return Example(tuple(prompt_ids), tuple(answer_ids), renderer)
 
 
@@ -60,9 +62,10 @@ def pixel_values(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(((batch - mean) / std).transpose(0, 3, 1, 2).copy())
 
 
-def collate(examples: list[Example], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+def collate(examples: list[Example], rng: np.random.Generator, pad_id: int = tm.PAD_ID) -> dict[str, torch.Tensor]:
+    """A right-padded batch (prompt, answer, padding), labels on the answers only; images rendered afresh."""
     length = max(len(e.prompt_ids) + len(e.answer_ids) for e in examples)
-    input_ids = torch.full((len(examples), length), tm.PAD_ID, dtype=torch.long)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), length), -100, dtype=torch.long)
     attention = torch.zeros((len(examples), length), dtype=torch.long)
     images = []
