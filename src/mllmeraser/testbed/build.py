@@ -82,6 +82,23 @@ def is_built(directory: Path) -> bool:
     return (directory / "testbed.json").is_file() and (directory / "model" / "config.json").is_file()
 
 
+def is_current(directory: Path, seed: int, preset: str, version: int) -> bool:
+    """Whether `directory` holds a finished build of this seed, preset and build version (reused as it is)."""
+    if not is_built(directory):
+        return False
+    manifest = json.loads((directory / "testbed.json").read_text())
+    return manifest.get("seed") == seed and manifest.get("preset") == preset and manifest.get("version") == version
+
+
+def publish(tmp: Path, directory: Path, manifest: dict) -> None:
+    """Write the manifest into the finished build at `tmp` and rename it to `directory` (replacing an old one)."""
+    (tmp / "testbed.json").write_text(json.dumps(manifest, indent=2))
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, directory)
+
+
 def png_bytes(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
@@ -212,10 +229,8 @@ def build(out: Path | None = None, seed: int = 0, preset: str = "full", progress
 
         return pretrained_build.build(out, seed, progress, force)
     directory = Path(out) if out is not None else default_build_dir(seed, preset)
-    if is_built(directory) and not force:
-        manifest = json.loads((directory / "testbed.json").read_text())
-        if manifest.get("seed") == seed and manifest.get("preset") == preset and manifest.get("version") == BUILD_VERSION:
-            return directory
+    if not force and is_current(directory, seed, preset, BUILD_VERSION):
+        return directory
     spec = PRESETS[preset]
     started = time.perf_counter()
     tmp = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
@@ -242,11 +257,7 @@ def build(out: Path | None = None, seed: int = 0, preset: str = "full", progress
                     "final_loss": float(np.mean(losses[-50:])), "data_seconds": round(data_seconds, 1),
                     "total_seconds": round(time.perf_counter() - started, 1),
                     "forget_ids": {str(k): v for k, v in w.forget_ids.items()}}
-        (tmp / "testbed.json").write_text(json.dumps(manifest, indent=2))
-        if directory.exists():
-            shutil.rmtree(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, directory)
+        publish(tmp, directory, manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors.torch import load_file, save_file
 
 from ..bench.data import PARQUET_NAME, expand_items
@@ -138,10 +137,8 @@ def build(out: Path | None = None, seed: int = 0, progress: bool = True, force: 
           spec: PretrainedPreset | None = None) -> Path:
     """Build (or reuse) the pretrained preset at `out`, resuming an interrupted build; returns its directory."""
     directory = Path(out) if out is not None else default_build_dir(seed)
-    if tiny.is_built(directory) and not force:
-        manifest = json.loads((directory / "testbed.json").read_text())
-        if manifest.get("seed") == seed and manifest.get("preset") == PRESET and manifest.get("version") == BUILD_VERSION:
-            return directory
+    if not force and tiny.is_current(directory, seed, PRESET, BUILD_VERSION):
+        return directory
     spec = spec or PRESETS[PRESET]
     pretrained.smollm2_dir()  # first: a missing weights package is a one-line error before any work
     started = time.perf_counter()
@@ -172,10 +169,6 @@ def build(out: Path | None = None, seed: int = 0, progress: bool = True, force: 
                 "total_seconds_this_run": round(time.perf_counter() - started, 1),
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                 "forget_ids": {str(k): v for k, v in w.forget_ids.items()}}
-    (tmp / "testbed.json").write_text(json.dumps(manifest, indent=2))
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, directory)
+    tiny.publish(tmp, directory, manifest)
     shutil.rmtree(work, ignore_errors=True)
     return directory
