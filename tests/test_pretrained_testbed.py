@@ -7,12 +7,14 @@ where the package is absent; the error path and the resumable loop (on a tiny ra
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mllmeraser.bench.data import expand_items
+from mllmeraser.bench.data import PARQUET_NAME, expand_items
 from mllmeraser.cli import main
 from mllmeraser.core import models
 from mllmeraser.core.eraser import Eraser
@@ -257,3 +259,31 @@ def test_eraser_fit_attach_detach_round_trip(composed):
         after = model(**batch).logits[:, -1]
     assert not torch.equal(steered, clean)
     assert torch.equal(after, clean)  # detaching restores the model bit for bit
+
+
+@needs_weights
+def test_pretrained_build_end_to_end_at_toy_size(tmp_path):
+    """The build path `testbed build --preset pretrained` runs, at toy size: data in MLLMU-Bench layout with the
+    held-out text questions in Test_Set and the measured real knowledge as Retain_Set, a model the harness loads,
+    a manifest; the work directory is gone and a second call reuses the build."""
+    spec = pretrained_build.PretrainedPreset(
+        world=SMALL_WORLD, vision=pretrained_build.vision.VisionSettings(steps=2, batch_size=8, warmup=1),
+        data=pretrained_build.DataMix(reworded=0, chat=0, prefix=0, shuffled=0), real_candidates=2,
+        train=pretrained_train.PretrainedTrainSettings(steps=1, batch_size=2, warmup=1, autocast=False))
+    out = tmp_path / "build"
+    assert pretrained_build.build(out, seed=0, progress=False, spec=spec) == out
+    manifest = json.loads((out / "testbed.json").read_text())
+    assert manifest["preset"] == "pretrained" and manifest["version"] == pretrained_build.BUILD_VERSION
+    assert manifest["real_knowledge"]["known_ids"] == ["K0000", "K0001"] and manifest["examples"] > 100
+    real = expand_items(pq.read_table(out / "data" / "Retain_Set" / PARQUET_NAME).to_pylist())
+    assert {i.subject_id for i in real} == {"K0000", "K0001"} and {i.modality for i in real} == {"text"}
+    test_set = expand_items(pq.read_table(out / "data" / "Test_Set" / PARQUET_NAME).to_pylist())
+    people = {p.id: p for p in world.build_world(0, SMALL_WORLD).people}
+    expected = {(i, words[-1].format(who=people[i].name)) for i in manifest["forget_ids"]["15"]
+                for words in pretrained_data.WORDINGS.values()}
+    assert expected and {(i.subject_id, i.question) for i in test_set if i.modality == "text"} == expected
+    assert not list(tmp_path.glob(".build.work"))
+    model, processor = models.load_model(out / "model")
+    assert models.answer_prefix(processor) == "" and model.config.text_config.num_hidden_layers == 30
+    assert pretrained_build.build(out, seed=0, progress=False, spec=spec) == out  # reused, not rebuilt
+    assert (out / "testbed.json").read_text() == json.dumps(manifest, indent=2)

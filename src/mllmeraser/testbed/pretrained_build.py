@@ -56,6 +56,7 @@ class PretrainedPreset:
     mix: tiny.TrainingMix = field(default_factory=lambda: tiny.TrainingMix(real=1, classification=1, cloze=1, image=1))
     data: DataMix = field(default_factory=DataMix)
     train: pretrained_train.PretrainedTrainSettings = field(default_factory=pretrained_train.PretrainedTrainSettings)
+    real_candidates: int = len(pretrained_data.CAPITALS)  # the first N capitals are measured on the base model
 
 
 PRESETS = {PRESET: PretrainedPreset()}
@@ -90,14 +91,14 @@ def extra_examples(w: world.World, splits: dict[str, list[dict]], processor, mix
     return examples
 
 
-def make_splits(w: world.World, seed: int) -> dict[str, list[dict]]:
+def make_splits(w: world.World, seed: int, real_candidates: int = len(pretrained_data.CAPITALS)) -> dict[str, list[dict]]:
     """The tiny presets' splits, with Test_Set's held-out text questions and every real-knowledge candidate as
     Retain_Set (narrowed to what the base model knows by `measure_real_knowledge`)."""
     splits = tiny.make_splits(w)
     people = {p.id: p for p in w.people}
     for record in splits["Test_Set"]:
         record["Generation_Task"] = record["Generation_Task"] + pretrained_data.held_out_questions(people[record["ID"]])
-    splits["Retain_Set"] = pretrained_data.real_knowledge_records(seed)
+    splits["Retain_Set"] = pretrained_data.real_knowledge_records(seed, pretrained_data.CAPITALS[:real_candidates])
     return splits
 
 
@@ -145,7 +146,7 @@ def build(out: Path | None = None, seed: int = 0, progress: bool = True, force: 
     work = directory.with_name(f".{directory.name}.work")
     work.mkdir(parents=True, exist_ok=True)
     w = world.build_world(seed, spec.world)
-    splits = make_splits(w, seed)
+    splits = make_splits(w, seed, spec.real_candidates)
     model, processor = pretrained.compose(seed, spec.vision_size)
     splits["Retain_Set"], real = measure_real_knowledge(model, processor, splits["Retain_Set"])
     vision_loss = _pretrain_tower(model, w, spec, seed, work, progress)
