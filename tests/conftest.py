@@ -77,7 +77,7 @@ def bar(request):
         high_ok = at_most is None or value <= at_most
         if BARS_LOG:
             record = {"test": request.node.nodeid, "bar": name, "value": value, "at_least": at_least,
-                      "at_most": at_most, "seed": SEED, "threads": torch.get_num_threads(), "cpu": cpu_name()}
+                      "at_most": at_most, "seed": SEED, "threads": SESSION_THREADS[0], "cpu": cpu_name()}
             with open(BARS_LOG, "a") as log:
                 log.write(json.dumps(record) + "\n")
         if not (low_ok and high_ok):
@@ -91,9 +91,24 @@ def bar(request):
         pytest.fail("missed bars: " + "; ".join(missed), pytrace=False)
 
 
+SESSION_THREADS = [torch.get_num_threads()]  # the suite's thread count (the fixture was built under it)
+
+
+@pytest.fixture(autouse=True)
+def keep_the_thread_count():
+    """A test may run under another torch thread count, but must not leave it changed for the tests after it
+    (they would run slower, and the fixture's numbers are the suite's thread count's)."""
+    yield
+    left = torch.get_num_threads()
+    if left != SESSION_THREADS[0]:
+        torch.set_num_threads(SESSION_THREADS[0])
+        pytest.fail(f"the test left torch's thread count at {left}, not {SESSION_THREADS[0]}", pytrace=False)
+
+
 def pytest_configure(config):
     if THREADS is not None:
         torch.set_num_threads(THREADS)
+    SESSION_THREADS[0] = torch.get_num_threads()
     torch.manual_seed(SEED)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -27,7 +27,7 @@ from mllmeraser.core.eraser import METADATA_KEY, Eraser
 from mllmeraser.errors import UserInputError
 
 D, LAYERS = 64, [1, 2]  # tiny_families.build_llava: hidden size 64, three decoder layers
-TRUNCATIONS, CLI_SAMPLE = 40, 10
+TRUNCATIONS, CLI_SAMPLE = 40, 6
 
 
 def knn_eraser() -> Eraser:

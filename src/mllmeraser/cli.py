@@ -270,9 +270,9 @@ def attached(model, eraser: Eraser | None) -> AbstractContextManager:
 
 def cmd_eval(args) -> int:
     splits = tuple(args.splits.split(",")) if args.splits else REPORT_SPLITS
+    eraser = load_eraser(args.eraser, args.alpha)  # a bad file is refused before a model is loaded
     model, processor = models.load_model(args.model, **model_options(args))
     items = evaluate.report_items(args.data, args.forget_ratio, splits, args.protocol)
-    eraser = load_eraser(args.eraser, args.alpha)
     with attached(model, eraser):
         results = evaluate.evaluate(model, processor, args.data, args.forget_ratio, items=items,
                                     batch_size=args.batch_size, protocol=args.protocol)
@@ -379,9 +379,10 @@ def cmd_generate(args) -> int:
             raise UserInputError(args.image, "no such image file") from None
         except Exception as exc:
             raise UserInputError(args.image, f"unreadable image ({type(exc).__name__})") from None
+    eraser = load_eraser(args.eraser, args.alpha)  # a bad file is refused before a model is loaded
     model, processor = models.load_model(args.model, **model_options(args))
     item = as_items([(image, args.prompt, "")])  # a plain input: the prompt is sent as typed
-    with attached(model, load_eraser(args.eraser, args.alpha)):
+    with attached(model, eraser):
         (answer,) = models.generate(model, processor, item, args.max_new_tokens)
     print(answer)
     return 0
