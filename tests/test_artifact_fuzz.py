@@ -382,19 +382,32 @@ def test_no_tensor_is_read_before_the_header_and_the_names_pass(fuzz, monkeypatc
         assert reads == [], name
 
 
-def test_the_server_upload_refuses_every_mutant_with_a_400(fuzz):
+def test_the_server_upload_refuses_every_mutant_with_a_400(fuzz, tmp_path):
+    """Every mutant through the live admin endpoint (multipart upload into a state store): a 400 with one line,
+    nothing saved, and the server still answering and accepting the good file afterwards."""
     pytest.importorskip("fastapi")
-    from mllmeraser.serve.api import _load_eraser
-    from mllmeraser.serve.policy import PolicyError
+    from starlette.testclient import TestClient
+    from test_serve_store import TOKEN, stand_in_app
+
+    from mllmeraser.serve.store import Store
 
     goods, mutants = fuzz
-    assert _load_eraser(goods["knn"].read_bytes()).num_terms == 2
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    store = Store.open(tmp_path / "state")
     statuses = []
-    for name, path, _ in mutants:
-        with pytest.raises(PolicyError) as info:
-            _load_eraser(path.read_bytes())
-        statuses.append((info.value.status, info.value.code, "\n" in info.value.message))
-    assert set(statuses) == {(400, "invalid_eraser", False)}
+    with TestClient(stand_in_app(store)) as client:
+        for index, (name, path, _) in enumerate(mutants):
+            response = client.post("/admin/erasers", files={"file": ("m.safetensors", path.read_bytes())},
+                                   data={"name": f"m{index}"}, headers=admin)
+            error = response.json()["error"]
+            statuses.append((response.status_code, error["code"], "\n" in error["message"]))
+        assert client.get("/health").status_code == 200
+        good = client.post("/admin/erasers", files={"file": ("k.safetensors", goods["knn"].read_bytes())},
+                           data={"name": "good"}, headers=admin)
+        assert good.status_code == 201 and good.json()["terms"] == 2
+    assert set(statuses) == {(400, "invalid_eraser", False)} and len(statuses) == len(mutants)
+    assert store.state()["erasers"] == ["good"]
+    assert sorted(p.name for p in (tmp_path / "state").glob("*.safetensors")) == ["good.safetensors"]
 
 
 def test_alpha_must_be_finite_in_memory_too():
