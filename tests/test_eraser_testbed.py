@@ -53,11 +53,11 @@ def test_vanilla_knows_the_forget_set(vanilla, bar):
     # The small test preset (40 people, 3,500 steps) knows less than the full testbed, and its numbers move with the
     # machine's float kernels, the thread count and the seed (the measured ranges: README, "Tests").
     bar("vanilla forget classification", compare.classification(vanilla["forget"]), at_least=0.9)
-    bar("vanilla forget classification_image", vanilla["forget"]["classification_image"], at_least=0.9)
+    bar("vanilla forget classification_image", vanilla["forget"]["classification_image"], at_least=0.85)  # 0.90-1.00
     bar("vanilla retain classification", compare.classification(vanilla["retain"]), at_least=0.85)
     bar("vanilla real classification", compare.classification(vanilla["real"]), at_least=0.9)
     bar("vanilla forget cloze_text", vanilla["forget"]["cloze_text"], at_least=0.6)
-    bar("vanilla general classification", compare.classification(vanilla["general"]), at_least=0.75)
+    bar("vanilla general classification", compare.classification(vanilla["general"]), at_least=0.65)  # 0.71-0.94
     bar("vanilla unknown refusal_rate", vanilla["unknown"]["refusal_rate"], at_least=0.85)
     bar("vanilla known refusal_rate (max)",
         max(vanilla[split]["refusal_rate"] for split in ("forget", "retain", "real", "general")), at_most=0.02)
