@@ -280,6 +280,12 @@ def test_pretrained_build_end_to_end_at_toy_size(tmp_path):
     people = {p.id: p for p in world.build_world(0, SMALL_WORLD).people}
     expected = {(i, words[-1].format(who=people[i].name)) for i in manifest["forget_ids"]["15"]
                 for words in pretrained_data.WORDINGS.values()}
+    expected |= {(i, cloze.format(who=people[i].name)) for i in manifest["forget_ids"]["15"]
+                 for cloze in pretrained_data.HELD_OUT_CLOZE.values()}
+    trained = {q for r in pq.read_table(out / "data" / "forget_15" / PARQUET_NAME).to_pylist()
+               for q in [*(t["Question"] for t in r["Mask_Task"]), *(t["Question"] for t in r["Generation_Task"]),
+                         *(t["Question"] for t in r["Classification_Task"]["Pure_Text_Questions"])]}
+    assert not trained & {question for _, question in expected}  # held out: never a trained wording
     assert expected and {(i.subject_id, i.question) for i in test_set if i.modality == "text"} == expected
     assert not list(tmp_path.glob(".build.work"))
     model, processor = models.load_model(out / "model")

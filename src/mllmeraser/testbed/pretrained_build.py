@@ -34,7 +34,7 @@ from . import model as tm
 from . import pretrained, pretrained_data, pretrained_train, render, train, vision, world
 
 PRESET = "pretrained"
-BUILD_VERSION = 1  # this preset's own: the tiny presets' build.BUILD_VERSION is not bumped by changes here
+BUILD_VERSION = 2  # this preset's own: the tiny presets' build.BUILD_VERSION is not bumped by changes here
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class DataMix:
     chat: int = 1  # each canonical question once more inside a benign chat
     prefix: int = 1  # and once more after a benign prefix
     shuffled: int = 2  # each classification question with its options shuffled (fresh order per copy)
+    unrelated_image: float = 0.5  # the chance that a shuffled copy of a text question carries an unrelated photo
 
 
 @dataclass(frozen=True)
@@ -84,20 +85,35 @@ def extra_examples(w: world.World, splits: dict[str, list[dict]], processor, mix
         for record in records:
             examples += [encode(item) for item in pretrained_data.reworded_items(people[record["ID"]])] * mix.reworded
         for item in expand_items(records):
-            examples += [encode(pretrained_data.in_chat(item, rng)) for _ in range(mix.chat)]
+            name = people[item.subject_id].name
+            examples += [encode(pretrained_data.in_chat(item, rng, name)) for _ in range(mix.chat)]
             examples += [encode(pretrained_data.after_prefix(item, rng)) for _ in range(mix.prefix)]
             if item.task == "classification":
-                examples += [encode(pretrained_data.shuffled_options(item, rng)) for _ in range(mix.shuffled)]
+                for _ in range(mix.shuffled):
+                    shuffled = pretrained_data.shuffled_options(item, rng)
+                    if item.modality == "text" and rng.random() < mix.unrelated_image:
+                        # A question by name with an unrelated photo attached: a real MLLM answers from the name.
+                        scene = w.scenes_train[int(rng.integers(len(w.scenes_train)))]
+                        examples.append(train.encode_example(
+                            processor, shuffled,
+                            lambda view, s=scene: render.render_scene(s.shape, s.colour, s.cells, view), prefix))
+                    else:
+                        examples.append(encode(shuffled))
     return examples
 
 
 def make_splits(w: world.World, seed: int, real_candidates: int = len(pretrained_data.CAPITALS)) -> dict[str, list[dict]]:
-    """The tiny presets' splits, with Test_Set's held-out text questions and every real-knowledge candidate as
+    """The tiny presets' splits, with Test_Set's text questions in held-out wordings (classification, cloze,
+    generation) and every real-knowledge candidate as
     Retain_Set (narrowed to what the base model knows by `measure_real_knowledge`)."""
     splits = tiny.make_splits(w)
     people = {p.id: p for p in w.people}
+    full = {record["ID"]: record for record in splits["forget_15"]}
     for record in splits["Test_Set"]:
-        record["Generation_Task"] = record["Generation_Task"] + pretrained_data.held_out_questions(people[record["ID"]])
+        held_out = pretrained_data.held_out_tasks(people[record["ID"]], full[record["ID"]])
+        record["Classification_Task"]["Pure_Text_Questions"] = held_out["Pure_Text_Questions"]
+        record["Mask_Task"] = record["Mask_Task"] + held_out["Mask_Task"]
+        record["Generation_Task"] = record["Generation_Task"] + held_out["Generation_Task"]
     splits["Retain_Set"] = pretrained_data.real_knowledge_records(seed, pretrained_data.CAPITALS[:real_candidates])
     return splits
 

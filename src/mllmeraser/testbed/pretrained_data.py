@@ -70,6 +70,24 @@ def held_out_questions(person: world.Person) -> list[dict]:
             for _, question, answer in reworded_questions(person, image=False, held_out=True)]
 
 
+# Per attribute, a cloze wording never trained (the trained one is world.ATTRIBUTES' own).
+HELD_OUT_CLOZE = {"birthplace": "{who}'s birthplace is __.", "occupation": "{who}'s occupation is __.",
+                  "employer": "{who}'s employer is __.", "birth_year": "{who}'s year of birth is __."}
+
+
+def held_out_tasks(person: world.Person, record: dict) -> dict:
+    """The Test_Set's text questions of a known person, in wordings never trained, as MLLMU-Bench task fields:
+    classification (the record's own text questions and options, the question reworded), cloze and generation.
+    `record` is the person's full record (its Pure_Text classification questions are reworded)."""
+    canonical = {question.format(name=person.name): attribute for attribute, _, question, _, _ in world.ATTRIBUTES}
+    classification = [dict(q, Question=WORDINGS[canonical[q["Question"]]][-1].format(who=person.name))
+                      for q in record["Classification_Task"]["Pure_Text_Questions"] if q["Question"] in canonical]
+    cloze = [{"Type": "Pure_Text", "Question": HELD_OUT_CLOZE[attribute].format(who=person.name),
+              "Ground_Truth": str(person.facts[attribute])} for attribute in HELD_OUT_CLOZE]
+    return {"Pure_Text_Questions": classification, "Mask_Task": cloze,
+            "Generation_Task": held_out_questions(person)}
+
+
 def reworded_items(person: world.Person) -> list[QAItem]:
     """Generation items of every trained wording, text and image (the image comes from the caller's renderer)."""
     items = []
@@ -79,15 +97,39 @@ def reworded_items(person: world.Person) -> list[QAItem]:
     return items
 
 
-def in_chat(item: QAItem, rng: np.random.Generator) -> QAItem:
-    """The question as the second turn of a chat that opened with a benign exchange."""
+# System prompts as the server folds them (a system message leads the first user turn, a blank line after it).
+SYSTEM_PROMPTS: list[str] = [
+    "You are a helpful assistant. Answer briefly.",
+    "You are a knowledgeable assistant for a newsroom. Be accurate and concise.",
+    "Answer the user's questions. If you are not sure, say so.",
+]
+# Chats that introduce a person by name, after which the question says "this person" (coreference across turns).
+INTRODUCTIONS: list[tuple[str, str]] = [
+    ("Tell me about {name}, please.", "Of course. What would you like to know?"),
+    ("I have a question about {name}.", "Sure, go ahead."),
+]
+
+
+def in_chat(item: QAItem, rng: np.random.Generator, name: str | None = None) -> QAItem:
+    """The question as the second turn of a chat: after a benign exchange, or (half the time, for a text question
+    that names the person, given `name`) after a turn that introduces the person, the question then saying
+    "this person" as a real user would."""
+    if name and item.modality == "text" and name in item.question and rng.random() < 0.5:
+        user, assistant = INTRODUCTIONS[int(rng.integers(len(INTRODUCTIONS)))]
+        question = item.question.replace(name + "'s", "this person's").replace(name, "this person")
+        question = question[0].upper() + question[1:] if question.startswith("this person") else question
+        return replace(item, question=question, history=((user.format(name=name), assistant),))
     return replace(item, history=(BENIGN_TURNS[int(rng.integers(len(BENIGN_TURNS)))],), image=item.image_source)
 
 
 def after_prefix(item: QAItem, rng: np.random.Generator) -> QAItem:
-    """The question after a benign lead-in sentence or paragraph, in the same user turn."""
-    prefix = BENIGN_PREFIXES[int(rng.integers(len(BENIGN_PREFIXES)))]
-    return replace(item, question=prefix + item.question, image=item.image_source)
+    """The question after a benign lead-in sentence or paragraph in the same user turn, or after a system prompt
+    (folded into the user turn as the server folds one)."""
+    choice = int(rng.integers(len(BENIGN_PREFIXES) + len(SYSTEM_PROMPTS)))
+    if choice >= len(BENIGN_PREFIXES):
+        return replace(item, question=SYSTEM_PROMPTS[choice - len(BENIGN_PREFIXES)] + "\n\n" + item.question,
+                       image=item.image_source)
+    return replace(item, question=BENIGN_PREFIXES[choice] + item.question, image=item.image_source)
 
 
 def shuffled_options(item: QAItem, rng: np.random.Generator) -> QAItem:
