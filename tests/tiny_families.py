@@ -112,7 +112,7 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
-def build_llava(directory: str | Path, seed: int = 0, texts: Iterable[str] | None = None) -> Path:
+def build_llava(directory: str | Path, seed: int = 0, texts: Iterable[str] | None = None, text_layers: int = 3) -> Path:
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
@@ -128,7 +128,7 @@ def build_llava(directory: str | Path, seed: int = 0, texts: Iterable[str] | Non
                                chat_template=LLAVA_CHAT_TEMPLATE)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=28, patch_size=14, projection_dim=32)
-    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4,
                        num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=512,
                        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, tie_word_embeddings=False)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID,

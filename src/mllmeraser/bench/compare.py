@@ -134,6 +134,7 @@ def run_eraser(h: Harness, name: str, settings: FitSettings, vanilla_val: float)
     by the validation rule; the report splits are measured at that one strength. The retain, erasure and
     calibration statistics come from the model cache (built here if cold, timed apart): the fit time is the
     request's own."""
+    settings = settings.for_model(h.model)  # the results record the decision layer a fraction names
     shared = cache.shared_statistics(h.model, h.processor, retain=h.retain_fit, erasure=h.erasure,
                                      calibration=h.validation, settings=settings, cache_dir=h.settings.cache_dir,
                                      progress=h.progress)

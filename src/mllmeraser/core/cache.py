@@ -109,7 +109,8 @@ def processing_identity(model, processor) -> dict[str, Any]:
 
 
 def shape_settings(settings: FitSettings, layers_path: str, steered: Sequence[int]) -> dict[str, Any]:
-    """The fit settings that change what a cache entry holds (the others act on the closed forms only)."""
+    """The fit settings that change what a cache entry holds (the others act on the closed forms only), of
+    settings resolved at the model's depth (FitSettings.at_depth: the decision layer an absolute index)."""
     if settings.gate == "paper":
         return {"family": "paper", "layers_path": layers_path, "steered": list(steered),
                 "batch_size": settings.batch_size}
@@ -189,6 +190,7 @@ def shared_statistics(model, processor, *, retain: Sequence[QAItem], erasure: Se
 
     names, layers = hooks.find_decoder_layers(model, layers_path)
     path = names[0].rsplit(".", 1)[0]
+    settings = settings.at_depth(len(layers))  # keyed by the layer a fraction names: one entry for both spellings
     steered = fitting.steered_layers(settings, len(layers))
     parameter = next(model.parameters())
     identity = {

@@ -94,7 +94,12 @@ class FitSettings:
     # Defaults chosen on the testbed's validation people only (README, "Selective erasure").
     gate: str = "knn"  # "knn" (default), "ridge" (linear, on the pooled prompt), "paper" (per-layer, last token)
     pooling: str = "mean"  # prompt gates: "mean" (attention-masked mean over the prompt) or "last"
-    decision_layer: int = 1  # prompt gates: the decoder layer whose output decides; steering from there on
+    # prompt gates: the decoder layer whose output decides; steering from there on. An int is that layer; a float in
+    # (0, 1) a fraction of the decoder's depth (gating.decision_layer_index: the layer nearest f * L), so one default
+    # fits every depth: a quarter, layer 1 of the testbed's 4 (where the defaults were chosen) and 8 of a 30-layer
+    # decoder (gating.DECISION_DEPTH says why). A fit resolves it first (`at_depth`): the model cache's key and the
+    # eraser's record hold the absolute layer, so the default names the same entries as layer 1 on the testbed.
+    decision_layer: int | float = gating.DECISION_DEPTH
     neighbours: int = 1  # knn: similarities averaged over this many nearest forget (and retain) prompts
     max_fpr: float = 0.01  # prompt gates: the fraction of calibration prompts the threshold lets through
     # knn: a floor under the calibrated threshold, tau >= log(min_ratio): the nearest forget prompt must be at least
@@ -108,7 +113,7 @@ class FitSettings:
     beta: float = 16.0  # ridge: retain weight per sample relative to forget
     lam: float = 1e-5  # ridge: L2 penalty relative to the mean eigenvalue
     alpha: float = 1.0  # steering strength (positive erases: r points from recall to erasure)
-    layers: tuple[int, ...] | None = None  # steered decoder layers; None: decision_layer..L-1 (paper: 1..L-1)
+    layers: tuple[int, ...] | None = None  # steered decoder layers; None: decision layer..L-1 (paper: 1..L-1)
     floor: float = -math.inf  # paper gate shaping (steering.shape_gate): below the floor 0, above the cap clipped
     cap: float = math.inf
     normalise_gate: bool = False  # paper: rescale u_l so the mean gate over forget inputs is 1
@@ -135,10 +140,22 @@ class FitSettings:
             raise UserInputError(None, f"min_ratio must be >= 1, got {self.min_ratio}")
         if self.neighbours < 1:
             raise UserInputError(None, f"neighbours must be >= 1, got {self.neighbours}")
+        gating.check_decision_layer(self.decision_layer)
         if not 0.0 <= self.occlusion < 0.5:
             raise UserInputError(None, f"occlusion must be in [0, 0.5), got {self.occlusion}")
         if not math.isfinite(self.alpha):  # the eraser would refuse it after the whole fit
             raise UserInputError(None, f"alpha must be finite, got {self.alpha}")
+
+    def at_depth(self, num_layers: int) -> FitSettings:
+        """These settings with `decision_layer` the absolute layer it names on a decoder of `num_layers` layers
+        (gating.decision_layer_index; an absolute layer stays as it is, if the decoder has it). Every fit step
+        reads resolved settings, so a fraction and the layer it names fit, cache and record alike."""
+        return replace(self, decision_layer=gating.decision_layer_index(self.decision_layer, num_layers))
+
+    def for_model(self, model, layers_path: str | None = None) -> FitSettings:
+        """`at_depth` for `model`'s decoder (its layer list at `layers_path`, or the family's)."""
+        _, layers = hooks.find_decoder_layers(model, layers_path)
+        return self.at_depth(len(layers))
 
 
 @dataclass(frozen=True)
@@ -432,6 +449,7 @@ def fit_statistics(model, processor, *, forget: Sequence[QAItem], retain: Sequen
     timings = {} if timings is None else timings
     names, layers = hooks.find_decoder_layers(model, layers_path)
     path = names[0].rsplit(".", 1)[0]
+    settings = settings.at_depth(len(layers))
     if shared is not None:
         shared.check(settings, path, steered_layers(settings, len(layers)))
         shared_stats, shared_features = shared.stats, shared.features
@@ -451,16 +469,15 @@ def fit_statistics(model, processor, *, forget: Sequence[QAItem], retain: Sequen
     return stats, path, features
 
 
-def _decoder(model, settings: FitSettings, layers_path: str | None) -> tuple[list, steering.SteeringStats]:
-    """The decoder layers and empty statistics of the steered ones (the closed forms of one layer read that
-    layer's statistics alone), on the statistics device."""
+def _decoder(model, settings: FitSettings, layers_path: str | None
+             ) -> tuple[list, steering.SteeringStats, FitSettings]:
+    """The decoder layers, empty statistics of the steered ones (the closed forms of one layer read that
+    layer's statistics alone) on the statistics device, and `settings` resolved at the decoder's depth."""
     _, layers = hooks.find_decoder_layers(model, layers_path)
-    decision = settings.decision_layer
-    if settings.gate != "paper" and not 0 <= decision < len(layers):
-        raise UserInputError(None, f"decision_layer must be a decoder layer 0..{len(layers) - 1}, got {decision}")
+    settings = settings.at_depth(len(layers))
     stats = steering.SteeringStats(len(layers), model.config.get_text_config().hidden_size,
                                    steered_layers(settings, len(layers)), statistics_device(model))
-    return layers, stats
+    return layers, stats, settings
 
 
 def _pooled(model, processor, layers, items: Sequence[QAItem], settings: FitSettings, desc: str,
@@ -493,7 +510,7 @@ def shared_inputs(model, processor, *, retain: Sequence[QAItem], erasure: Sequen
                   progress: bool = True) -> tuple[steering.SteeringStats, dict[str, torch.Tensor]]:
     """What every request on the model shares (cache.py): retain statistics (paper: Grams at the steered layers)
     or pooled features (prompt gates), erasure sums, calibration features."""
-    layers, stats = _decoder(model, settings, layers_path)
+    layers, stats, settings = _decoder(model, settings, layers_path)
     held = [layers[i] for i in stats.layers]
     bs = settings.batch_size
     features: dict[str, torch.Tensor] = {}
@@ -514,7 +531,7 @@ def request_inputs(model, processor, *, forget: Sequence[QAItem], settings: FitS
     """What one deletion request adds: its forget questions' recall statistics (PGD images), and the forget
     Grams (paper gate) or pooled features (prompt gates)."""
     timings = {} if timings is None else timings
-    layers, stats = _decoder(model, settings, layers_path)
+    layers, stats, settings = _decoder(model, settings, layers_path)
     held = [layers[i] for i in stats.layers]
     bs = settings.batch_size
     started = time.perf_counter()
@@ -544,9 +561,9 @@ def request_inputs(model, processor, *, forget: Sequence[QAItem], settings: FitS
 
 
 def steered_layers(settings: FitSettings, num_layers: int) -> list[int]:
-    """The decoder layers a fit steers, in the order given: settings.layers, or decision_layer..L-1 for a
+    """The decoder layers a fit steers, in the order given: settings.layers, or the decision layer..L-1 for a
     prompt gate, or the paper's 1..L-1."""
-    first = settings.decision_layer if settings.gate != "paper" else 1
+    first = gating.decision_layer_index(settings.decision_layer, num_layers) if settings.gate != "paper" else 1
     steered = list(settings.layers) if settings.layers is not None else list(range(first, num_layers))
     if not steered or any(not first <= i < num_layers for i in steered) or len(set(steered)) != len(steered):
         raise UserInputError(None, f"--layers must name distinct decoder layers {first}..{num_layers - 1}, "
@@ -595,6 +612,7 @@ def fit_prompt_gate(features: dict[str, torch.Tensor], settings: FitSettings) ->
 def solve_eraser(stats: steering.SteeringStats, settings: FitSettings, layers_path: str, fingerprint: dict,
                  request: str = "forget", features: dict[str, torch.Tensor] | None = None) -> Eraser:
     """The closed-form part: gates and directions for the steered layers, packed as an Eraser."""
+    settings = settings.at_depth(stats.num_layers)  # the record names the layer the gate reads, as before fractions
     steered = steered_layers(settings, stats.num_layers)
     fit_record = {k: v for k, v in asdict(settings).items() if k not in ("floor", "cap", "alpha")}
     request_meta = {"name": request, "counts": dict(stats.counts), "fit": fit_record}
