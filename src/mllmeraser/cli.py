@@ -58,6 +58,23 @@ def _add_forget_ratio_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--forget-ratio", type=int, default=10, choices=FORGET_RATIOS)
 
 
+def forget_ratios(text: str) -> tuple[int, ...]:
+    """--forget-ratio for compare and demo: one request size or several, comma-separated ("5,10,15")."""
+    try:
+        ratios = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes from {FORGET_RATIOS}, comma-separated; got {text!r}")
+    if not ratios or any(r not in FORGET_RATIOS for r in ratios):
+        raise argparse.ArgumentTypeError(f"expected sizes from {FORGET_RATIOS}, comma-separated; got {text!r}")
+    return ratios
+
+
+def _add_forget_ratios_arg(parser: argparse.ArgumentParser, default: int = 10) -> None:
+    parser.add_argument("--forget-ratio", type=forget_ratios, default=(default,), metavar="5,10,15",
+                        help=f"request size(s) from {FORGET_RATIOS}: several run on one loaded model, a table per "
+                        f"size, plotted together (default: {default})")
+
+
 def _add_eraser_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eraser", type=Path, default=None, help="an eraser .safetensors to attach")
     parser.add_argument("--alpha", type=float, default=None, help="override the eraser's strength")
@@ -230,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare_cmd = commands.add_parser("compare", help="vanilla, eraser (default and paper) and the LoRA baselines, side by side")
     _add_model_arg(compare_cmd)
     compare_cmd.add_argument("--data", required=True)
-    _add_forget_ratio_arg(compare_cmd)
+    _add_forget_ratios_arg(compare_cmd)
     methods = compare.ALL_METHODS[1:]
     compare_cmd.add_argument("--methods", default=",".join(methods), help=f"comma-separated subset of {','.join(methods)}")
     compare_cmd.add_argument("--out", type=Path, default=Path("runs/compare"))
@@ -248,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     _add_preset_arg(demo)
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
-    demo.add_argument("--methods", default="eraser,eraser-paper", help="add ga,graddiff,kl,npo for the baselines (slower)")
+    demo.add_argument("--methods", default="eraser,eraser-paper",
+                      help="add ga,graddiff,kl,npo,mmunlearner for the baselines (slower)")
+    _add_forget_ratios_arg(demo)
     _add_erasure_arg(demo)
     _add_model_arg(demo, required=False)
     _add_cache_args(demo)
@@ -495,23 +514,27 @@ def _methods(text: str) -> tuple[str, ...]:
 
 
 def _print_summary(summary: dict, out_dir: Path) -> None:
-    print(report.markdown_table(summary))
-    line = report.request_fit_line(summary)
-    if line:
-        print(f"\n{line}")
+    if "runs" in summary:  # several request sizes: a table each
+        print(report.ratio_markdown(summary))
+    else:
+        print(report.markdown_table(summary))
+        line = report.request_fit_line(summary)
+        if line:
+            print(f"\n{line}")
     print(f"\nreport: {(out_dir / 'report.html').resolve()}")
 
 
 def cmd_compare(args) -> int:
-    settings = compare.CompareSettings(forget_ratio=args.forget_ratio, methods=_methods(args.methods),
+    settings = compare.CompareSettings(forget_ratio=args.forget_ratio[0], methods=_methods(args.methods),
                                        batch_size=args.batch_size, baseline_epochs=args.baseline_epochs,
                                        baseline_lrs=tuple(float(x) for x in args.baseline_lrs.split(",")),
                                        protocol=args.protocol, erasure=args.erasure, attacks=args.attack_suite,
                                        cache_dir=cache_dir(args), **model_options(args))
-    summary = compare.run_compare(Path(args.model), Path(args.data), args.out, settings)
+    summary = compare.run_compare_ratios(Path(args.model), Path(args.data), args.out, settings, args.forget_ratio)
     _print_summary(summary, args.out)
-    if "attacks" in summary:
-        print(attacks.format_summary(summary["attacks"]))
+    for run in summary.get("runs", [summary]):
+        if "attacks" in run:
+            print(attacks.format_summary(run["attacks"]))
     return 0
 
 
@@ -519,9 +542,10 @@ def cmd_demo(args) -> int:
     from .testbed.build import build
     started = time.perf_counter()
     directory = build(seed=args.seed, preset=args.preset)
-    settings = compare.CompareSettings(methods=_methods(args.methods), erasure=args.erasure, cache_dir=cache_dir(args),
-                                       **model_options(args))
-    summary = compare.run_compare(directory / "model", directory / "data", args.out, settings)
+    settings = compare.CompareSettings(forget_ratio=args.forget_ratio[0], methods=_methods(args.methods),
+                                       erasure=args.erasure, cache_dir=cache_dir(args), **model_options(args))
+    summary = compare.run_compare_ratios(directory / "model", directory / "data", args.out, settings,
+                                         args.forget_ratio)
     _print_summary(summary, args.out)
     print(f"demo finished in {time.perf_counter() - started:.0f}s")
     return 0

@@ -9,9 +9,17 @@ token negative log-likelihood of the answers of a batch from D:
     GradDiff  L = -CE(forget) + w * CE(retain)
     KL        L = -CE(forget) + w * mean_t KL(p_theta(. | x_<t) || p_vanilla(. | x_<t))  over retain answer positions
     NPO       L = -(2/beta) * mean_i log sigmoid(beta * (S_theta(i) - S_ref(i)))          over forget samples
+    MMUnlearner  g = m * grad(-CE(forget images)) + grad(CE(retain))                        (gamma = alpha = 1)
 
 where S(i) = sum_t -log p(y_t | x, y_<t) is the sequence NLL of sample i's answer, and "vanilla" / "ref" is the
 model with its adapter disabled (`PeftModel.disable_adapter()`): the same weights, no second copy.
+
+MMUnlearner (Huo et al., ACL Findings 2025; the rule as its code and Open-MMUnlearning's trainer apply it): before
+the first step, with the fresh adapter, the empirical Fisher F(D) = mean over D's batches of grad(CE)^2 is taken
+per trainable (LoRA) parameter element on the forget image questions (F_f) and on what must be kept (F_p: the
+forget people's text questions, whose textual knowledge the method keeps, and every retain question). The
+weight-saliency mask is m = [(F_f + 1e-15) / (F_p + 1e-15) >= threshold]; each step, the gradient ascent on a
+forget image batch reaches only the masked elements, while a retain batch's descent (added, weight 1) reaches all.
 """
 
 from __future__ import annotations
@@ -33,9 +41,9 @@ from ..core.models import IGNORE_INDEX, answer_logits, answer_token_nll  # noqa:
 from ..core.inputs import QAItem
 from ..errors import UserInputError
 
-Method = Literal["ga", "graddiff", "kl", "npo"]
-METHODS: tuple[str, ...] = ("ga", "graddiff", "kl", "npo")
-RETAIN_METHODS: tuple[str, ...] = ("graddiff", "kl")  # the methods that also see a retain batch each step
+Method = Literal["ga", "graddiff", "kl", "npo", "mmunlearner"]
+METHODS: tuple[str, ...] = ("ga", "graddiff", "kl", "npo", "mmunlearner")
+RETAIN_METHODS: tuple[str, ...] = ("graddiff", "kl", "mmunlearner")  # the methods that also see a retain batch each step
 REFERENCE_METHODS: tuple[str, ...] = ("kl", "npo")  # the methods that need the vanilla model's outputs
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -54,6 +62,8 @@ class BaselineSettings:
     retain_weight: float = 1.0
     seed: int = 0
     max_grad_norm: float = 1.0
+    saliency_threshold: float = 1.0  # MMUnlearner: an element is updated by the ascent where F_f / F_p >= this
+    mask_batches: int | None = None  # MMUnlearner: batches per Fisher source (None: all, as the paper)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -62,6 +72,8 @@ class BaselineSettings:
             raise UserInputError(None, "baseline epochs must be >= 0, batch size and LoRA rank >= 1")
         if self.npo_beta <= 0:
             raise UserInputError(None, f"NPO beta must be positive, got {self.npo_beta}")
+        if self.saliency_threshold < 0 or (self.mask_batches is not None and self.mask_batches < 1):
+            raise UserInputError(None, "the saliency threshold must be >= 0 and mask batches >= 1")
 
 
 # ---- LoRA ------------------------------------------------------------------------------------------------
@@ -173,8 +185,9 @@ def answer_nll(model, processor, items: Sequence[QAItem], batch_size: int = 32) 
 
 def method_loss(peft_model, settings: BaselineSettings, forget_batch: dict[str, torch.Tensor],
                 retain_batch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """The training loss of `settings.method` on one forget batch (and, for GradDiff/KL, one retain batch),
-    both from `models.encode_with_answers`."""
+    """The training loss of `settings.method` on one forget batch (and, for GradDiff/KL/MMUnlearner, one retain
+    batch), both from `models.encode_with_answers`. MMUnlearner's objective is GradDiff's; its saliency mask acts
+    on the gradient (`mmunlearner_backward`), not on the loss."""
     if settings.method in RETAIN_METHODS and retain_batch is None:
         raise ValueError(f"{settings.method} needs a retain batch")
     if settings.method == "npo":
@@ -185,12 +198,109 @@ def method_loss(peft_model, settings: BaselineSettings, forget_batch: dict[str, 
     forget_ce = mean_answer_ce(forget_logits, forget_labels)
     if settings.method == "ga":
         return ga_loss(forget_ce)
-    if settings.method == "graddiff":
+    if settings.method in ("graddiff", "mmunlearner"):
         retain_logits, retain_labels = answer_logits(peft_model, retain_batch)
         return graddiff_loss(forget_ce, mean_answer_ce(retain_logits, retain_labels), settings.retain_weight)
     reference_logits, retain_labels = reference_answer_logits(peft_model, retain_batch)
     retain_logits, _ = answer_logits(peft_model, retain_batch)
     return kl_loss(forget_ce, answer_kl(retain_logits, reference_logits, retain_labels), settings.retain_weight)
+
+
+# ---- MMUnlearner: the weight-saliency mask ---------------------------------------------------------------
+
+SALIENCY_EPSILON = 1e-15  # keeps the ratio defined where both Fishers vanish (there it is 1)
+
+
+def mmunlearner_sets(forget: Sequence[QAItem], retain: Sequence[QAItem]) -> tuple[list[QAItem], list[list[QAItem]]]:
+    """(the questions the ascent runs on, the Fisher sources of what must be kept). MMUnlearner forgets a
+    person's visual pattern and keeps their textual knowledge: the ascent runs on the forget image questions,
+    and the forget people's text questions join the retain questions on the preserved side. A forget set
+    without image questions (plain text requests) is ascended whole."""
+    images = [item for item in forget if item.modality == "image"]
+    if not images:
+        return list(forget), [list(retain)]
+    texts = [item for item in forget if item.modality != "image"]
+    return images, [group for group in (texts, list(retain)) if group]
+
+
+def spread_batches(groups: list[list[int]], limit: int | None) -> list[list[int]]:
+    """At most `limit` of `groups`, evenly spaced: `models.batches` groups by modality and task, so the first
+    few batches alone would all be one kind of question."""
+    if limit is None or len(groups) <= limit:
+        return groups
+    return [groups[(k * len(groups)) // limit] for k in range(limit)]
+
+
+def empirical_fisher(model, processor, sources: Sequence[Sequence[QAItem]], parameters: dict[str, torch.nn.Parameter],
+                     batch_size: int, max_batches: int | None = None) -> dict[str, torch.Tensor]:
+    """F = mean over every batch of every source of grad(CE)^2, per element of each of `parameters` (float32).
+    At most `max_batches` batches per source. The model stays in the mode the caller set (train, as the
+    paper's code computes it: dropout on)."""
+    fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in parameters.items()}
+    count = 0
+    for items in sources:
+        for indices in spread_batches(models.batches(items, batch_size), max_batches):
+            logits, labels = answer_logits(model, models.encode_with_answers(processor, [items[i] for i in indices]))
+            model.zero_grad(set_to_none=True)
+            mean_answer_ce(logits, labels).backward()
+            for name, parameter in parameters.items():
+                if parameter.grad is not None:
+                    fisher[name] += parameter.grad.detach().float().square()
+            count += 1
+    model.zero_grad(set_to_none=True)
+    if count == 0:
+        raise UserInputError(None, "MMUnlearner's saliency mask needs forget and retain questions")
+    return {name: value / count for name, value in fisher.items()}
+
+
+def saliency_mask(forget_fisher: dict[str, torch.Tensor], preserve_fisher: dict[str, torch.Tensor],
+                  threshold: float, epsilon: float = SALIENCY_EPSILON) -> dict[str, torch.Tensor]:
+    """m = [(F_f + eps) / (F_p + eps) >= threshold] per element: the weights that matter more to the forget
+    set than to what must be kept."""
+    return {name: (value + epsilon) / (preserve_fisher[name] + epsilon) >= threshold
+            for name, value in forget_fisher.items()}
+
+
+def mask_fraction(mask: dict[str, torch.Tensor]) -> float:
+    """The fraction of the masked parameters' elements the ascent may update."""
+    kept = sum(int(m.sum()) for m in mask.values())
+    total = sum(m.numel() for m in mask.values())
+    return kept / max(total, 1)
+
+
+def mmunlearner_mask(peft_model, processor, forget: Sequence[QAItem], retain: Sequence[QAItem],
+                     settings: BaselineSettings, fisher_cache: dict | None = None) -> dict[str, torch.Tensor]:
+    """The saliency mask over the adapter's trainable parameters, from the Fishers at the fresh adapter. With
+    `fisher_cache` (a dict), the Fishers are read from it where present and stored in it otherwise: they do not
+    depend on the learning rate or the threshold, only on the seed, so a grid computes them once."""
+    parameters = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+    cache = fisher_cache if fisher_cache is not None else {}
+    if "forget" not in cache:
+        ascended, preserved = mmunlearner_sets(forget, retain)
+        peft_model.train()
+        cache["forget"] = empirical_fisher(peft_model, processor, [ascended], parameters, settings.batch_size,
+                                           settings.mask_batches)
+        cache["preserve"] = empirical_fisher(peft_model, processor, preserved, parameters, settings.batch_size,
+                                             settings.mask_batches)
+    return saliency_mask(cache["forget"], cache["preserve"], settings.saliency_threshold)
+
+
+def mmunlearner_backward(peft_model, settings: BaselineSettings, forget_batch: dict[str, torch.Tensor],
+                         retain_batch: dict[str, torch.Tensor], parameters: dict[str, torch.nn.Parameter],
+                         mask: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Gradients of one MMUnlearner step: the ascent's, masked, then the retain descent's, unmasked, added
+    (two backward passes, so the mask touches only the ascent). Returns the objective's value."""
+    forget_logits, forget_labels = answer_logits(peft_model, forget_batch)
+    forget_ce = mean_answer_ce(forget_logits, forget_labels)
+    ga_loss(forget_ce).backward()
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            if parameter.grad is not None:
+                parameter.grad.mul_(mask[name].to(parameter.grad.dtype))
+    retain_logits, retain_labels = answer_logits(peft_model, retain_batch)
+    retain_ce = mean_answer_ce(retain_logits, retain_labels)
+    (settings.retain_weight * retain_ce).backward()
+    return graddiff_loss(forget_ce.detach(), retain_ce.detach(), settings.retain_weight)
 
 
 # ---- training loop ---------------------------------------------------------------------------------------
@@ -228,13 +338,16 @@ def check_inputs(forget: Sequence[QAItem], retain: Sequence[QAItem], settings: B
 
 
 def train_baseline(model, processor, forget: list[QAItem], retain: list[QAItem], settings: BaselineSettings,
-                   progress: bool = True, on_epoch: Callable[[int, object], None] | None = None):
+                   progress: bool = True, on_epoch: Callable[[int, object], None] | None = None,
+                   fisher_cache: dict | None = None, on_mask: Callable[[dict], None] | None = None):
     """Unlearn `forget` with a LoRA adapter trained by `settings.method`; returns the PeftModel (eval mode).
 
     Seeded: torch.manual_seed(seed) fixes the LoRA init and dropout, a numpy Generator(seed) the shuffling and
     the retain draws. AdamW on the LoRA parameters only, gradient norm clipped to `max_grad_norm`. Each epoch
-    visits every forget batch once; `on_epoch(epoch, peft_model)` (epoch from 1) runs after each epoch with the
-    model in eval mode. `model` gets the LoRA layers injected in place; `strip_lora` takes them out again."""
+    visits every forget batch once (MMUnlearner: every forget image batch); `on_epoch(epoch, peft_model)`
+    (epoch from 1) runs after each epoch with the model in eval mode. MMUnlearner first builds its saliency mask
+    (`mmunlearner_mask`, reading and filling `fisher_cache`) and reports {"mask_kept": fraction} to `on_mask`.
+    `model` gets the LoRA layers injected in place; `strip_lora` takes them out again."""
     check_inputs(forget, retain, settings)
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
@@ -242,22 +355,33 @@ def train_baseline(model, processor, forget: list[QAItem], retain: list[QAItem],
     parameters = lora_parameters(peft_model)
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr)
     pools = retain_pools(retain)
-    steps_per_epoch = len(models.batches(forget, settings.batch_size))
+    ascended = forget
+    if settings.method == "mmunlearner":
+        ascended = mmunlearner_sets(forget, retain)[0]
+        mask = mmunlearner_mask(peft_model, processor, forget, retain, settings, fisher_cache)
+        named = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+        torch.manual_seed(settings.seed)  # the same dropout draws whether the Fishers were computed or cached
+        if on_mask is not None:
+            on_mask({"mask_kept": mask_fraction(mask)})
+    steps_per_epoch = len(models.batches(ascended, settings.batch_size))
     bar = tqdm(total=settings.epochs * steps_per_epoch, desc=f"baseline {settings.method}", unit="step",
                disable=not progress, leave=False)
     try:
         for epoch in range(1, settings.epochs + 1):
             peft_model.train()
-            for indices in forget_batches_for_epoch(forget, settings.batch_size, rng):
-                chunk = [forget[i] for i in indices]
+            for indices in forget_batches_for_epoch(ascended, settings.batch_size, rng):
+                chunk = [ascended[i] for i in indices]
                 forget_batch = models.encode_with_answers(processor, chunk)
                 retain_batch = None
                 if settings.method in RETAIN_METHODS:
                     drawn = draw_retain_batch(pools, chunk[0].modality, settings.batch_size, rng)
                     retain_batch = models.encode_with_answers(processor, [retain[i] for i in drawn])
-                loss = method_loss(peft_model, settings, forget_batch, retain_batch)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if settings.method == "mmunlearner":
+                    loss = mmunlearner_backward(peft_model, settings, forget_batch, retain_batch, named, mask)
+                else:
+                    loss = method_loss(peft_model, settings, forget_batch, retain_batch)
+                    loss.backward()
                 torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
                 optimizer.step()
                 bar.update(1)

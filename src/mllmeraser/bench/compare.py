@@ -1,7 +1,7 @@
 """What `mllmeraser compare` and `mllmeraser demo` run: every method on the same splits, one report.
 
 Methods: vanilla; the eraser in its default mode and in the paper's mode (each also as a curve over its
-strength); the LoRA baselines GA, GradDiff, KL and NPO (each a curve over epochs). Settings are chosen on
+strength); the LoRA baselines GA, GradDiff, KL, NPO and MMUnlearner (each a curve over epochs). Settings are chosen on
 the validation people only (data.validation_items: held-out retain and real people), by one rule for all: the
 strongest setting whose validation classification accuracy stays >= RETAIN_KEEP x vanilla's; the eraser's
 prompt gate is calibrated on the same people. "Strongest" is the largest strength for the
@@ -9,7 +9,9 @@ eraser and, for a baseline, the grid point with the highest forget-set training 
 quantity, not a reported metric). The reported splits never choose anything, whatever the protocol: the
 validation people are left out of the reported retain and real splits under `--protocol mllmu` too. The
 baselines train LoRA adapters on the one loaded model and take them out again after each trial, so the base
-weights every method starts from are the same, bit for bit.
+weights every method starts from are the same, bit for bit. Every method row also carries Open-MMUnlearning's
+forget quality and model utility (omu.py). Several request sizes (`forget_ratios`) run on the one loaded model,
+each measured as a run of its own (`run_compare_ratios`).
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from ..core.eraser import Eraser
 from ..core.fitting import FitSettings
 from ..core.inputs import QAItem
 from ..errors import UserInputError, atomic_write_bytes
-from . import attacks, baselines, data, evaluate, measure, protocols, report
+from . import attacks, baselines, data, evaluate, measure, omu, protocols, report
 from .data import REPORT_SPLITS, VALIDATION_SPLIT
 
 ERASER_METHODS = ("eraser", "eraser-paper")
-BASELINE_METHODS = ("ga", "graddiff", "kl", "npo")
+BASELINE_METHODS = ("ga", "graddiff", "kl", "npo", "mmunlearner")
 ALL_METHODS = ("vanilla",) + ERASER_METHODS + BASELINE_METHODS
 RETAIN_KEEP = 0.97
 CURVE_SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # eraser strengths, as multiples of the fitted alpha
@@ -50,6 +52,8 @@ class CompareSettings:
     batch_size: int = 64
     baseline_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
     baseline_epochs: int = 4
+    # MMUnlearner's grid adds the saliency threshold to the learning rates (Open-MMUnlearning's search: 0.5, 1, 2)
+    mmunlearner_thresholds: tuple[float, ...] = (0.5, 1.0, 2.0)
     curve_scales: tuple[float, ...] = CURVE_SCALES
     seed: int = 0
     protocol: str = "testbed"  # or "mllmu": MLLMU-Bench's own evaluation script (protocols.py)
@@ -76,6 +80,7 @@ class MethodResult:
     # erasers: {"fire_rate": {split: fraction of prompts the gate turns on} (prompt gates), "auroc": held-out AUROC,
     # "threshold": tau or None, "scores": {split: [gate scores]}}
     gate: dict | None = None
+    omu: dict = field(default_factory=dict)  # Open-MMUnlearning's forget quality, model utility, their HM (omu.py)
     eraser: Eraser | None = field(default=None, repr=False)  # the chosen eraser (not serialised)
 
 
@@ -93,10 +98,12 @@ class Harness:
     """The model, its processor and the fixed question sets every method is measured on."""
 
     def __init__(self, model_dir: Path, data_dir: Path, settings: CompareSettings, progress: bool,
-                 erasure: list[QAItem] | None = None):
+                 erasure: list[QAItem] | None = None, loaded: tuple | None = None):
         self.model_dir, self.data_dir, self.settings, self.progress = model_dir, data_dir, settings, progress
         self.erasure = erasure  # the erasers' erasure inputs (resolved before the model loads)
-        self.model, self.processor = models.load_model(model_dir, **settings.model_options())
+        # (model, processor) already loaded, as several request sizes share them; else loaded here
+        self.model, self.processor = loaded or models.load_model(model_dir, **settings.model_options())
+        self.fisher_cache: dict = {}  # MMUnlearner's Fishers: the same for every grid trial of this request
         # The validation people choose every setting, so they are left out of retain and real whatever the protocol.
         self.items = evaluate.report_items(data_dir, settings.forget_ratio, REPORT_SPLITS + (VALIDATION_SPLIT,))
         self.questions = evaluate.prepare(data_dir, settings.forget_ratio, self.items, settings.protocol, settings.seed)
@@ -207,13 +214,15 @@ def examples(h: Harness, methods: list[MethodResult], out_dir: Path, people: int
 
 
 def baseline_trial(h: Harness, settings: baselines.BaselineSettings, on_epoch=None,
-                   splits: Sequence[str] = ()) -> tuple[dict[str, dict[str, float]], object]:
+                   splits: Sequence[str] = (), on_mask=None,
+                   fisher_cache: dict | None = None) -> tuple[dict[str, dict[str, float]], object]:
     """Train one LoRA baseline on the harness model, measure `splits` with the adapter in place, then take the
     adapter out again (peft's unload: not merged), so the base weights are exactly as before. Returns the
-    results and the cost."""
+    results and the cost. `fisher_cache`: MMUnlearner's Fishers shared by a grid's trials (baselines.py)."""
     with measure.measured() as cost:
         peft_model = baselines.train_baseline(h.model, h.processor, h.forget, h.retain_fit, settings,
-                                              progress=h.progress, on_epoch=on_epoch)
+                                              progress=h.progress, on_epoch=on_epoch, fisher_cache=fisher_cache,
+                                              on_mask=on_mask)
     try:
         if splits:
             attack(h, settings.method, peft_model)
@@ -222,32 +231,49 @@ def baseline_trial(h: Harness, settings: baselines.BaselineSettings, on_epoch=No
         h.model = baselines.strip_lora(peft_model)
 
 
+def baseline_grid(h: Harness, method: str) -> list[dict]:
+    """The settings a baseline's grid tries besides the epochs (each a curve over epochs): every learning rate,
+    and for MMUnlearner every saliency threshold with each."""
+    if method == "mmunlearner":
+        return [{"lr": lr, "saliency_threshold": t} for lr in h.settings.baseline_lrs
+                for t in h.settings.mmunlearner_thresholds]
+    return [{"lr": lr} for lr in h.settings.baseline_lrs]
+
+
 def run_baseline(h: Harness, method: str, vanilla_val: float) -> MethodResult:
     trials = []
     total_seconds, peak = 0.0, 0.0
-    for lr in h.settings.baseline_lrs:
+    for point in baseline_grid(h, method):
         epochs: list[dict] = []
+        mask: dict = {}
 
         def on_epoch(epoch: int, peft_model) -> None:
-            point = h.evaluate(peft_model, splits=("forget", "retain", VALIDATION_SPLIT))
-            epochs.append({"x": epoch, "lr": lr, "forget_nll": baselines.answer_nll(peft_model, h.processor, h.forget), **point})
+            measured = h.evaluate(peft_model, splits=("forget", "retain", VALIDATION_SPLIT))
+            epochs.append({"x": epoch, **point, "forget_nll": baselines.answer_nll(peft_model, h.processor, h.forget),
+                           **measured})
 
-        baseline_settings = baselines.BaselineSettings(method=method, lr=lr, epochs=h.settings.baseline_epochs,
-                                                       seed=h.settings.seed)
-        _, cost = baseline_trial(h, baseline_settings, on_epoch)
+        baseline_settings = baselines.BaselineSettings(method=method, epochs=h.settings.baseline_epochs,
+                                                       seed=h.settings.seed, **point)
+        _, cost = baseline_trial(h, baseline_settings, on_epoch, on_mask=mask.update, fisher_cache=h.fisher_cache)
         total_seconds += cost.seconds
         peak = max(peak, cost.peak_extra_mib)
-        trials.append({"lr": lr, "epochs": epochs, "settings": asdict(baseline_settings)})
+        trials.append({**point, "epochs": epochs, "settings": asdict(baseline_settings), **mask})
     keepers = [p for t in trials for p in t["epochs"] if classification(p[VALIDATION_SPLIT]) >= RETAIN_KEEP * vanilla_val]
     pool = keepers or [min((p for t in trials for p in t["epochs"]), key=lambda p: p["forget_nll"])]
     best = max(pool, key=lambda p: p["forget_nll"])
-    # Retrain the chosen setting for the chosen number of epochs and measure that fit alone.
-    chosen_settings = baselines.BaselineSettings(method=method, lr=best["lr"], epochs=best["x"], seed=h.settings.seed)
-    results, cost = baseline_trial(h, chosen_settings, splits=REPORT_SPLITS)
-    curve = [p for t in trials for p in t["epochs"]]  # every grid point: one line per learning rate
+    # Retrain the chosen setting for the chosen number of epochs and measure that fit alone (MMUnlearner's
+    # Fishers included: no cache).
+    chosen_point = {key: best[key] for key in baseline_grid(h, method)[0]}
+    chosen_settings = baselines.BaselineSettings(method=method, epochs=best["x"], seed=h.settings.seed, **chosen_point)
+    chosen_mask: dict = {}
+    results, cost = baseline_trial(h, chosen_settings, splits=REPORT_SPLITS, on_mask=chosen_mask.update)
+    curve = [p for t in trials for p in t["epochs"]]  # every grid point: one line per learning rate (and threshold)
+    grid = [{**{k: v for k, v in t.items() if k not in ("epochs", "settings")}, "epochs": len(t["epochs"])}
+            for t in trials]
     return MethodResult(method, results, cost.seconds, cost.peak_extra_mib,
-                        {**asdict(chosen_settings), "grid_seconds": round(total_seconds, 1),
-                         "grid": [{"lr": t["lr"], "epochs": len(t["epochs"])} for t in trials]}, curve)
+                        {**asdict(chosen_settings), "grid_seconds": round(total_seconds, 1), "grid": grid,
+                         **chosen_mask},
+                        curve)
 
 
 def attack(h: Harness, name: str, model=None) -> None:
@@ -257,18 +283,24 @@ def attack(h: Harness, name: str, model=None) -> None:
                                                        h.settings.batch_size, h.progress)
 
 
-def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: CompareSettings,
-                progress: bool = True, eraser_settings: FitSettings | None = None) -> dict:
+def check_settings(settings: CompareSettings) -> None:
     unknown = [m for m in settings.methods if m not in ALL_METHODS]
     if unknown:
         raise UserInputError(None, f"unknown method(s) {unknown}; choose from {list(ALL_METHODS)}")
     protocols.check_protocol(settings.protocol)
+
+
+def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: CompareSettings,
+                progress: bool = True, eraser_settings: FitSettings | None = None, loaded: tuple | None = None) -> dict:
+    """Every method on one request (settings.forget_ratio); the report in out_dir. `loaded`: (model, processor)
+    already loaded from model_dir (several request sizes share them)."""
+    check_settings(settings)
     # The erasure inputs first: a data set without them (the real MLLMU-Bench has no Unknown_Train) is an
     # error before the model loads, not after the vanilla evaluation.
     erasure = (data.erasure_items(settings.erasure, data_dir, settings.forget_ratio)
                if any(m in ERASER_METHODS for m in settings.methods) else None)
     torch.manual_seed(settings.seed)
-    h = Harness(Path(model_dir), Path(data_dir), settings, progress, erasure)
+    h = Harness(Path(model_dir), Path(data_dir), settings, progress, erasure, loaded)
     vanilla = MethodResult("vanilla", h.evaluate(splits=REPORT_SPLITS + (VALIDATION_SPLIT,)))
     vanilla_val = classification(vanilla.results.pop(VALIDATION_SPLIT))
     methods: list[MethodResult] = [vanilla]
@@ -283,6 +315,7 @@ def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: Compar
         elif name in BASELINE_METHODS:
             methods.append(run_baseline(h, name, vanilla_val))
     for m in methods:
+        m.omu = omu.scores(m.results)
         if m.eraser is not None:
             with m.eraser.attach(h.model):
                 attack(h, m.name)
@@ -297,3 +330,25 @@ def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: Compar
         summary["attacks"] = attacks.judge(h.attack_results)
     report.write_report(summary, Path(out_dir))
     return summary
+
+
+def run_compare_ratios(model_dir: Path, data_dir: Path, out_dir: Path, settings: CompareSettings,
+                       forget_ratios: Sequence[int], progress: bool = True,
+                       eraser_settings: FitSettings | None = None) -> dict:
+    """One comparison per request size, on one loaded model. A single size is `run_compare`, exactly (its files
+    in out_dir). Several each write a whole run of their own to out_dir/forget_<ratio>/, and together
+    results.json ({"forget_ratios", "runs": [summary per size]}), results.md (a table per size), a plot of every
+    method over the sizes and report.html (report.write_ratio_report)."""
+    ratios = list(dict.fromkeys(forget_ratios))
+    if len(ratios) == 1:
+        return run_compare(model_dir, data_dir, out_dir, replace(settings, forget_ratio=ratios[0]), progress=progress,
+                           eraser_settings=eraser_settings)
+    check_settings(settings)
+    loaded = models.load_model(Path(model_dir), **settings.model_options())
+    runs = [run_compare(model_dir, data_dir, Path(out_dir) / report.ratio_dir(ratio), replace(settings, forget_ratio=ratio),
+                        progress=progress, eraser_settings=eraser_settings, loaded=loaded)
+            for ratio in ratios]
+    combined = {"model": str(model_dir), "data": str(data_dir), "forget_ratios": ratios, "runs": runs}
+    report.write_ratio_report(combined, Path(out_dir))
+    return combined
+

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from ..errors import atomic_write_bytes, atomic_write_text
-from . import attacks
+from . import attacks, omu
 from .data import REPORT_SPLITS, VALIDATION_SPLIT
 
 COLUMNS = [  # (header, split, metric key or aggregate)
@@ -19,7 +19,9 @@ COLUMNS = [  # (header, split, metric key or aggregate)
     ("real cls", "real", "classification"), ("real R-L", "real", "rougeL"),
     ("general cls", "general", "classification"), ("unknown refusal", "unknown", "refusal_rate"),
 ]
-PLOTS = ("tradeoff_classification.png", "tradeoff_rougeL.png", "splits.png", "gate_scores.png")
+PLOTS = ("tradeoff_classification.png", "tradeoff_rougeL.png", "splits.png", "gate_scores.png", "omu.png")
+OMU_COLUMNS = (("OMU FQ", "forget_quality"), ("OMU MU", "model_utility"), ("OMU HM", "hm"))  # omu.py's scores
+RATIO_PLOT = "forget_ratios.png"  # a several-size run: every method over the request sizes
 GATE_SPLITS = REPORT_SPLITS + (VALIDATION_SPLIT,)  # the gate table's columns and the gate plot's rows, in order
 LEGEND = {"loc": "upper left", "bbox_to_anchor": (1.01, 1), "borderaxespad": 0, "fontsize": 6}  # outside the axes
 
@@ -43,10 +45,11 @@ def _finite(values) -> list[float]:
 
 
 def table_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["method"] + [c[0] for c in COLUMNS] + ["fit s", "peak MiB"]
+    header = ["method"] + [c[0] for c in COLUMNS] + [c[0] for c in OMU_COLUMNS] + ["fit s", "peak MiB"]
     rows = []
     for m in summary["methods"]:
         cells = [m["name"]] + [_fmt(metric(m["results"].get(split), key)) for _, split, key in COLUMNS]
+        cells += [_fmt((m.get("omu") or {}).get(key)) for _, key in OMU_COLUMNS]
         cells += [_fmt(m.get("fit_seconds"), 1), _fmt(m.get("peak_extra_mib"), 0)]
         rows.append(cells)
     return header, rows
@@ -94,13 +97,14 @@ def _plot_tradeoff(summary: dict, key: str, label: str, path: Path) -> None:
         if m["curve"]:
             # one line per learning rate for a baseline (points are epochs), one line for an eraser (strengths)
             groups: dict = {}
-            for p in m["curve"]:
-                groups.setdefault(p.get("lr"), []).append(p)
+            for p in m["curve"]:  # a baseline's grid point: its learning rate (and MMUnlearner's threshold)
+                groups.setdefault((p.get("lr"), p.get("saliency_threshold")), []).append(p)
             colour = None
-            for index, (lr, points) in enumerate(groups.items()):
+            for index, ((lr, threshold), points) in enumerate(groups.items()):
                 xs = [metric(p.get("forget"), key) for p in points]
                 ys = [metric(p.get("retain"), key) for p in points]
-                legend = f"{name} (strength)" if lr is None else f"{name} lr={lr:g} (epochs)"
+                legend = f"{name} (strength)" if lr is None else f"{name} lr={lr:g}" + (
+                    "" if threshold is None else f" t={threshold:g}") + " (epochs)"
                 style = "-" if lr is None else (":", "--", "-.", "-")[index % 4]
                 line, = ax.plot(xs, ys, marker="o", ms=3, lw=1, alpha=0.6, label=legend, ls=style, color=colour)
                 colour = line.get_color()
@@ -110,6 +114,27 @@ def _plot_tradeoff(summary: dict, key: str, label: str, path: Path) -> None:
     ax.set_xlabel(f"forget {label} (lower is better)")
     ax.set_ylabel(f"retain {label} (higher is better)")
     ax.set_title(f"Forget vs retain: {label} (stars: chosen settings)")
+    ax.grid(alpha=0.3)
+    ax.legend(**LEGEND)
+    _save(fig, path)
+
+
+def _plot_omu(summary: dict, path: Path) -> None:
+    """Each method's Open-MMUnlearning forget quality against its model utility, beside their published
+    LLaVA-7B points (hollow) for scale."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=110)
+    for index, m in enumerate(summary["methods"]):
+        scores = m.get("omu") or {}
+        ax.plot(scores.get("forget_quality", math.nan), scores.get("model_utility", math.nan), marker="o", ms=8,
+                ls="none", color=f"C{index % 10}", label=m["name"])
+    for name, (fq, mu) in omu.REFERENCE.items():
+        ax.plot(fq, mu, marker="s", ms=8, ls="none", mfc="none", color="0.4")
+        ax.annotate(f"{name} (theirs)", (fq, mu), textcoords="offset points", xytext=(5, 4), fontsize=7, color="0.3")
+    ax.set_xlabel("forget quality: mean of 1 - forget metrics (higher: forgot more)")
+    ax.set_ylabel("model utility: retain and real metrics (higher: kept more)")
+    ax.set_title(f"Open-MMUnlearning scores, forget {summary['forget_ratio']}% "
+                 f"(hollow: their LLaVA-7B, {omu.REFERENCE_FORGET_RATIO}%)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(**LEGEND)
     _save(fig, path)
@@ -280,6 +305,16 @@ the validation people); "-" for the paper's per-layer gate, which has no prompt 
 {_html_table(header, rows)}"""
 
 
+def _omu_section() -> str:
+    references = "; ".join(f"{name} {fq:.3f} / {mu:.3f}" for name, (fq, mu) in omu.REFERENCE.items())
+    return f"""<h2>Open-MMUnlearning scores</h2>
+<p>The OMU columns: forget quality (FQ, the mean of 1 - metric over the forget split's classification, cloze and
+ROUGE-L, image and text), model utility (MU, the same metrics' mean on retain and on real, averaged) and their
+harmonic mean (HM). Their published LLaVA-1.5-7B values on MLLMU-Bench {omu.REFERENCE_FORGET_RATIO}% (FQ / MU):
+{html.escape(references)}. They place this run on their scale; the testbed's people and model are not theirs
+(<code>omu.png</code> below).</p>"""
+
+
 def _answer_names(summary: dict) -> list[str]:
     """The answer columns: vanilla, then the methods in report order, then any others the examples carry."""
     present: list[str] = []
@@ -328,6 +363,7 @@ forget ratio {summary['forget_ratio']}%. {_selection_text(summary)} Fit time and
 this run.</p>
 {table}
 {f"<p>{html.escape(request_fit_line(summary))}</p>" if request_fit_line(summary) else ""}
+{_omu_section()}
 {_examples_section(summary)}
 {_gate_section(summary)}
 {_attack_section(summary)}
@@ -359,7 +395,7 @@ def _selection_text(summary: dict) -> str:
 
 def _short_settings(m: dict) -> dict:
     keep = ("gate", "pooling", "decision_layer", "neighbours", "max_fpr", "alpha", "fitted_alpha", "ratio", "gamma",
-            "beta", "lam", "method", "lr", "epochs", "grid_seconds")
+            "beta", "lam", "method", "lr", "epochs", "grid_seconds", "saliency_threshold", "mask_kept")
     return {k: v for k, v in m["settings"].items() if k in keep}
 
 
@@ -372,7 +408,92 @@ def write_report(summary: dict, out_dir: Path) -> Path:
     _plot_tradeoff(summary, "rougeL", "ROUGE-L", out_dir / PLOTS[1])
     _plot_splits(summary, out_dir / PLOTS[2])
     _plot_gate(summary, out_dir / PLOTS[3])
+    _plot_omu(summary, out_dir / PLOTS[4])
     if summary.get("attacks"):
         _plot_attacks(summary, out_dir / ATTACK_PLOT)
     atomic_write_text(out_dir / "report.html", render_html(summary))
+    return out_dir / "report.html"
+
+
+# ---- several request sizes in one run ------------------------------------------------------------------------
+
+def ratio_dir(ratio: int) -> str:
+    """Where one request size's own run lies under a several-size run's directory."""
+    return f"forget_{ratio}"
+
+
+def ratio_markdown(combined: dict) -> str:
+    """One table per request size, each under its heading (and with its request-fit line)."""
+    parts = []
+    for run in combined["runs"]:
+        line = request_fit_line(run)
+        parts.append(f"## forget {run['forget_ratio']}%\n\n{markdown_table(run)}\n" + (f"\n{line}\n" if line else ""))
+    return "\n".join(parts)
+
+
+RATIO_PANELS = (("forget classification", lambda m: metric(m["results"].get("forget"), "classification")),
+                ("retain classification", lambda m: metric(m["results"].get("retain"), "classification")),
+                ("OMU forget quality", lambda m: (m.get("omu") or {}).get("forget_quality", math.nan)),
+                ("OMU model utility", lambda m: (m.get("omu") or {}).get("model_utility", math.nan)))
+
+
+def _plot_ratios(combined: dict, path: Path) -> None:
+    """Every method over the request sizes: forget and retain classification, OMU forget quality and utility."""
+    plt = _pyplot()
+    names: list[str] = []
+    for run in combined["runs"]:
+        names += [m["name"] for m in run["methods"] if m["name"] not in names]
+    fig, axes = plt.subplots(1, len(RATIO_PANELS), figsize=(4.0 * len(RATIO_PANELS), 3.6), dpi=110, squeeze=False)
+    for ax, (title, value) in zip(axes[0], RATIO_PANELS):
+        for index, name in enumerate(names):
+            points = [(run["forget_ratio"], value(m)) for run in combined["runs"] for m in run["methods"]
+                      if m["name"] == name]
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", ms=4, color=f"C{index % 10}",
+                    label=name)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("forget ratio (%)", fontsize=8)
+        ax.set_xticks(combined["forget_ratios"])
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(**LEGEND)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def render_ratio_html(combined: dict) -> str:
+    sections = []
+    for run in combined["runs"]:
+        header, rows = table_rows(run)
+        link = html.escape(f"{ratio_dir(run['forget_ratio'])}/report.html", quote=True)
+        line = request_fit_line(run)
+        sections.append(f"""<h2>Forget {run['forget_ratio']}%</h2>
+<p>{_selection_text(run)} The whole run (plots, examples, gate, chosen settings): <a href="{link}">{link}</a>.</p>
+{_html_table(header, rows)}
+{f"<p>{html.escape(line)}</p>" if line else ""}""")
+    ratios = ", ".join(f"{r}%" for r in combined["forget_ratios"])
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>mllmeraser: unlearning comparison over request sizes</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} td:first-child,th:first-child{{text-align:left}}
+figure{{display:inline-block;margin:1em}} figure img{{max-width:1100px}} .warning{{color:#b00;font-weight:bold}}</style>
+</head><body>
+<h1>Unlearning comparison over request sizes</h1>
+<p>Model <code>{html.escape(combined['model'])}</code>, data <code>{html.escape(combined['data'])}</code>, forget
+ratios {ratios}: one run of every method per request size, on the same loaded model.</p>
+<figure><img src="{RATIO_PLOT}" alt="{RATIO_PLOT}"><figcaption>{RATIO_PLOT}: each method at its chosen setting,
+per request size</figcaption></figure>
+{''.join(sections)}
+{_omu_section()}
+{_IMAGE_CHECK}
+</body></html>
+"""
+
+
+def write_ratio_report(combined: dict, out_dir: Path) -> Path:
+    """A several-size run's own files beside the sizes' directories: results.json, results.md, the plot over
+    the sizes and report.html."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "results.json", json.dumps(combined, indent=2))
+    atomic_write_text(out_dir / "results.md", ratio_markdown(combined))
+    _plot_ratios(combined, out_dir / RATIO_PLOT)
+    atomic_write_text(out_dir / "report.html", render_ratio_html(combined))
     return out_dir / "report.html"
