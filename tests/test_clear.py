@@ -170,6 +170,7 @@ def test_testbed_export_writes_every_clear_config_and_leaves_the_build_alone(tes
     out = tmp_path / "clear"
     assert cli.main(["testbed", "export", "--layout", "clear", "--build", str(testbed_dir), "--out", str(out)]) == 0
     assert tree_digest(testbed_dir / "data") == before
+    assert clear.is_clear_layout(out) and not clear.is_clear_layout(testbed_dir / "data")  # what eval detects
     assert {p.name for p in out.iterdir()} == {
         "full", "full+tofu", "real_faces", "real_world", "retain_perturbed",
         *(f"{kind}{n}{suffix}" for kind, n in (("forget", "01"), ("forget", "05"), ("forget", "10"),
