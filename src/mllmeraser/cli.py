@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .bench import attacks, compare, data, evaluate, report
+from .bench import attacks, clear, compare, data, evaluate, report
 from .bench.data import FORGET_RATIOS, REPORT_SPLITS, VALIDATION_SPLIT
 from .bench.protocols import PROTOCOLS
 from .core import cache, gating, models
@@ -55,7 +55,8 @@ def _add_preset_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_forget_ratio_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--forget-ratio", type=int, default=10, choices=FORGET_RATIOS)
+    # MLLMU-Bench's forget_5/10/15 and CLEAR's forget01/05/10; each benchmark's reader refuses the others' sizes
+    parser.add_argument("--forget-ratio", type=int, default=10, choices=sorted(set(FORGET_RATIOS) | set(clear.FORGET_RATIOS)))
 
 
 def forget_ratios(text: str) -> tuple[int, ...]:
@@ -80,10 +81,11 @@ def _add_eraser_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=None, help="override the eraser's strength")
 
 
-def _add_protocol_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--protocol", default="testbed", choices=PROTOCOLS,
-                        help="testbed (default): chat template, no few-shot, every Test_Set image; mllmu: "
-                        "MLLMU-Bench's own evaluation script (docs/mllmu_protocol.md)")
+def _add_protocol_arg(parser: argparse.ArgumentParser, default: str | None = "testbed") -> None:
+    parser.add_argument("--protocol", default=default, choices=PROTOCOLS,
+                        help="MLLMU-Bench data: testbed (default): chat template, no few-shot, every Test_Set image; "
+                        "mllmu: MLLMU-Bench's own evaluation script (docs/mllmu_protocol.md); paper: the MLLMEraser "
+                        "authors' evaluation script (docs/paper_protocol.md)")
 
 
 def _add_erasure_arg(parser: argparse.ArgumentParser) -> None:
@@ -135,17 +137,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_preset_arg(build)
     build.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     build.set_defaults(handler=cmd_testbed_build)
+    export = testbed.add_parser("export", help="write a finished build's data in another benchmark's layout "
+                                "(the build is read, never changed)")
+    export.add_argument("--layout", required=True, choices=("clear",), help="clear: CLEAR's Hub layout "
+                        "(docs/clear_protocol.md)")
+    export.add_argument("--out", required=True, type=Path, help="a new directory for the configs")
+    export.add_argument("--build", type=Path, default=None, help="the build directory (default: the cached build "
+                        "of --seed and --preset; it must exist: export never builds)")
+    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--preset", default="full", choices=("full", "small"))
+    export.set_defaults(handler=cmd_testbed_export)
 
     evaluate_cmd = commands.add_parser("eval", help="MLLMU-Bench evaluation (optionally with an eraser attached)")
     _add_model_arg(evaluate_cmd)
-    evaluate_cmd.add_argument("--data", required=True, help="MLLMU-Bench directory (forget_10/, retain_90/, Test_Set/, ...)")
+    evaluate_cmd.add_argument("--data", required=True, help="MLLMU-Bench directory (forget_10/, retain_90/, Test_Set/, "
+                              "...) or CLEAR directory (forget10_perturbed/, retain_perturbed/, real_faces/, ...)")
+    evaluate_cmd.add_argument("--benchmark", default="auto", choices=("auto", "mllmu", "clear"),
+                              help="which benchmark --data holds (default: CLEAR where its config directories "
+                              "are there, else MLLMU-Bench); CLEAR is scored with its own metrics "
+                              "(docs/clear_protocol.md)")
     _add_forget_ratio_arg(evaluate_cmd)
     evaluate_cmd.add_argument("--batch-size", type=int, default=64)
     _add_eraser_args(evaluate_cmd)
     evaluate_cmd.add_argument("--json", type=Path, default=None, help="write {split: {metric: value}} here")
     evaluate_cmd.add_argument("--splits", default=None,
-                              help=f"comma-separated subset of {','.join(REPORT_SPLITS + (VALIDATION_SPLIT,))}")
-    _add_protocol_arg(evaluate_cmd)
+                              help=f"comma-separated subset of {','.join(REPORT_SPLITS + (VALIDATION_SPLIT,))} "
+                              f"(CLEAR: of {','.join(clear.REPORT_SPLITS)})")
+    _add_protocol_arg(evaluate_cmd, default=None)
     evaluate_cmd.set_defaults(handler=cmd_eval)
 
     fit = commands.add_parser("fit", help="fit an eraser for a forget request")
@@ -285,6 +303,18 @@ def cmd_testbed_build(args) -> int:
     return 0
 
 
+def cmd_testbed_export(args) -> int:
+    from .testbed.build import default_build_dir, is_built
+    from .testbed.clear_export import write_clear_layout
+    directory = args.build if args.build is not None else default_build_dir(args.seed, args.preset)
+    if not is_built(directory):
+        raise UserInputError(directory, "no finished testbed build here (run `mllmeraser testbed build` first, "
+                                        "or pass --build DIR)")
+    out = write_clear_layout(directory / "data", args.out, seed=args.seed)
+    print(f"wrote the testbed in CLEAR's layout: {out}")
+    return 0
+
+
 def load_eraser(path: Path | None, alpha: float | None) -> Eraser | None:
     """The eraser file at `path` (with its strength replaced by `alpha`, if given), or None where none is given."""
     if path is None:
@@ -300,23 +330,51 @@ def attached(model, eraser: Eraser | None) -> AbstractContextManager:
     return eraser.attach(model) if eraser is not None else nullcontext()
 
 
+def _eval_benchmark(args) -> str:
+    if args.benchmark != "auto":
+        return args.benchmark
+    return "clear" if clear.is_clear_layout(args.data) else "mllmu"
+
+
 def cmd_eval(args) -> int:
+    if _eval_benchmark(args) == "clear":
+        return _eval_clear(args)
+    protocol = args.protocol or "testbed"
     splits = tuple(args.splits.split(",")) if args.splits else REPORT_SPLITS
     eraser = load_eraser(args.eraser, args.alpha)  # a bad file is refused before a model is loaded
     model, processor = models.load_model(args.model, **model_options(args))
-    items = evaluate.report_items(args.data, args.forget_ratio, splits, args.protocol)
+    items = evaluate.report_items(args.data, args.forget_ratio, splits, protocol)
     with attached(model, eraser):
         results = evaluate.evaluate(model, processor, args.data, args.forget_ratio, items=items,
-                                    batch_size=args.batch_size, protocol=args.protocol)
+                                    batch_size=args.batch_size, protocol=protocol)
     # What the gate turned on, per split (read on the testbed protocol's prompts, so reported with it only).
-    if eraser is not None and eraser.prompt_gate is not None and args.protocol == "testbed":
+    if eraser is not None and eraser.prompt_gate is not None and protocol == "testbed":
         for split, scores in evaluate.gate_scores(model, processor, eraser, items, args.batch_size).items():
             results[split]["gate_fire_rate"] = evaluate.fire_rate(scores, eraser)
-    print(evaluate.format_table(results))
-    if args.json is not None:
-        atomic_write_text(args.json, json.dumps(results, indent=2))
-        print(f"wrote {args.json}")
+    _report(results, evaluate.HEADLINE, args.json)
     return 0
+
+
+def _eval_clear(args) -> int:
+    """eval on CLEAR data: its configs read and checked first, then its own metrics (bench/clear.py)."""
+    if args.protocol is not None:
+        raise UserInputError(None, f"--protocol {args.protocol} is for MLLMU-Bench data; CLEAR is scored one way, "
+                                   f"its authors' (docs/clear_protocol.md)")
+    splits = tuple(args.splits.split(",")) if args.splits else clear.REPORT_SPLITS
+    eraser = load_eraser(args.eraser, args.alpha)
+    tasks = clear.report_tasks(args.data, args.forget_ratio, splits)
+    model, processor = models.load_model(args.model, **model_options(args))
+    with attached(model, eraser):
+        results = clear.score(model, processor, tasks, args.batch_size)
+    _report(results, clear.HEADLINE, args.json)
+    return 0
+
+
+def _report(results: dict, columns, json_path: Path | None) -> None:
+    print(evaluate.format_table(results, columns))
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(results, indent=2))
+        print(f"wrote {json_path}")
 
 
 def fit_settings(args) -> FitSettings:
@@ -362,6 +420,11 @@ def cache_dir(args) -> Path | None:
 def cmd_fit(args) -> int:
     args.device = distributed.init_from_env(args.device, args.device_map)  # torchrun: join the group, a GPU per rank
     settings = fit_settings(args)
+    if args.data is not None and clear.is_clear_layout(args.data):  # its configs are SPECs; its defaults are not there
+        for flag, value in (("--retain", args.retain), ("--calibration", args.calibration)):
+            if value is None:
+                raise UserInputError(args.data, f"CLEAR data has no MLLMU-Bench retain split or validation people: "
+                                                f"pass {flag} SPEC (e.g. --retain retain90, a CLEAR config)")
     model, processor = models.load_model(args.model, **model_options(args))
     forget = data.resolve_spec(args.forget, args.data, args.forget_ratio)
     if args.retain is not None:

@@ -127,13 +127,18 @@ def read_split_records(data_dir: str | Path, split_dir: str, ids: Iterable[str] 
     return None if shards is None else [record for shard in shards for record in _read_shard(shard, ids)]
 
 
-def _read_shard(path: Path, ids: Iterable[str] | None) -> list[dict]:
+def read_table(path: Path) -> pa.Table:
+    """One parquet file as a table; a missing or unreadable file is a one-line error naming it."""
     if not path.is_file():
         raise UserInputError(path, "no such parquet file")
     try:
-        table = pq.read_table(path)
+        return pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for a corrupt or truncated file
-        raise UserInputError(path, f"not a readable parquet file ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise UserInputError(path, f"not a readable parquet file ({type(exc).__name__}: {first_line(exc)})") from None
+
+
+def _read_shard(path: Path, ids: Iterable[str] | None) -> list[dict]:
+    table = read_table(path)
     if ids is not None and "ID" in table.column_names:
         table = table.filter(pc.is_in(table["ID"], value_set=pa.array(sorted(ids)).cast(table["ID"].type)))
     records = table.to_pylist()
@@ -142,7 +147,7 @@ def _read_shard(path: Path, ids: Iterable[str] | None) -> list[dict]:
     return records
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -174,13 +179,13 @@ def record_images(path: Path, record: dict) -> list[EncodedImage]:
     subject). Their headers are checked here; their pixels are decoded where an item's `.image` is read."""
     label = f"subject {record['ID']}"
     if record.get("images"):
-        return [EncodedImage(_image_bytes(field), str(path), label) for field in record["images"]]
+        return [EncodedImage(image_bytes(field), str(path), label) for field in record["images"]]
     if record.get("image"):
-        return [EncodedImage(_image_bytes(record["image"]), str(path), label)]
+        return [EncodedImage(image_bytes(record["image"]), str(path), label)]
     return []
 
 
-def _image_bytes(image_field) -> bytes | None:
+def image_bytes(image_field) -> bytes | None:
     return image_field.get("bytes") if isinstance(image_field, dict) else image_field
 
 
@@ -247,6 +252,10 @@ def read_items(path: str | Path) -> list[QAItem]:
     path = Path(path)
     if path.is_dir():
         return [item for shard in shard_files(path) for item in read_items(shard)]
+    from . import clear  # CLEAR builds on this module
+
+    if clear.is_clear_file(path):  # a CLEAR config's shard (no ID column): its rows as plain questions
+        return clear.read_items(path)
     return expand_items(read_records(path), path)
 
 
@@ -338,7 +347,7 @@ def read_jsonl_items(path: str | Path) -> list[QAItem]:
             try:
                 image = Image.open(image_path).convert("RGB")
             except Exception as exc:
-                raise UserInputError(image_path, f"unreadable image ({_first_line(exc)}), named on line {number} of {path}") from None
+                raise UserInputError(image_path, f"unreadable image ({first_line(exc)}), named on line {number} of {path}") from None
         task = row.get("task", "generation")
         if task not in get_args(Task):
             raise UserInputError(path, f"line {number}: task must be classification, cloze or generation")

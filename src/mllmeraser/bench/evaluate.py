@@ -3,8 +3,9 @@
 `evaluate()` returns `{split: {metric: value}}` with values as fractions in [0, 1]. Splits: forget, test
 (new renderings / images of the forget subjects), retain and real (pre-existing knowledge), both less their
 validation people (the `validation` split, which chooses settings), and, on the testbed, general (visual skills) and unknown (refusal rate).
-Two protocols (protocols.py): `testbed`, the default, and `mllmu`, MLLMU-Bench's own evaluation script, which
-reports retain and real whole (it has no validation people) and asks and reads answers its own way.
+Three protocols (protocols.py): `testbed`, the default; `mllmu`, MLLMU-Bench's own evaluation script; and
+`paper`, the MLLMEraser authors' script. The last two report retain and real whole (they have no validation
+people) and ask and read answers their own ways.
 """
 
 from __future__ import annotations
@@ -66,6 +67,18 @@ def mllmu_item_scores(item: QAItem, answer: str) -> dict[str, float]:
     return scores
 
 
+def paper_item_scores(item: QAItem, answer: str) -> dict[str, float]:
+    """The paper protocol's per-question scores: the paper script's letter rule for classification; cloze,
+    generation and the refusal rate as under the mllmu protocol (the two scripts score them alike)."""
+    if item.task == "classification":
+        letter = protocols.paper_letter(answer, item.options or {}, item.modality == "image")
+        return {f"classification_{item.modality}": float(letter == item.answer)}
+    return mllmu_item_scores(item, answer)
+
+
+RAW_SCORERS = {"mllmu": mllmu_item_scores, "paper": paper_item_scores}
+
+
 def aggregate(scored: Iterable[dict[str, float]]) -> dict[str, float]:
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
@@ -86,7 +99,7 @@ def report_items(data_dir: str | Path, forget_ratio: int = 10, splits: Sequence[
                  protocol: str = "testbed") -> dict[str, list[QAItem]]:
     """The questions of each report split in `data_dir`. A testbed-only split the data lacks (general, unknown)
     is skipped with a one-line warning on stderr; any other missing split is an error. The testbed protocol
-    leaves the validation people out of retain and real; the mllmu protocol reports those splits whole."""
+    leaves the validation people out of retain and real; the mllmu and paper protocols report them whole."""
     protocols.check_protocol(protocol)
     forget = data.load_split_items(data_dir, "forget", forget_ratio)
     if forget is None:
@@ -119,11 +132,12 @@ def report_items(data_dir: str | Path, forget_ratio: int = 10, splits: Sequence[
 
 def prepare(data_dir: str | Path, forget_ratio: int, items: dict[str, list[QAItem]],
             protocol: str = "testbed", seed: int = 0) -> dict[str, list]:
-    """What each split's questions are under `protocol`: the items themselves (testbed), or the mllmu
-    protocol's prompts for the same subjects (protocols.mllmu_questions)."""
+    """What each split's questions are under `protocol`: the items themselves (testbed), or the mllmu or paper
+    protocol's prompts for the same subjects (protocols.mllmu_questions, protocols.paper_questions)."""
     if protocols.check_protocol(protocol) == "testbed":
         return items
-    return {split: protocols.mllmu_questions(data_dir, split, forget_ratio, {i.subject_id for i in split_items}, seed)
+    questions = protocols.mllmu_questions if protocol == "mllmu" else protocols.paper_questions
+    return {split: questions(data_dir, split, forget_ratio, {i.subject_id for i in split_items}, seed)
             for split, split_items in items.items()}
 
 
@@ -135,8 +149,9 @@ def score(model, processor, questions: dict[str, list], protocol: str = "testbed
                 for split, split_items in questions.items()}
     results = {}
     for split, prompted in questions.items():
-        answers = protocols.answer_prompts(model, processor, prompted, batch_size, progress, desc=f"eval {split}")
-        results[split] = aggregate(mllmu_item_scores(q.item, answer) for q, answer in zip(prompted, answers))
+        answers = protocols.answer_prompts(model, processor, prompted, batch_size, progress, desc=f"eval {split}",
+                                           protocol=protocol)
+        results[split] = aggregate(RAW_SCORERS[protocol](q.item, answer) for q, answer in zip(prompted, answers))
     return results
 
 

@@ -7,13 +7,21 @@
   sets out line by line: its raw LLaVA-1.5 prompt strings, its few-shot examples for classification and cloze
   (whole profiles drawn from the evaluated split, taken from Full_Set and left out of the scoring), one
   Test_Set image per subject and task, 50 new tokens for every task, and its reading of the answer.
+- `paper`: the MLLMEraser authors' evaluation script (`MLLMU_eval_steering.py` in their release), as
+  docs/paper_protocol.md sets out: zero-shot, its own raw LLaVA-1.5 strings (which differ from eval.py's in
+  three places), one seeded Test_Set image per subject and task, 50 new tokens, the letter read after dropping
+  every character that is not a letter or digit, cloze by containment, generation by ROUGE and BLEU.
 
-This module builds the `mllmu` questions and answers them; `evaluate.py` scores both protocols.
+The raw LLaVA-1.5 strings go verbatim to a model whose chat template is LLaVA-1.5's; any other model (a ChatML
+one such as the SmolLM2 testbed, Qwen-VL) gets the same words as one user turn of its own template.
+
+This module builds the `mllmu` and `paper` questions and answers them; `evaluate.py` scores every protocol.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -26,7 +34,7 @@ from ..core.inputs import EncodedImage, QAItem
 from ..errors import UserInputError
 from . import data, prompts
 
-PROTOCOLS = ("testbed", "mllmu")
+PROTOCOLS = ("testbed", "mllmu", "paper")
 
 MLLMU_MAX_NEW_TOKENS = 50  # eval.py's LLaVA branch: every task (its Idefics2 branch gives text classification 5)
 MLLMU_FEW_SHOT_PEOPLE = {"classification": 1, "cloze": 2}  # random.sample(id_list, k) in the LLaVA branch
@@ -37,6 +45,7 @@ MLLMU_TASK_ORDER = ("cloze", "classification", "generation")  # the order main()
 # Report split -> eval.py's mode name; the validation people are read from retain and real in their modes.
 MLLMU_MODES = {"forget": "forget", "test": "test", "retain": "retain_shared", "real": "retain_celebrity",
                "general": "general", "unknown": "unknown"}
+PAPER_TASK_ORDER = ("classification", "generation", "cloze")  # MLLMU_eval_steering.py's main(), per eval_list
 
 
 def check_protocol(protocol: str) -> str:
@@ -94,6 +103,19 @@ def generation_text(question: str, with_image: bool) -> str:
     return f"USER: {question}\n{prompts.GENERATION_SUFFIX}\nASSISTANT:"
 
 
+def paper_cloze_text(question: str, with_image: bool) -> str:
+    """MLLMU_eval_steering.py's cloze prompt: zero-shot; its text prompt is `USER: q` (eval.py: `USER:\nq`)."""
+    head = "USER: <image>\n" if with_image else "USER: "
+    return f"{head}{cloze_question(question)}\nASSISTANT:"
+
+
+def paper_generation_text(question: str, with_image: bool) -> str:
+    """MLLMU_eval_steering.py's generation prompt: one instruction for both modalities (eval.py's image prompt
+    adds "accurately" and a trailing space)."""
+    head = "USER: <image>\n" if with_image else "USER: "
+    return f"{head}{question}\n{prompts.GENERATION_SUFFIX}\nASSISTANT:"
+
+
 # ---- reading the answer ------------------------------------------------------------------------------------
 
 def response(generated: str) -> str:
@@ -106,6 +128,17 @@ def answer_letter(answer: str, options: dict[str, str]) -> str | None:
     """evaluate_classification's letter, from an answer `response` has read: its first character, upper-cased,
     if that names an option; otherwise None (never right). "(B)" or "The answer is B" read as no letter."""
     return answer[0].upper() if answer and answer[0].upper() in options else None
+
+
+def paper_letter(answer: str, options: dict[str, str], with_image: bool) -> str | None:
+    """MLLMU_eval_steering.py's letter: every character that is not a letter or digit is dropped, then the first
+    one, upper-cased; an image question's letter must name an option (else None), a text question's is taken as
+    it is. "(B)" reads as B, "The answer is B" as T."""
+    kept = re.sub(r"[^a-zA-Z0-9]", "", answer)
+    if not kept:
+        return None
+    letter = kept[0].upper()
+    return letter if letter in options or not with_image else None
 
 
 # ---- the questions of a split ------------------------------------------------------------------------------
@@ -128,6 +161,24 @@ def split_sources(split: str, forget_ratio: int) -> list[tuple[str, str]]:
     return [(data.split_dir_name(split, forget_ratio), MLLMU_MODES[split])]
 
 
+def split_records(data_dir: str | Path, split: str, forget_ratio: int, subjects: set[str] | None
+                  ) -> list[tuple[str, str, Path, list[dict]]]:
+    """(split directory, eval.py mode, its location, the records of `subjects`) for each source of a report
+    split; a source the data lacks is an error naming it."""
+    out = []
+    for split_dir, mode in split_sources(split, forget_ratio):
+        records = data.read_split_records(data_dir, split_dir, subjects)
+        if records is None:
+            raise data.missing_split(data_dir, split_dir)
+        out.append((split_dir, mode, data.split_location(data_dir, split_dir), records))
+    return out
+
+
+def draw_image(rng: random.Random, images: list[EncodedImage]) -> EncodedImage | None:
+    """The image a question is asked with: a subject's only image, or (Test_Set) one of its several, drawn."""
+    return rng.choice(images) if len(images) > 1 else (images[0] if images else None)
+
+
 def mllmu_questions(data_dir: str | Path, split: str, forget_ratio: int = 10, subjects: set[str] | None = None,
                     seed: int = 0) -> list[Prompted]:
     """The questions eval.py asks on one report split, for the subjects in `subjects` (default: all of the
@@ -136,11 +187,7 @@ def mllmu_questions(data_dir: str | Path, split: str, forget_ratio: int = 10, su
     few-shot example (in the modes eval.py gives them) and is left out of the scoring; a subject with several
     images (Test_Set) is asked with one of them, drawn per task."""
     out: list[Prompted] = []
-    for split_dir, mode in split_sources(split, forget_ratio):
-        path = data.split_location(data_dir, split_dir)
-        records = data.read_split_records(data_dir, split_dir, subjects)
-        if records is None:
-            raise data.missing_split(data_dir, split_dir)
+    for split_dir, mode, path, records in split_records(data_dir, split, forget_ratio, subjects):
         pool = list(dict.fromkeys(str(record["ID"]) for record in records))  # the split's IDs, in order, once
         for task in MLLMU_TASK_ORDER:
             rng = random.Random(f"{seed}:{split}:{split_dir}:{task}")
@@ -170,7 +217,7 @@ def _task_questions(task: str, mode: str, records: list[dict], shot_records: lis
     for record in records:
         subject_id = str(record["ID"])
         images = data.record_images(path, record)
-        image = rng.choice(images) if len(images) > 1 else (images[0] if images else None)
+        image = draw_image(rng, images)
         for q in data.record_questions(record):
             if q.task != task or (subject_id, q.modality, q.index) in skipped:
                 continue
@@ -188,20 +235,79 @@ def _task_questions(task: str, mode: str, records: list[dict], shot_records: lis
     return out
 
 
+def paper_questions(data_dir: str | Path, split: str, forget_ratio: int = 10, subjects: set[str] | None = None,
+                    seed: int = 0) -> list[Prompted]:
+    """The questions MLLMU_eval_steering.py asks on one report split: every question of the subjects in
+    `subjects` (default: all of the split's), zero-shot, task by task; a subject with several images (Test_Set)
+    is asked with one of them, drawn per task by a `random.Random` seeded with (seed, split, task)."""
+    out: list[Prompted] = []
+    for split_dir, _, path, records in split_records(data_dir, split, forget_ratio, subjects):
+        for task in PAPER_TASK_ORDER:
+            rng = random.Random(f"{seed}:paper:{split}:{split_dir}:{task}")
+            for record in records:
+                image = draw_image(rng, data.record_images(path, record))
+                for q in data.record_questions(record):
+                    if q.task == task:
+                        out.append(_paper_prompted(str(record["ID"]), q, image))
+    return out
+
+
+def _paper_prompted(subject_id: str, q: data.RecordQuestion, image) -> Prompted:
+    with_image = q.modality == "image"
+    if q.task == "classification":
+        text = classification_text(q.question, q.options, with_image)  # the same string as eval.py's, no shots
+    elif q.task == "cloze":
+        text = paper_cloze_text(q.question, with_image)
+    else:
+        text = paper_generation_text(q.question, with_image)
+    answer = q.answer.strip()[:1].upper() if q.task == "classification" else q.answer
+    item = QAItem(subject_id, q.task, q.modality, q.question, answer, q.options, image if with_image else None)
+    return Prompted(item, text, (image,) if with_image else ())
+
+
 # ---- asking ------------------------------------------------------------------------------------------------
 
-def chat_text(processor, model_type: str, text: str) -> str:
-    """The raw prompt for this checkpoint. LLaVA (what eval.py drives) gets it verbatim; another family gets the
-    same words, images in place, as one user turn of its own chat template: the leading "USER:" and the final
-    "ASSISTANT:" are the template's to write (eval.py has no branch for such models)."""
-    if model_type == "llava":
-        return text
+_TEMPLATE_PROBE = [{"role": "user", "content": [{"type": "text", "text": "?"}]}]
+
+
+def is_llava15_template(processor) -> bool:
+    """Whether the processor's chat template writes LLaVA-1.5's conversation ("USER: ... ASSISTANT:"), the
+    format the raw prompt strings are written in; a processor without a template is taken as one (the raw
+    strings are all such a model can be sent). A ChatML template (SmolLM2, Qwen-VL) is not."""
+    if getattr(processor, "chat_template", None) is None:
+        return True
+    try:
+        rendered = processor.apply_chat_template(_TEMPLATE_PROBE, add_generation_prompt=True)
+    except Exception:  # a template that cannot render content parts: send the raw strings
+        return True
+    return rendered.lstrip().startswith("USER:") and rendered.rstrip().endswith("ASSISTANT:")
+
+
+def raw_user_content(text: str, strip_parts: bool = False) -> list[dict]:
+    """A raw prompt's one user turn as chat-template content: the leading "USER:" and the final "ASSISTANT:"
+    dropped (the template writes its own), each `<image>` an image entry in place; with `strip_parts`, each
+    text part stripped (the paper script's ChatML branch sends the bare question and instruction)."""
     body = text.removeprefix("USER:")
     body = body[: body.rindex("ASSISTANT:")] if "ASSISTANT:" in body else body
     content = []
     for index, part in enumerate(body.split("<image>")):
+        part = part.strip() if strip_parts else part
         content += ([{"type": "image"}] if index else []) + ([{"type": "text", "text": part}] if part.strip() else [])
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return content
+
+
+def chat_text(processor, model_type: str, text: str, protocol: str = "mllmu") -> str:
+    """The raw prompt for this checkpoint. A LLaVA whose template is LLaVA-1.5's (what eval.py and the paper
+    script drive) gets it verbatim; any other model gets the same words, images in place, as one user turn of
+    its own chat template (neither script has a branch for it, bar the paper script's Qwen one, which this
+    follows under `paper`: bare parts, and the rendered prompt stripped, so a ChatML prompt ends in
+    "<|im_start|>assistant" without its newline)."""
+    if model_type == "llava" and is_llava15_template(processor):
+        return text
+    paper = protocol == "paper"
+    rendered = processor.apply_chat_template([{"role": "user", "content": raw_user_content(text, paper)}],
+                                             add_generation_prompt=True)
+    return rendered.strip() if paper else rendered
 
 
 def prompt_batches(questions: Sequence[Prompted], batch_size: int) -> list[list[int]]:
@@ -223,15 +329,16 @@ def prompt_batches(questions: Sequence[Prompted], batch_size: int) -> list[list[
 
 @torch.no_grad()
 def answer_prompts(model, processor, questions: Sequence[Prompted], batch_size: int = 64, progress: bool = True,
-                   desc: str = "answer") -> list[str]:
-    """Greedy answers (MLLMU_MAX_NEW_TOKENS) to the raw prompts, left-padded batches, decoded without the prompt
-    and read by `response`."""
+                   desc: str = "answer", protocol: str = "mllmu") -> list[str]:
+    """Greedy answers (MLLMU_MAX_NEW_TOKENS; the paper script's too) to the raw prompts, left-padded batches,
+    decoded without the prompt; under `mllmu` read by `response`, under `paper` kept as decoded (the paper
+    script decodes the new tokens alone and reads them as they are)."""
     answers = [""] * len(questions)
     model_type = model.config.model_type
     for indices in tqdm(prompt_batches(questions, batch_size), desc=desc, disable=not progress, unit="batch",
                         leave=False):
         chunk = [questions[i] for i in indices]
-        texts = [chat_text(processor, model_type, q.text) for q in chunk]
+        texts = [chat_text(processor, model_type, q.text, protocol) for q in chunk]
         images = [image.decode() if isinstance(image, EncodedImage) else image for q in chunk for image in q.images]
         inputs = dict(processor(text=texts, images=images or None, padding=True, return_tensors="pt"))
         inputs = models.to_device(inputs, model)
@@ -239,5 +346,5 @@ def answer_prompts(model, processor, questions: Sequence[Prompted], batch_size: 
                                 pad_token_id=processor.tokenizer.pad_token_id)
         decoded = processor.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         for index, text in zip(indices, decoded):
-            answers[index] = response(text)
+            answers[index] = text if protocol == "paper" else response(text)
     return answers

@@ -250,6 +250,19 @@ def answer_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     return nll * mask, mask
 
 
+@torch.no_grad()
+def answer_nlls(model, processor, items: Sequence[QAItem], batch_size: int = 32) -> list[float]:
+    """Each item's mean answer-token NLL (its answer and the eos after it, given its prompt), in item order:
+    exp(-value) is the per-token probability that likelihood-based metrics (CLEAR's, TOFU's) compare."""
+    out = [0.0] * len(items)
+    for indices in batches(items, batch_size):
+        logits, labels = answer_logits(model, encode_with_answers(processor, [items[i] for i in indices]))
+        nll, mask = answer_token_nll(logits, labels)
+        for index, total, count in zip(indices, nll.sum(dim=1).tolist(), mask.sum(dim=1).tolist()):
+            out[index] = total / max(count, 1)
+    return out
+
+
 def batches(items: Sequence[QAItem], batch_size: int) -> list[list[int]]:
     """Indices of `items` grouped by modality (and task, so a batch shares a generation length)."""
     groups: dict[tuple[str, str], list[int]] = {}
