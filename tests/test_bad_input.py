@@ -91,3 +91,25 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
         atomic_write_text(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temp file left behind
+
+
+def test_image_column_is_required_only_where_a_question_shows_an_image(tmp_path):
+    """A text-only record (the pretrained testbed's real-knowledge split) reads without an image column; a record
+    with an image question and no image column is one error naming the file."""
+    text_only = {"ID": "K0000", "name": "France", "biography": "",
+                 "Classification_Task": {"Image_Textual_Questions": [], "Pure_Text_Questions": [
+                     {"Question": "What is the capital of France?", "Options": {"A": "Paris", "B": "Rome"},
+                      "Correct_Answer": "A"}]},
+                 "Generation_Task": [{"Type": "Pure_Text", "Question": "What is the capital of France?",
+                                      "Ground_Truth": "The capital of France is Paris."}],
+                 "Mask_Task": [{"Type": "Pure_Text", "Question": "The capital of France is __.", "Ground_Truth": "Paris"}]}
+    path = tmp_path / "text.parquet"
+    pq.write_table(pa.Table.from_pylist([text_only]), path)
+    assert [r["ID"] for r in data.read_records(path)] == ["K0000"]
+    with_image_question = dict(text_only, Mask_Task=[{"Type": "Image_Textual", "Question": "This is __.",
+                                                       "Ground_Truth": "Paris"}])
+    path = tmp_path / "image.parquet"
+    pq.write_table(pa.Table.from_pylist([with_image_question]), path)
+    with pytest.raises(UserInputError, match="missing column 'image' or 'images'") as error:
+        data.read_records(path)
+    assert str(path) in str(error.value)

@@ -156,7 +156,8 @@ def _check_record(path: Path, index: int, record: dict) -> None:
     where = f"record {index}"
     if "ID" not in record:
         raise UserInputError(path, f"{where}: missing column 'ID' (not an MLLMU-Bench split)")
-    if "image" not in record and "images" not in record:
+    if "image" not in record and "images" not in record and _asks_about_an_image(record):
+        # A text-only record (the pretrained testbed's real-knowledge split: capitals) needs no image column.
         raise UserInputError(path, f"{where}: missing column 'image' or 'images'")
     tasks = ("Classification_Task", "Generation_Task", "Mask_Task")
     if not any(name in record for name in tasks):
@@ -172,6 +173,15 @@ def _check_record(path: Path, index: int, record: dict) -> None:
         for q in record.get(column) or []:
             if not {"Type", "Question", "Ground_Truth"} <= set(q or {}):
                 raise UserInputError(path, f"{where}: a {column} entry lacks Type/Question/Ground_Truth")
+
+
+def _asks_about_an_image(record: dict) -> bool:
+    """Whether any question of the record is an image question (a record without one needs no image)."""
+    classification = record.get("Classification_Task")
+    if isinstance(classification, dict) and classification.get("Image_Textual_Questions"):
+        return True
+    return any(isinstance(q, dict) and q.get("Type") == "Image_Textual"
+               for column in ("Generation_Task", "Mask_Task") for q in record.get(column) or [])
 
 
 def record_images(path: Path, record: dict) -> list[EncodedImage]:
