@@ -335,8 +335,9 @@ def _examples_section(summary: dict) -> str:
         cells += [f"<td>{html.escape(e.get('answers', {}).get(n, '-'))}</td>" for n in names]
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f"""<h2>Before and after</h2>
-<p>Each person's first image question, answered by the unmodified model (vanilla) and with each eraser attached
-(greedy decoding). Forget people should lose their answers; retain and real people should keep them.</p>
+<p>Each person's first image question, answered by the unmodified model (vanilla), with each eraser attached, and by
+each method that trains nothing (refuse: the eraser's gate and a fixed refusal; prompt: a system prompt naming the
+forget people) (greedy decoding). Forget people should lose their answers; retain and real people should keep them.</p>
 <table class="examples"><tr>{head}</tr>{''.join(rows)}</table>"""
 
 
