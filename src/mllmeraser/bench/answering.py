@@ -83,6 +83,9 @@ class Refusing:
             model.__dict__["generate"] = deciding_generate  # handle.remove() takes out only its own wrapper
             handle.remove()
 
+    def ask(self, questions: list) -> list:
+        return questions  # the guardrail reads the questions as they are
+
     def refuse_fired(self, output, prompt_length: int, decisions: torch.Tensor | None):
         """`output` (generate's token ids [B, prompt + new], or an object holding them as .sequences) with the
         new tokens of every row whose gate fired replaced by the refusal, padded; widened where the refusal is
