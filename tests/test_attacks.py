@@ -148,19 +148,11 @@ def test_table_equals_a_direct_evaluation(attacked, sources, testbed_model):
     assert table["prefill"]["forget"]["rougeL"] == pytest.approx(expected["rougeL"])
 
 
-@pytest.fixture(scope="module")
-def eraser(testbed_model, testbed_data):
-    model, processor = testbed_model
-    return Eraser.fit(model, processor, forget=data.load_split_items(testbed_data, "forget", 10),
-                      retain=data.retained_inputs(testbed_data, 10), erasure=data.default_erasure_items(testbed_data),
-                      calibration=data.validation_items(testbed_data, 10), settings=FitSettings(), progress=False)
-
-
-def test_eraser_under_rephrasing_and_photo_attacks(attacked, sources, testbed_model, eraser, bar):
+def test_eraser_under_rephrasing_and_photo_attacks(attacked, sources, testbed_model, default_eraser, bar):
     model, processor = testbed_model
     chosen = {name: attacked.items[name] for name in ("rephrase", "photo-as-is", "photo-blur", "photo-jpeg")}
     vanilla = attacks.score_attacks(model, processor, chosen)
-    with eraser.attach(model):
+    with default_eraser.attach(model):
         erased = attacks.score_attacks(model, processor, chosen)
     rows = attacks.verdicts(vanilla, erased)
     for name in chosen:
@@ -201,7 +193,8 @@ def test_occluded_copies_cover_one_edge_each_and_stay_encoded():
         OccludedImage(photo, "middle", 0.1)
 
 
-def test_occluded_copies_in_the_banks_keep_the_gate_on_over_covered_photos(testbed_model, testbed_data, eraser, bar):
+def test_occluded_copies_in_the_banks_keep_the_gate_on_over_covered_photos(testbed_model, testbed_data, default_eraser,
+                                                                         bar):
     """Photos with an edge covered by a band wider than the banks' copies (0.20 of the side, not 0.15; each
     photo one edge, in turn): the copies make the gate fire on far more of the forget people's, and on the validation people's (covered, in no bank) it stays within max_fpr either way. (The
     typographic attack itself is measured on the full testbed, where vanilla still knows the covered faces;
@@ -211,7 +204,7 @@ def test_occluded_copies_in_the_banks_keep_the_gate_on_over_covered_photos(testb
     occluded = Eraser.fit(model, processor, forget=forget, retain=data.retained_inputs(testbed_data, 10),
                           erasure=data.default_erasure_items(testbed_data), calibration=validation,
                           settings=FitSettings(occlusion=0.15), progress=False)
-    plain = eraser  # the default: occlusion off
+    plain = default_eraser  # the default: occlusion off
     counts = occluded.requests()[0]["counts"]
     assert counts["forget_occluded"] == len(EDGES) * sum(i.modality == "image" for i in forget)
     assert "forget_occluded" not in plain.requests()[0]["counts"] and FitSettings().occlusion == 0.0

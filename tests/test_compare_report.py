@@ -16,7 +16,8 @@ from mllmeraser.bench import compare
 @pytest.fixture(scope="module")
 def compared(testbed_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    settings = compare.CompareSettings(methods=("vanilla", "eraser", "ga"), baseline_lrs=(3e-4,), baseline_epochs=2,
+    settings = compare.CompareSettings(methods=("vanilla", "eraser", "refuse", "prompt", "ga"), baseline_lrs=(3e-4,),
+                                       baseline_epochs=2,
                                        curve_scales=(0.5, 1.0), cache_dir=out / "cache")
     summary = compare.run_compare(testbed_dir / "model", testbed_dir / "data", out, settings, progress=False)
     return summary, out
@@ -27,9 +28,9 @@ def test_compare_writes_every_artifact(compared):
     for name in ("results.json", "results.md", "report.html", *compare_plots()):
         assert (out / name).stat().st_size > 0, name
     on_disk = json.loads((out / "results.json").read_text())
-    assert [m["name"] for m in on_disk["methods"]] == ["vanilla", "eraser", "ga"]
+    assert [m["name"] for m in on_disk["methods"]] == ["vanilla", "eraser", "refuse", "prompt", "ga"]
     table, fit_line = (out / "results.md").read_text().split("\n\n")
-    assert table.count("\n") == 2 + 2 and "| eraser |" in table
+    assert table.count("\n") == 2 + 4 and "| eraser |" in table and "| refuse |" in table and "| prompt |" in table
     # the request's fit against the fastest baseline's, both measured in this run; the model cache built apart
     request = on_disk["request_fit"]
     eraser, ga = (next(m for m in on_disk["methods"] if m["name"] == name) for name in ("eraser", "ga"))
@@ -43,7 +44,7 @@ def test_compare_writes_every_artifact(compared):
     for example in on_disk["examples"]:
         assert example["split"] in compare.EXAMPLE_SPLITS and example["question"]
         assert (out / example["image"]).is_file() and (out / example["image"]).stat().st_size > 0, example["image"]
-        assert list(example["answers"]) == ["vanilla", "eraser"]
+        assert list(example["answers"]) == ["vanilla", "eraser", "refuse", "prompt"]
     page = (out / "report.html").read_text()
     assert "Before and after" in page and "Gate" in page
 
@@ -55,8 +56,9 @@ def compare_plots():
 
 def test_compare_measures_every_method_on_the_same_splits(compared):
     summary, _ = compared
-    vanilla, eraser, ga = summary["methods"]
-    assert set(vanilla["results"]) == set(eraser["results"]) == set(ga["results"])
+    vanilla, eraser, refuse, prompt, ga = summary["methods"]
+    assert set(vanilla["results"]) == set(eraser["results"]) == set(refuse["results"]) == set(prompt["results"]) \
+        == set(ga["results"])
     assert eraser["fit_seconds"] > 0 and ga["fit_seconds"] > 0 and eraser["peak_extra_mib"] >= 0
     assert len(eraser["curve"]) == 2 and [(p["lr"], p["x"]) for p in ga["curve"]] == [(3e-4, 1), (3e-4, 2)]
     assert "generation_overhead" not in eraser and "eraser_strength" not in summary
@@ -110,3 +112,28 @@ def test_report_renders_with_its_images_in_chromium(compared, tmp_path):
     shutil.copy(out / "report.html", broken / "report.html")
     dom = render_dom(broken / "report.html", tmp_path / "profile2")
     assert f'data-images-loaded="0/{total}"' in dom and "failed to load" in dom
+
+
+def test_compare_refuse_and_prompt_rows(compared):
+    """refuse: the eraser's gate (reused, with its fit time) and the refusal where it fires: on a split the gate
+    never fires on, vanilla's scores exactly; on one it always fires on, the refusal's (no cloze, no letter).
+    prompt: nothing fitted, the forget people named in its settings."""
+    summary, out = compared
+    methods = {m["name"]: m for m in summary["methods"]}
+    vanilla, eraser, refuse, prompt = (methods[n] for n in ("vanilla", "eraser", "refuse", "prompt"))
+    assert refuse["settings"]["gate_from"] == "eraser" and refuse["fit_seconds"] == eraser["fit_seconds"]
+    assert refuse["gate"] is None and prompt["fit_seconds"] is None
+    fire_rate = eraser["gate"]["fire_rate"]
+    for split, rate in fire_rate.items():
+        if split not in refuse["results"]:
+            continue
+        if rate == 0.0:
+            assert refuse["results"][split] == vanilla["results"][split], split
+        if rate == 1.0:
+            scores = refuse["results"][split]
+            assert all(scores[k] == 0.0 for k in scores if k.startswith(("classification", "cloze"))), split
+            assert scores.get("refusal_rate", 1.0) == 1.0, split
+    assert any(rate == 0.0 for rate in fire_rate.values())  # the retain people, on the testbed
+    assert "Do not reveal any information" in prompt["settings"]["system_prompt"]
+    page = (out / "report.html").read_text()
+    assert "<td>refuse</td>" in page and "<td>prompt</td>" in page

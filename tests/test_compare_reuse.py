@@ -68,12 +68,13 @@ def test_no_unknown_train_and_no_erasure_is_an_error_before_loading(testbed_data
     for split_dir in ("forget_10", "Test_Set", "retain_90", "Retain_Set"):  # what the real benchmark has
         (tmp_path / split_dir).symlink_to(testbed_data / split_dir)
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
-    settings = compare.CompareSettings(methods=("vanilla", "eraser"))
-    with pytest.raises(UserInputError) as raised:
-        compare.run_compare(Path("unused"), tmp_path, tmp_path / "out", settings, progress=False)
-    message = str(raised.value)
-    assert "\n" not in message and "Unknown_Train" in message and "--erasure SPEC" in message
-    assert str(tmp_path) in message
+    for methods in (("vanilla", "eraser"), ("vanilla", "refuse")):  # refuse fits the eraser's gate when alone
+        settings = compare.CompareSettings(methods=methods)
+        with pytest.raises(UserInputError) as raised:
+            compare.run_compare(Path("unused"), tmp_path, tmp_path / "out", settings, progress=False)
+        message = str(raised.value)
+        assert "\n" not in message and "Unknown_Train" in message and "--erasure SPEC" in message
+        assert str(tmp_path) in message
     refusals = data.erasure_items(str(testbed_data / "Unknown_Train"), tmp_path)  # what --erasure SPEC reads
     assert refusals == data.default_erasure_items(testbed_data)
 

@@ -258,11 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--paraphrases", type=Path, default=None,
                         help='JSONL of {"question", "paraphrase"}: the rephrasing attack on real data')
     attack.add_argument("--white-box", action="store_true", help="also a linear probe and membership inference")
+    attack.add_argument("--references", action="store_true",
+                        help="also the methods that train nothing: prompt (a system prompt naming the forget people) "
+                        "and, with --eraser, refuse (the eraser's gate, a fixed refusal where it fires)")
     attack.add_argument("--batch-size", type=int, default=64)
     attack.add_argument("--json", type=Path, default=None, help="write the results here")
     attack.set_defaults(handler=cmd_attack)
 
-    compare_cmd = commands.add_parser("compare", help="vanilla, eraser (default and paper) and the LoRA baselines, side by side")
+    compare_cmd = commands.add_parser("compare", help="vanilla, eraser (default and paper), refuse and prompt (no "
+                                      "training) and the LoRA baselines, side by side")
     _add_model_arg(compare_cmd)
     compare_cmd.add_argument("--data", required=True)
     _add_forget_ratios_arg(compare_cmd)
@@ -562,14 +566,24 @@ def cmd_attack(args) -> int:
     paraphrases = attacks.read_paraphrases(args.paraphrases) if args.paraphrases else None
     eraser = load_eraser(args.eraser, args.alpha)
     model, processor = models.load_model(args.model, **model_options(args))
+    references = reference_methods(eraser, processor, args.data, args.forget_ratio) if args.references else None
     summary = attacks.run_suite(model, processor, args.data, args.forget_ratio,
                                 {"eraser": eraser} if eraser is not None else None, names,
-                                args.retain_people or None, args.batch_size, args.white_box, paraphrases)
+                                args.retain_people or None, args.batch_size, args.white_box, paraphrases,
+                                references=references)
     print(attacks.format_summary(summary))
     if args.json is not None:
         atomic_write_text(args.json, json.dumps(summary, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def reference_methods(eraser, processor, data_dir, forget_ratio: int) -> dict:
+    """{name: answering method}: refuse where there is a prompt-gated eraser to take the gate from, and prompt."""
+    from .bench import answering
+    refuse = ({"refuse": answering.Refusing(eraser, processor)}
+              if eraser is not None and eraser.prompt_gate is not None else {})
+    return {**refuse, "prompt": answering.SystemPrompted(answering.forget_system_prompt(data_dir, forget_ratio))}
 
 
 def _methods(text: str) -> tuple[str, ...]:

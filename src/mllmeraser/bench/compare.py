@@ -1,7 +1,9 @@
 """What `mllmeraser compare` and `mllmeraser demo` run: every method on the same splits, one report.
 
 Methods: vanilla; the eraser in its default mode and in the paper's mode (each also as a curve over its
-strength); the LoRA baselines GA, GradDiff, KL, NPO and MMUnlearner (each a curve over epochs). Settings are chosen on
+strength); two references that train nothing (answering.py): `refuse`, the default eraser's fitted gate with a
+fixed refusal as the whole answer where it fires, and `prompt`, a system prompt naming the forget people; the
+LoRA baselines GA, GradDiff, KL, NPO and MMUnlearner (each a curve over epochs). Settings are chosen on
 the validation people only (data.validation_items: held-out retain and real people), by one rule for all: the
 strongest setting whose validation classification accuracy stays >= RETAIN_KEEP x vanilla's; the eraser's
 prompt gate is calibrated on the same people. "Strongest" is the largest strength for the
@@ -29,12 +31,13 @@ from ..core.eraser import Eraser
 from ..core.fitting import FitSettings
 from ..core.inputs import QAItem
 from ..errors import UserInputError, atomic_write_bytes
-from . import attacks, baselines, data, evaluate, measure, omu, protocols, report
+from . import answering, attacks, baselines, data, evaluate, measure, omu, protocols, report
 from .data import REPORT_SPLITS, VALIDATION_SPLIT
 
 ERASER_METHODS = ("eraser", "eraser-paper")
 BASELINE_METHODS = ("ga", "graddiff", "kl", "npo", "mmunlearner")
-ALL_METHODS = ("vanilla",) + ERASER_METHODS + BASELINE_METHODS
+REFERENCE_METHODS = ("refuse", "prompt")  # train nothing: does steering add anything over a guardrail or a prompt?
+ALL_METHODS = ("vanilla",) + ERASER_METHODS + REFERENCE_METHODS + BASELINE_METHODS
 RETAIN_KEEP = 0.97
 CURVE_SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # eraser strengths, as multiples of the fitted alpha
 # The paper's LLaVA-1.5 settings: hard null space, unshaped linear gate, per layer on the last token.
@@ -81,7 +84,8 @@ class MethodResult:
     # "threshold": tau or None, "scores": {split: [gate scores]}}
     gate: dict | None = None
     omu: dict = field(default_factory=dict)  # Open-MMUnlearning's forget quality, model utility, their HM (omu.py)
-    eraser: Eraser | None = field(default=None, repr=False)  # the chosen eraser (not serialised)
+    # how a method that trains nothing answers (answering.py: the chosen eraser, refuse, prompt); not serialised
+    answering: object | None = field(default=None, repr=False)
 
 
 def classification(metrics: dict[str, float]) -> float:
@@ -116,8 +120,10 @@ class Harness:
         if not self.validation:
             raise UserInputError(data_dir, "the retain split has no validation subjects to choose settings on")
 
-    def evaluate(self, model=None, splits: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+    def evaluate(self, model=None, splits: Sequence[str] | None = None, ask=None) -> dict[str, dict[str, float]]:
+        """Every split's scores; `ask` rewrites the questions first (a method's system prompt)."""
         chosen = {s: self.questions[s] for s in (splits or self.questions) if s in self.questions}
+        chosen = {s: ask(q) for s, q in chosen.items()} if ask is not None else chosen
         return evaluate.score(model or self.model, self.processor, chosen, self.settings.protocol,
                               self.settings.batch_size, self.progress)
 
@@ -136,12 +142,11 @@ def gate_diagnostics(h: Harness, eraser: Eraser) -> dict:
             "scores": {split: [round(float(x), 4) for x in values] for split, values in scores.items()}}
 
 
-def run_eraser(h: Harness, name: str, settings: FitSettings, vanilla_val: float) -> MethodResult:
-    """Fit on forget vs the retained inputs, calibrate the gate on the validation people, then choose the strength
-    by the validation rule; the report splits are measured at that one strength. The retain, erasure and
-    calibration statistics come from the model cache (built here if cold, timed apart): the fit time is the
-    request's own."""
-    settings = settings.for_model(h.model)  # the results record the decision layer a fraction names
+def fit_request(h: Harness, settings: FitSettings) -> tuple[Eraser, object, object, dict[str, float]]:
+    """Fit on forget vs the retained inputs, the gate calibrated on the validation people: (eraser, the fit's
+    cost, the shared statistics, the fit's stage timings). The retain, erasure and calibration statistics come
+    from the model cache (built here if cold, timed apart): the fit time is the request's own. `settings` are
+    resolved at the model's depth (FitSettings.for_model) by the caller."""
     shared = cache.shared_statistics(h.model, h.processor, retain=h.retain_fit, erasure=h.erasure,
                                      calibration=h.validation, settings=settings, cache_dir=h.settings.cache_dir,
                                      progress=h.progress)
@@ -149,6 +154,14 @@ def run_eraser(h: Harness, name: str, settings: FitSettings, vanilla_val: float)
     with measure.measured() as cost:
         eraser = Eraser.fit(h.model, h.processor, forget=h.forget, settings=settings, shared=shared,
                             request=f"forget_{h.settings.forget_ratio}", progress=h.progress, timings=timings)
+    return eraser, cost, shared, timings
+
+
+def run_eraser(h: Harness, name: str, settings: FitSettings, vanilla_val: float) -> MethodResult:
+    """fit_request, then choose the strength by the validation rule; the report splits are measured at that one
+    strength."""
+    settings = settings.for_model(h.model)  # the results record the decision layer a fraction names
+    eraser, cost, shared, timings = fit_request(h, settings)
     base_alpha = eraser.alpha[0]
     curve = []
     chosen_alpha = None
@@ -167,7 +180,32 @@ def run_eraser(h: Harness, name: str, settings: FitSettings, vanilla_val: float)
                    "fit_stages": {stage: round(value, 3) for stage, value in timings.items()}}
     return MethodResult(name, results, cost.seconds, cost.peak_extra_mib,
                         {**asdict(settings), "alpha": chosen_alpha, "fitted_alpha": base_alpha, **cost_record}, curve,
-                        gate=gate_diagnostics(h, chosen), eraser=chosen)
+                        gate=gate_diagnostics(h, chosen), answering=answering.Steered(chosen))
+
+
+def run_refuse(h: Harness, methods: list[MethodResult], settings: FitSettings) -> MethodResult:
+    """The default eraser's gate as a guardrail classifier: the refusal as the whole answer where it fires, no
+    steering. The gate is this run's `eraser` (its strength plays no part in the gate), else fitted here with
+    the same settings; its fit time is that fit's."""
+    fitted = next((m for m in methods if m.name == "eraser"), None)
+    if fitted is not None:
+        eraser, seconds, peak = fitted.answering.eraser, fitted.fit_seconds, fitted.peak_extra_mib
+    else:
+        eraser, cost, _, _ = fit_request(h, settings.for_model(h.model))
+        seconds, peak = cost.seconds, cost.peak_extra_mib
+    refusing = answering.Refusing(eraser, h.processor)
+    with refusing.attached(h.model):
+        results = h.evaluate(splits=REPORT_SPLITS)
+    return MethodResult("refuse", results, seconds, peak,
+                        {"refusal": answering.REFUSAL, "gate_from": "eraser" if fitted else "fitted here"},
+                        answering=refusing)
+
+
+def run_prompt(h: Harness) -> MethodResult:
+    """No eraser: a system prompt naming the forget people leads every question's first user turn."""
+    prompting = answering.SystemPrompted(answering.forget_system_prompt(h.data_dir, h.settings.forget_ratio))
+    results = h.evaluate(splits=REPORT_SPLITS, ask=prompting.ask)
+    return MethodResult("prompt", results, settings={"system_prompt": prompting.text}, answering=prompting)
 
 
 def request_fit(methods: list[MethodResult]) -> dict | None:
@@ -205,9 +243,9 @@ def examples(h: Harness, methods: list[MethodResult], out_dir: Path, people: int
     items = [row.pop("item") for row in rows]
     answers = {"vanilla": models.answer_items(h.model, h.processor, items, progress=False)}
     for m in methods:
-        if m.eraser is not None:
-            with m.eraser.attach(h.model):
-                answers[m.name] = models.answer_items(h.model, h.processor, items, progress=False)
+        if m.answering is not None:
+            with m.answering.attached(h.model):
+                answers[m.name] = models.answer_items(h.model, h.processor, m.answering.ask(items), progress=False)
     for index, row in enumerate(rows):
         row["answers"] = {name: values[index] for name, values in answers.items()}
     return rows
@@ -276,10 +314,12 @@ def run_baseline(h: Harness, method: str, vanilla_val: float) -> MethodResult:
                         curve)
 
 
-def attack(h: Harness, name: str, model=None) -> None:
-    """The attack suite on `model` (default: the harness model as it is now), where the settings ask for it."""
+def attack(h: Harness, name: str, model=None, ask=None) -> None:
+    """The attack suite on `model` (default: the harness model as it is now), where the settings ask for it;
+    `ask` rewrites the attacked questions first (a method's system prompt)."""
     if h.attacked is not None:
-        h.attack_results[name] = attacks.score_attacks(model or h.model, h.processor, h.attacked,
+        attacked = h.attacked if ask is None else attacks.asked(h.attacked, ask)
+        h.attack_results[name] = attacks.score_attacks(model or h.model, h.processor, attacked,
                                                        h.settings.batch_size, h.progress)
 
 
@@ -298,7 +338,7 @@ def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: Compar
     # The erasure inputs first: a data set without them (the real MLLMU-Bench has no Unknown_Train) is an
     # error before the model loads, not after the vanilla evaluation.
     erasure = (data.erasure_items(settings.erasure, data_dir, settings.forget_ratio)
-               if any(m in ERASER_METHODS for m in settings.methods) else None)
+               if any(m in ERASER_METHODS + ("refuse",) for m in settings.methods) else None)
     torch.manual_seed(settings.seed)
     h = Harness(Path(model_dir), Path(data_dir), settings, progress, erasure, loaded)
     vanilla = MethodResult("vanilla", h.evaluate(splits=REPORT_SPLITS + (VALIDATION_SPLIT,)))
@@ -312,19 +352,23 @@ def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: Compar
         elif name == "eraser-paper":
             paper = replace(eraser_settings, **PAPER_SETTINGS, pgd=replace(eraser_settings.pgd, stop_nll=None))
             methods.append(run_eraser(h, name, paper, vanilla_val))
+        elif name == "refuse":
+            methods.append(run_refuse(h, methods, eraser_settings))
+        elif name == "prompt":
+            methods.append(run_prompt(h))
         elif name in BASELINE_METHODS:
             methods.append(run_baseline(h, name, vanilla_val))
     for m in methods:
         m.omu = omu.scores(m.results)
-        if m.eraser is not None:
-            with m.eraser.attach(h.model):
-                attack(h, m.name)
+        if m.answering is not None:
+            with m.answering.attached(h.model):
+                attack(h, m.name, ask=m.answering.ask)
     out_dir = Path(out_dir)
     summary = {"model": str(model_dir), "data": str(data_dir), "forget_ratio": settings.forget_ratio,
                "protocol": settings.protocol,
                "retain_keep": RETAIN_KEEP, "vanilla_validation_classification": vanilla_val,
                "examples": examples(h, methods, out_dir),
-               "methods": [{f.name: getattr(m, f.name) for f in fields(m) if f.name != "eraser"} for m in methods]}
+               "methods": [{f.name: getattr(m, f.name) for f in fields(m) if f.name != "answering"} for m in methods]}
     summary["request_fit"] = request_fit(methods)
     if h.attack_results:
         summary["attacks"] = attacks.judge(h.attack_results)

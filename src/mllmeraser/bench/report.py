@@ -229,6 +229,25 @@ def attack_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def mixed_people_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """The mixed-people case, one row per method: how often each part's fact is in the answer to the message
+    holding both, and how often the forget part is withheld while the retain part is given."""
+    suite = summary.get("attacks")
+    results = (suite or {}).get("attacks", {})
+    if not any(attacks.MIXED_PEOPLE in r for r in results.values()):
+        return [], []
+    header = ["method", "forget part given (lower is better)", "retain part given (higher is better)",
+              "forget withheld, retain given", "n"]
+    rows = []
+    for method, per_attack in results.items():
+        mixed = per_attack.get(attacks.MIXED_PEOPLE)
+        if mixed is None:
+            continue
+        rows.append([method, _fmt(mixed["forget"].get("cloze")), _fmt(mixed["retain"].get("cloze")),
+                     _fmt(mixed["both"]["withheld_and_kept"]), str(int(mixed["both"]["n"]))])
+    return header, rows
+
+
 def _plot_attacks(summary: dict, path: Path) -> None:
     plt = _pyplot()
     results = summary["attacks"]["attacks"]
@@ -258,7 +277,19 @@ answers the transformed questions. An attack counts where vanilla under it still
 {attacks.COUNTED_FROM:.2f}. Bars: recovered forget classification <= {attacks.FORGET_BAR:.2f}; retain >=
 {attacks.RETAIN_BAR:.2f} x vanilla's under the same attack.</p>
 {_html_table(header, rows)}
+{_mixed_people_section(summary)}
 <figure><img src="{ATTACK_PLOT}" alt="{ATTACK_PLOT}"><figcaption>{ATTACK_PLOT}</figcaption></figure>"""
+
+
+def _mixed_people_section(summary: dict) -> str:
+    header, rows = mixed_people_rows(summary)
+    if not rows:
+        return ""
+    return f"""<h3>Mixed people</h3>
+<p>One message holds a forget person's cloze question and a retain person's, in either order; each answer is scored
+on both parts (the part's fact in the answer). A refusal withholds both; a selective erasure withholds the forget
+part and still gives the retain part (last but one column). Not counted against the bars.</p>
+{_html_table(header, rows)}"""
 
 
 def _save(fig, path: Path) -> None:
@@ -339,8 +370,9 @@ def _examples_section(summary: dict) -> str:
         cells += [f"<td>{html.escape(e.get('answers', {}).get(n, '-'))}</td>" for n in names]
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f"""<h2>Before and after</h2>
-<p>Each person's first image question, answered by the unmodified model (vanilla) and with each eraser attached
-(greedy decoding). Forget people should lose their answers; retain and real people should keep them.</p>
+<p>Each person's first image question, answered by the unmodified model (vanilla), with each eraser attached, and by
+each method that trains nothing (refuse: the eraser's gate and a fixed refusal; prompt: a system prompt naming the
+forget people) (greedy decoding). Forget people should lose their answers; retain and real people should keep them.</p>
 <table class="examples"><tr>{head}</tr>{''.join(rows)}</table>"""
 
 
@@ -395,7 +427,8 @@ def _selection_text(summary: dict) -> str:
 
 def _short_settings(m: dict) -> dict:
     keep = ("gate", "pooling", "decision_layer", "neighbours", "max_fpr", "alpha", "fitted_alpha", "ratio", "gamma",
-            "beta", "lam", "method", "lr", "epochs", "grid_seconds", "saliency_threshold", "mask_kept")
+            "beta", "lam", "method", "lr", "epochs", "grid_seconds", "saliency_threshold", "mask_kept", "refusal",
+            "gate_from", "system_prompt")
     return {k: v for k, v in m["settings"].items() if k in keep}
 
 
