@@ -108,7 +108,7 @@ def test_a_benign_prefix_of_any_length_cannot_lower_the_score_below_the_question
     g = torch.Generator().manual_seed(7)
     d, width = 32, 4
     benign = torch.randn(200, d, generator=g)
-    topic = torch.randn(d, generator=g) * 3
+    topic = torch.randn(d, generator=g)
     question = topic + 0.3 * torch.randn(8, d, generator=g)
     forget = torch.stack([question[i: i + width].mean(0) for i in range(0, 5, 2)])[None]
     retain = torch.stack([benign[i: i + width].mean(0) for i in range(0, 196, 2)])[None]
@@ -117,7 +117,7 @@ def test_a_benign_prefix_of_any_length_cannot_lower_the_score_below_the_question
     windows_gate = gating.fit_knn(forget, retain, f"windows:{width}", 1)
     tau = math.log(2.0)
     mean_fires = []
-    for length in range(0, 121, 7):
+    for length in range(0, 241, 12):
         g_prefix = torch.Generator().manual_seed(100 + length)
         prefix = benign[torch.randint(0, 200, (length,), generator=g_prefix)] + 0.05 * torch.randn(length, d, generator=g_prefix)
         prompt = torch.cat([prefix, question])[None]
