@@ -4,10 +4,13 @@ any padding side, detach restores the model bit for bit)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from mllmeraser.core import gating
 from mllmeraser.core.eraser import Eraser
@@ -47,6 +50,106 @@ def test_knn_score_is_the_log_distance_ratio_to_the_nearest_forget_and_retain_pr
     assert torch.allclose(gate.scores(queries)[:, 0], expected, atol=1e-5)
     # a fitted forget prompt is its own nearest neighbour: it scores far above a retained one
     assert gate.scores(forget)[:, 0].min() > gate.scores(retain)[:, 0].max()
+
+
+def test_window_segments_are_the_means_of_half_overlapping_windows_of_the_real_positions():
+    hidden = torch.randn(2, 9, 3, generator=torch.Generator().manual_seed(5))
+    left = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [0] * 6 + [1] * 3])
+    z = gating.pool(hidden, left, "windows:4")  # stride 2: row 0 (7 real) [0, 4) [2, 6) [4, 7); row 1 one window
+    real = hidden[0, 2:]
+    expected = torch.stack([real[0:4].mean(0), real[2:6].mean(0), real[4:7].mean(0)])
+    assert z.shape == (2, 3, 3)
+    torch.testing.assert_close(z[0], expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(z[1, 0], hidden[1, 6:].mean(0), rtol=0, atol=1e-6)
+    assert not z[1, 1:].any()  # absent segments are all-zero rows
+    # right padding: the same real positions give the same segments
+    right = torch.zeros_like(hidden)
+    right[0, :7] = real
+    mask = torch.tensor([[1] * 7 + [0, 0]])
+    torch.testing.assert_close(gating.pool(right[:1], mask, "windows:4")[0], expected, rtol=0, atol=1e-6)
+    assert gating.window_counts(torch.tensor([1, 4, 5, 6, 7, 10]), 4).tolist() == [1, 1, 2, 2, 3, 4]
+    for bad in ("windows", "windows:0", "windows:x", "windows:08", "max"):
+        with pytest.raises(ValueError, match="pooling"):
+            gating.window_width(bad)
+
+
+def test_segment_scores_are_the_max_over_segments_of_the_knn_ratio():
+    """A toy bank by hand: the forget bank holds the segments of one forget prompt, the retain bank of two
+    retained prompts; a query's score is the largest of its segments' log distance ratios."""
+    g = torch.Generator().manual_seed(6)
+    forget = torch.zeros(1, 2, 8)
+    forget[0] = torch.randn(2, 8, generator=g)
+    retain = torch.zeros(2, 3, 8)
+    retain[0] = torch.randn(3, 8, generator=g)
+    retain[1, :1] = torch.randn(1, 8, generator=g)  # a shorter prompt: one segment, two absent
+    gate = gating.fit_knn(forget, retain, "windows:4", 1)
+    assert gate.forget_bank.shape[0] == 2 and gate.retain_bank.shape[0] == 4  # absent segments are no bank rows
+    queries = torch.zeros(2, 3, 8)
+    queries[0] = torch.randn(3, 8, generator=g)
+    queries[1, :2] = torch.randn(2, 8, generator=g)
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True)
+    bank_f = unit(forget[0]).half().float()
+    bank_r = unit(torch.cat([retain[0], retain[1, :1]])).half().float()
+    eps = gating.DISTANCE_FLOOR
+    for row, present in ((0, 3), (1, 2)):
+        per_segment = []
+        for j in range(present):
+            q = unit(queries[row, j])
+            d_f, d_r = 1 - (bank_f @ q).max(), 1 - (bank_r @ q).max()
+            per_segment.append(torch.log(d_r + eps) - torch.log(d_f + eps))
+        assert gate.scores(queries)[row, 0].item() == pytest.approx(max(per_segment).item(), abs=1e-5)
+
+
+def test_a_benign_prefix_of_any_length_cannot_lower_the_score_below_the_question_segments():
+    """Tokens as fixed vectors (no context): the question is 8 tokens near one forget direction, the prefix
+    benign tokens. Under mean pooling a long enough prefix switches the gate off; under windows the prompt's
+    score is the max over its segments, never below the score of any of its segments that lie inside the
+    question, so it fires at every prefix length."""
+    g = torch.Generator().manual_seed(7)
+    d, width = 32, 4
+    benign = torch.randn(200, d, generator=g)
+    topic = torch.randn(d, generator=g)
+    question = topic + 0.3 * torch.randn(8, d, generator=g)
+    forget = torch.stack([question[i: i + width].mean(0) for i in range(0, 5, 2)])[None]
+    retain = torch.stack([benign[i: i + width].mean(0) for i in range(0, 196, 2)])[None]
+    mean_gate = gating.fit_knn(question.mean(0, keepdim=True), torch.stack([benign[i: i + 20].mean(0) for i in range(0, 180, 10)]),
+                               "mean", 1)
+    windows_gate = gating.fit_knn(forget, retain, f"windows:{width}", 1)
+    tau = math.log(2.0)
+    mean_fires = []
+    for length in range(0, 241, 12):
+        g_prefix = torch.Generator().manual_seed(100 + length)
+        prefix = benign[torch.randint(0, 200, (length,), generator=g_prefix)] + 0.05 * torch.randn(length, d, generator=g_prefix)
+        prompt = torch.cat([prefix, question])[None]
+        segments = gating.pool(prompt, None, f"windows:{width}")
+        score = windows_gate.scores(segments)[0, 0]
+        starts = range(0, segments.shape[1])
+        inside = [j for j in starts if j * (width // 2) >= length]  # segments of question positions only
+        assert inside  # an 8-token question always holds a whole window
+        for j in inside:
+            assert score >= windows_gate.scores(segments[:, j])[0, 0]
+        assert score > tau
+        mean_fires.append(bool(mean_gate.scores(gating.pool(prompt, None, "mean"))[0, 0] > tau))
+    assert mean_fires[0] and not mean_fires[-1]  # what the windows fix: the mean's decision falls to the prefix
+
+
+def test_segments_concatenate_across_batches_and_leave_one_out_drops_a_whole_prompt():
+    a, b = torch.zeros(2, 3, 4), torch.zeros(1, 5, 4)
+    a[:, :2], b[0] = 1.0, 2.0
+    joined = gating.concat_features([a, b])
+    assert joined.shape == (3, 5, 4) and not joined[:2, 3:].any() and torch.equal(joined[2], b[0])
+    rows, prompt = gating.segment_rows(joined)
+    assert rows.shape[0] == 2 + 2 + 5 and prompt.tolist() == [0, 0, 1, 1, 2, 2, 2, 2, 2]
+    # every segment of a retained prompt leaves the bank together: the score equals a refit without the prompt
+    retain = torch.randn(6, 3, 16, generator=torch.Generator().manual_seed(8))
+    forget = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(9))
+    gate = gating.fit_knn(forget, retain, "windows:4", 1)
+    loo = gating.leave_one_out_retain_scores(gate, gating.segment_rows(retain)[1])
+    for i in range(6):
+        others = torch.cat([retain[:i], retain[i + 1:]])
+        own_rows = gate.retain_bank[3 * i: 3 * i + 3].float()[None]  # prompt i's segments, as the bank holds them
+        alone = gating.fit_knn(forget, others, "windows:4", 1).scores(own_rows)[0, 0]
+        assert loo[i].item() == pytest.approx(alone.item(), abs=1e-4)
 
 
 def test_calibration_lets_at_most_max_fpr_of_the_calibration_prompts_through():
@@ -275,3 +378,39 @@ def test_prompt_gated_eraser_round_trips_and_composes(tmp_path, llava):
         Eraser(u=torch.zeros(1, 1, d), r=torch.zeros(1, 1, d), alpha=1.0, layer_indices=[1], layers_path="x",
                hidden_size=d, prompt_gate=gate)
     assert math.isfinite(gate.threshold[0])
+
+
+def test_a_windows_gate_round_trips_through_the_artifact_stacks_and_keys_the_model_cache(tmp_path):
+    from mllmeraser.core import artifact, cache
+    from mllmeraser.core.fitting import FitSettings
+    from mllmeraser.errors import UserInputError
+
+    g = torch.Generator().manual_seed(10)
+    d = 16
+    gate = gating.fit_knn(torch.randn(3, 4, d, generator=g), torch.randn(5, 4, d, generator=g), "windows:6", 1)
+    gate = gating.PromptGate(**{**gate.header(), "threshold": [0.3]},
+                             **{k.removeprefix("gate."): v for k, v in gate.tensors().items()})
+    eraser = Eraser(u=None, r=torch.randn(1, 1, d, generator=g), alpha=1.0, layer_indices=[1],
+                    layers_path="model.language_model.layers", hidden_size=d, prompt_gate=gate)
+    path = eraser.save(tmp_path / "windows.safetensors")
+    loaded = Eraser.load(path)
+    queries = torch.randn(4, 3, d, generator=g)
+    queries[1, 2:] = 0  # a shorter prompt
+    assert loaded.prompt_gate.header()["pooling"] == "windows:6"
+    assert torch.equal(loaded.prompt_gate.scores(queries), gate.scores(queries))
+    both = eraser + loaded
+    assert torch.equal(both.prompt_gate.scores(queries), gate.scores(queries).repeat(1, 2))
+    mean_gate = gating.fit_knn(torch.randn(2, d, generator=g), torch.randn(3, d, generator=g), "mean", 1)
+    assert "pooling" in gate.compatible(mean_gate)
+    # the validator refuses a windows pooling without a width >= 1, naming the field
+    with safe_open(path, "pt") as handle:
+        metadata, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    header = json.loads(metadata[artifact.METADATA_KEY])
+    header["gate"]["pooling"] = "windows:0"
+    save_file(tensors, tmp_path / "bad.safetensors", {**metadata, artifact.METADATA_KEY: json.dumps(header)})
+    with pytest.raises(UserInputError, match="gate.pooling"):
+        Eraser.load(tmp_path / "bad.safetensors")
+    widths = [cache.shape_settings(FitSettings(pooling=p), "x", [1]) for p in ("mean", "windows:6", "windows:8")]
+    assert widths[0] != widths[1] != widths[2]  # a pooling, width included, is part of the model cache's key
+    with pytest.raises(UserInputError, match="pooling"):
+        FitSettings(pooling="windows")

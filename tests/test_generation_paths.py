@@ -7,7 +7,8 @@ is re-run at every step and must be steered with its first decision, the answer 
 prompt's decision is taken over all of it before the first chunk), prompt-lookup and assisted decoding (their
 verification passes start beyond the prompt), beam search (each beam carries its prompt's decision), a
 right-padded forward (the gate reads each row's last real token) and a one-token prompt. Both gates: the
-default prompt gate (knn, one decision per prompt) and the paper's per-layer gate."""
+default prompt gate (knn, one decision per prompt), the knn gate over window segments (the max over a prompt's
+segments, one decision per prompt) and the paper's per-layer gate."""
 
 from __future__ import annotations
 
@@ -26,17 +27,20 @@ NEW_TOKENS = 6
 LAYERS_PATH = "model.language_model.layers"
 
 
-def knn_eraser(model, processor, forget, retain, scale: float) -> Eraser:
+PROMPT_GATES = {"knn": "mean", "windows": "windows:4"}  # the knn prompt gates tested, by their pooling
+
+
+def knn_eraser(model, processor, forget, retain, scale: float, pooling: str = "mean") -> Eraser:
     """A prompt-gated eraser deciding at layer 0 (so layer 0's steered output reaches later tokens through the
-    KV cache of layer 1): a knn gate whose forget bank is `forget`'s pooled prompts, threshold log 2."""
+    KV cache of layer 1): a knn gate whose forget bank is `forget`'s pooled prompts (or their segments),
+    threshold log 2."""
     _, layers = hooks.find_decoder_layers(model)
 
     def pooled(items):
-        return torch.cat([hooks.capture(model, layers[:1], 0, "mean",
-                                        **models.forward_inputs(model, models.encode_prompts(processor, [item])))[1]
-                          for item in items])
+        return gating.concat_features([hooks.capture(model, layers[:1], 0, pooling, **models.forward_inputs(
+            model, models.encode_prompts(processor, [item])))[1] for item in items])
 
-    gate = gating.fit_knn(pooled(forget), pooled(retain), "mean", 0)
+    gate = gating.fit_knn(pooled(forget), pooled(retain), pooling, 0)
     gate = gating.PromptGate(**{**gate.header(), "threshold": [math.log(2.0)]},
                              **{k.removeprefix("gate."): v for k, v in gate.tensors().items()})
     d = model.config.get_text_config().hidden_size
@@ -65,7 +69,8 @@ def family(request, tmp_path_factory):
     subjects = sorted(by_subject)
     forget = [i for s in subjects[:2] for i in by_subject[s]]
     retain = [i for s in subjects[2:] for i in by_subject[s]]
-    erasers = {"knn": knn_eraser(model, processor, forget, retain, scale=4.0), "paper": paper_eraser(model, scale=4.0)}
+    erasers = {name: knn_eraser(model, processor, forget, retain, 4.0, pooling) for name, pooling in PROMPT_GATES.items()}
+    erasers["paper"] = paper_eraser(model, scale=4.0)
     return types.SimpleNamespace(name=name, model=model, processor=processor, items=items, forget=forget,
                                  retain=retain, erasers=erasers)
 
@@ -112,9 +117,10 @@ def references(family):
     return out
 
 
-def test_the_erasers_change_answers_and_the_knn_gate_only_on_forget_prompts(family, references):
+@pytest.mark.parametrize("gate", list(PROMPT_GATES))
+def test_the_erasers_change_answers_and_the_knn_gate_only_on_forget_prompts(family, references, gate):
     forget = {id(i) for i in family.forget}
-    changed = [a != b for a, b in zip(references["knn"], references["vanilla"])]
+    changed = [a != b for a, b in zip(references[gate], references["vanilla"])]
     on_forget = [c for c, item in zip(changed, family.items) if id(item) in forget]
     on_retain = [c for c, item in zip(changed, family.items) if id(item) not in forget]
     assert sum(on_forget) >= len(on_forget) // 2  # the paths below compare answers that steering really moved
@@ -122,7 +128,7 @@ def test_the_erasers_change_answers_and_the_knn_gate_only_on_forget_prompts(fami
     assert sum(a != b for a, b in zip(references["paper"], references["vanilla"])) >= len(family.items) // 2
 
 
-@pytest.mark.parametrize("gate", ["knn", "paper"])
+@pytest.mark.parametrize("gate", ["knn", "windows", "paper"])
 @pytest.mark.parametrize("modality", ["image", "text"])
 @pytest.mark.parametrize("path", ["left-padded batch", "no kv cache"])
 def test_batched_paths_give_the_reference_tokens(family, references, gate, modality, path):
@@ -139,7 +145,7 @@ def test_batched_paths_give_the_reference_tokens(family, references, gate, modal
     assert [got_by_item[id(i)] for i in items] == expected
 
 
-@pytest.mark.parametrize("gate", ["knn", "paper"])
+@pytest.mark.parametrize("gate", ["knn", "windows", "paper"])
 def test_beam_search_batched_equals_each_prompt_alone(family, gate):
     items = [i for i in family.items if i.modality == "text" and i.task == "cloze"]
     eraser = family.erasers[gate]
@@ -152,7 +158,7 @@ def test_beam_search_batched_equals_each_prompt_alone(family, gate):
     assert alone != vanilla
 
 
-@pytest.mark.parametrize("gate", ["knn", "paper"])
+@pytest.mark.parametrize("gate", ["knn", "windows", "paper"])
 def test_prompt_lookup_and_assisted_decoding_give_the_reference_tokens(family, references, gate, tmp_path):
     assistant, _ = models.load_model(tiny_families.BUILDERS[family.name](tmp_path / "assistant", seed=1))
     eraser = family.erasers[gate]
@@ -167,12 +173,13 @@ def test_prompt_lookup_and_assisted_decoding_give_the_reference_tokens(family, r
     assert assisted == expected
 
 
-def test_chunked_prefill_decides_on_the_whole_prompt(family, references):
+@pytest.mark.parametrize("gate", list(PROMPT_GATES))
+def test_chunked_prefill_decides_on_the_whole_prompt(family, references, gate):
     """Text prompts (transformers refuses to chunk raw images): the knn gate's decision is taken over the whole
     prompt by one forward up to the decision layer before the first chunk, then every chunk is steered."""
-    eraser = family.erasers["knn"]
+    eraser = family.erasers[gate]
     items = [i for i in family.items if i.modality == "text" and i.task == "cloze"]
-    expected = [references["knn"][family.items.index(i)] for i in items]
+    expected = [references[gate][family.items.index(i)] for i in items]
     with eraser.attach(family.model) as handle:
         chunked = [generate(family.model, family.processor, [i], prefill_chunk_size=3)[0] for i in items]
         assert handle.decisions is not None
@@ -186,7 +193,7 @@ def test_chunked_prefill_under_the_paper_gate_is_refused(family):
             generate(family.model, family.processor, [item], prefill_chunk_size=3)
 
 
-@pytest.mark.parametrize("gate", ["knn", "paper"])
+@pytest.mark.parametrize("gate", ["knn", "windows", "paper"])
 def test_right_padded_batch_reads_each_rows_last_real_token(family, gate):
     items = [i for i in family.items if i.modality == "text" and i.task == "cloze"]
     processor, model = family.processor, family.model
@@ -213,15 +220,15 @@ def test_right_padded_batch_reads_each_rows_last_real_token(family, gate):
     assert not torch.allclose(alone, vanilla)
 
 
-@pytest.mark.parametrize("gate", ["knn", "paper"])
+@pytest.mark.parametrize("gate", ["knn", "windows", "paper"])
 def test_a_one_token_prompt_is_steered(family, gate):
     model = family.model
     token = torch.tensor([[family.processor.tokenizer.convert_tokens_to_ids(family.processor.tokenizer.tokenize("city")[0])]])
     eraser = family.erasers[gate]
-    if gate == "knn":  # a gate that fires on this very prompt
+    if gate in PROMPT_GATES:  # a gate that fires on this very prompt
         _, layers = hooks.find_decoder_layers(model)
-        _, z = hooks.capture(model, layers[:1], 0, "mean", input_ids=token)
-        knn = gating.fit_knn(z, -z, "mean", 0)
+        _, z = hooks.capture(model, layers[:1], 0, PROMPT_GATES[gate], input_ids=token)
+        knn = gating.fit_knn(z, -z, PROMPT_GATES[gate], 0)
         gate_fires = gating.PromptGate(**{**knn.header(), "threshold": [math.log(2.0)]},
                                        **{k.removeprefix("gate."): v for k, v in knn.tensors().items()})
         eraser = Eraser(u=None, r=eraser.r, alpha=1.0, layer_indices=eraser.layer_indices, layers_path=LAYERS_PATH,

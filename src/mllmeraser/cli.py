@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "without --data: the retain questions, each left out of the gate in turn)")
     fit.add_argument("--gate", choices=GATES, default=FitSettings.gate,
                      help="knn (default) or ridge: one decision per prompt; paper: the paper's per-layer null-space gate")
-    fit.add_argument("--pooling", choices=gating.POOLINGS, default=FitSettings.pooling, help="prompt gates' input")
+    fit.add_argument("--pooling", default=FitSettings.pooling,
+                     help="prompt gates' input: mean, last, or windows:W (segments of W tokens, the max decides)")
     fit.add_argument("--decision-layer", default=FitSettings.decision_layer,
                      help="prompt gates: the decoder layer whose output decides, steering from there on: an index "
                      "(0, 1, ...) or a fraction of the decoder's depth in (0, 1), the layer nearest it "

@@ -169,7 +169,11 @@ def _check_gate(check: _Checker, gate: Any, terms: int) -> None:
         raise check.refuse(f"header field 'gate' must hold exactly {list(gating.HEADER_FIELDS)}, "
                            f"not {'with' if fields - set(gating.HEADER_FIELDS) else 'without'} {odd[0]!r}")
     check.string("gate.kind", gate["kind"], gating.GATE_KINDS)
-    check.string("gate.pooling", gate["pooling"], gating.POOLINGS)
+    check.string("gate.pooling", gate["pooling"])
+    try:
+        gating.window_width(gate["pooling"])
+    except ValueError as error:
+        raise check.refuse(f"header field 'gate.pooling': {error}") from None
     check.integer("gate.layer", gate["layer"], 0)
     check.integer("gate.neighbours", gate["neighbours"], 1)
     check.numbers("gate.threshold", gate["threshold"], terms)

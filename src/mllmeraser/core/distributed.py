@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserInputError
-from . import steering
+from . import gating, steering
 
 
 def world() -> tuple[int, int]:
@@ -126,4 +126,4 @@ def reassemble(per_rank: Sequence[Sequence[torch.Tensor]], num_batches: int) -> 
     """Undo `shard`: batch i is rank (i % P)'s (i // P)-th, so the rows come back in batch order."""
     size = len(per_rank)
     ordered = [per_rank[i % size][i // size] for i in range(num_batches)]
-    return torch.cat(ordered) if ordered else None
+    return gating.concat_features(ordered) if ordered else None  # segments: padded to one S

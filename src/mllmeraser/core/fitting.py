@@ -93,7 +93,9 @@ AT_SCALE_WIDTH = 1024
 class FitSettings:
     # Defaults chosen on the testbed's validation people only (README, "Selective erasure").
     gate: str = "knn"  # "knn" (default), "ridge" (linear, on the pooled prompt), "paper" (per-layer, last token)
-    pooling: str = "mean"  # prompt gates: "mean" (attention-masked mean over the prompt) or "last"
+    # prompt gates: "mean" (attention-masked mean over the prompt), "last", or "windows:W" (the means of W-token
+    # windows at stride W // 2, scored each, the max deciding: gating.py, "segments")
+    pooling: str = "mean"
     # prompt gates: the decoder layer whose output decides; steering from there on. An int is that layer; a float in
     # (0, 1) a fraction of the decoder's depth (gating.decision_layer_index: the layer nearest f * L), so one default
     # fits every depth: a quarter, layer 1 of the testbed's 4 (where the defaults were chosen) and 8 of a 30-layer
@@ -132,8 +134,10 @@ class FitSettings:
     def __post_init__(self) -> None:
         if self.gate not in GATES:
             raise UserInputError(None, f"gate must be one of {GATES}, got {self.gate!r}")
-        if self.pooling not in gating.POOLINGS:
-            raise UserInputError(None, f"pooling must be one of {gating.POOLINGS}, got {self.pooling!r}")
+        try:
+            gating.window_width(self.pooling)
+        except ValueError as error:
+            raise UserInputError(None, str(error)) from None
         if not 0.0 <= self.max_fpr < 1.0:
             raise UserInputError(None, f"max_fpr must be in [0, 1), got {self.max_fpr}")
         if self.min_ratio < 1.0:
@@ -294,7 +298,7 @@ def _answer_forward(model, pixel_values: torch.Tensor, labels: torch.Tensor, inp
         values.append(sums / counts.clamp(min=1))
     if read is None:
         return torch.cat(values).cpu(), None, None
-    features = torch.cat(pooled) if read.pooled_layer is not None else None
+    features = gating.concat_features(pooled) if read.pooled_layer is not None else None
     return torch.cat(values).cpu(), torch.cat(lasts), features
 
 
@@ -393,8 +397,8 @@ def collect(model, processor, layers, items: Sequence[QAItem], stats: steering.S
             pooled_layer: int | None = None, pooling: str = "mean", clean_groups: Sequence[str] = (),
             ) -> torch.Tensor | None:
     """Feed the last-prompt-token block outputs of `items` at `layers` into `stats` under each of `groups`;
-    with `pooled_layer`, also return the pooled prompt features of that entry of `layers` [N, d] (in the
-    order of `models.batches`, grouped by modality and task).
+    with `pooled_layer`, also return the pooled prompt features of that entry of `layers` [N, d] (segments:
+    [N, S, d], gating.concat_features) in the order of `models.batches`, grouped by modality and task.
 
     With `pgd`, image questions are first perturbed (the knowledge-recall inputs), and the activations come from
     PGD's own forwards (pgd_recall): `groups` get those at each item's final image, `clean_groups` those at its
@@ -431,7 +435,7 @@ def collect(model, processor, layers, items: Sequence[QAItem], stats: steering.S
         if stats is not None:
             stats.merge_(distributed.all_reduce_stats(into, tuple(dict.fromkeys((*groups, *clean_groups)))))
         return distributed.gather_rows(pooled, every_batch) if pooled_layer is not None else None
-    return torch.cat(pooled) if pooled else None
+    return gating.concat_features(pooled) if pooled else None
 
 
 def fit_statistics(model, processor, *, forget: Sequence[QAItem], retain: Sequence[QAItem] | None = None,
@@ -502,7 +506,7 @@ def _pool_occluded(model, processor, layers, items: Sequence[QAItem], group: str
 def _with_occluded(features: dict[str, torch.Tensor], group: str) -> torch.Tensor:
     """A gate bank: the clean prompts' features of `group`, then their occluded copies' where there are some."""
     copies = features.get(f"{group}_occluded")
-    return features[group] if copies is None else torch.cat([features[group], copies])
+    return features[group] if copies is None else gating.concat_features([features[group], copies])
 
 
 def shared_inputs(model, processor, *, retain: Sequence[QAItem], erasure: Sequence[QAItem],
@@ -595,7 +599,8 @@ def fit_prompt_gate(features: dict[str, torch.Tensor], settings: FitSettings) ->
         # Left out of a bank without the occluded retain copies: a left-out prompt's own copies would stand in
         # for it. Fewer retain rows only raise a score, so the threshold errs high (fewer false positives).
         clean = gating.fit_knn(forget_bank, retain, settings.pooling, settings.decision_layer, settings.neighbours)
-        scores, source = gating.leave_one_out_retain_scores(clean), "retain prompts, each left out of the bank"
+        scores = gating.leave_one_out_retain_scores(clean, gating.segment_rows(retain)[1])
+        source = "retain prompts, each left out of the bank"
     else:
         scores, source = gate.scores(retain)[:, 0], "retain prompts (in-sample)"
     tau, fpr = gating.calibrate(scores, settings.max_fpr)

@@ -12,7 +12,19 @@ is applied with that one decision (so the gate reads at run time exactly what it
 
     pooling    "mean": z = sum_t m_t h_t / sum_t m_t, the attention-masked mean over the prompt's positions
                (image tokens included: they carry the person); "last": z = h_t*, t* the row's last position
-               with m_t = 1 (the paper's input, read from the mask, so right padding is safe too)
+               with m_t = 1 (the paper's input, read from the mask, so right padding is safe too);
+               "windows:W": segments, not one vector. With the prompt's L real positions renumbered 0..L-1
+               (padding dropped, so either padding side gives the same segments) and stride s = max(1, W // 2),
+               segment j is the mean over positions [j s, min(j s + W, L)), j = 0..n-1,
+               n = 1 + ceil(max(L - W, 0) / s): every position is in a segment, a prompt shorter than W is one
+               segment. z [batch, S, d] holds them, S the most any row has, a row's absent segments all zero.
+    segments   with segment features z_j (pooling "windows:W"), s_k(z) = max_j s_k(z_j): the prompt fires where
+               its most forget-like segment does, and the banks F_k, R_k hold the segments of the fit's forget
+               and retain prompts (a segment the two share, e.g. the benchmark's instruction, is near both: its
+               ratio is ~0, below any threshold >= log min_ratio). Why: the mean moves with whatever the
+               attacker adds around the question (a long benign prefix, earlier turns, an unrelated image), so
+               padding switches it off; a max over segments cannot fall below the question's own segments'
+               score, whatever is added elsewhere. tau_k is calibrated on max_j s_k of the calibration prompts.
     knn        s_k(z) = log(d_R + eps) - log(d_F + eps),  d_F = 1 - top_j cos(z, F_kj),  d_R = 1 - top_j cos(z, R_kj)
                F_k: pooled features of request k's forget prompts; R_k = R_shared U R_own,k: of the prompts to leave
                alone (every request fitted on one model and retain corpus has the same retain prompts: one shared
@@ -28,7 +40,7 @@ is applied with that one decision (so the gate reads at run time exactly what it
                scaled so the mean score over the forget prompts is 1
     threshold  tau_k: the smallest value that at most floor(max_fpr * n) of n held-out calibration prompts
                (people outside the fit) score above: the false-positive rate on them is <= max_fpr.
-    segments   all K terms are scored at once: one matmul S = z B^T over a whole bank, then a segment reduction
+    columns    all K terms are scored at once: one matmul S = z B^T over a whole bank, then a segment reduction
                over the columns each term owns plus the shared ones: n = 1, a scatter max into [batch, K]
                (max_{j in R_k} S_j = max(max_{j shared} S_j, max_{j own} S_j)); n > 1, a gather through a padded
                [K, M] table of each term's own columns, whose top-n merges with the shared columns' top-n (the n
@@ -53,7 +65,9 @@ from .steering import solve_gate_ridge
 GATE_KINDS = ("knn", "ridge")
 DISTANCE_FLOOR = 3e-3  # eps of the knn ratio: a match closer than this (float16 banks: ~1e-3) counts as exact
 SHARED = -1  # the owner of a retain bank row every term reads (one copy for all requests on one retain corpus)
-POOLINGS = ("mean", "last")
+POOLINGS = ("mean", "last", "windows")  # kinds; a windows pooling names its width: "windows:8"
+WINDOWS = "windows"
+SEGMENT_CHUNK = 4096  # segments scored per similarity matmul (a [4096, N] float32 block per bank)
 HEADER_FIELDS = ("kind", "pooling", "layer", "threshold", "neighbours")  # a gate's JSON header, every format
 TENSOR_NAMES = {"knn": ("forget_bank", "forget_owner", "retain_bank", "retain_owner"), "ridge": ("u",)}
 """Each kind's tensors, stored as "gate.<name>": the only names an artifact's gate may hold."""
@@ -98,20 +112,94 @@ def decision_layer_index(value: int | float, num_layers: int) -> int:
     return index
 
 
+def window_width(pooling: str) -> int | None:
+    """W of a "windows:W" pooling, None for "mean" and "last"; ValueError for anything else."""
+    kind, _, width = pooling.partition(":") if isinstance(pooling, str) else ("", "", "")
+    if kind in ("mean", "last") and not width:
+        return None
+    if kind == WINDOWS and width.isdigit() and int(width) >= 1 and str(int(width)) == width:
+        return int(width)
+    raise ValueError(f"pooling must be mean, last or windows:W (W >= 1 tokens, e.g. windows:8), got {pooling!r}")
+
+
 def pool(hidden: Tensor, mask: Tensor | None, pooling: str) -> Tensor:
-    """The prompt feature z [batch, d] float32 of block outputs `hidden` [batch, seq, d] under the 2-D
-    attention mask `mask` [batch, seq] (None: every position is real)."""
+    """The prompt feature of block outputs `hidden` [batch, seq, d] under the 2-D attention mask `mask`
+    [batch, seq] (None: every position is real), float32: z [batch, d] ("mean", "last"), or the window
+    segments [batch, S, d] ("windows:W", see window_means)."""
+    width = window_width(pooling)
+    if width is not None:
+        return window_means(hidden, mask, width)
     hidden = hidden.to(torch.float32)
     if mask is None:
         return hidden.mean(dim=1) if pooling == "mean" else hidden[:, -1]
     mask = mask.to(device=hidden.device, dtype=torch.float32)
     if pooling == "mean":
         return (hidden * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
-    if pooling == "last":
-        positions = torch.arange(mask.shape[1], device=hidden.device, dtype=torch.float32)
-        last = (mask * (positions + 1)).argmax(dim=1)  # the last position whose mask is 1
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    positions = torch.arange(mask.shape[1], device=hidden.device, dtype=torch.float32)
+    last = (mask * (positions + 1)).argmax(dim=1)  # the last position whose mask is 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def window_counts(lengths: Tensor, width: int) -> Tensor:
+    """n per row: how many windows of `width` (stride max(1, width // 2)) cover a prompt of `lengths` positions."""
+    stride = max(1, width // 2)
+    return 1 + torch.div((lengths - width).clamp(min=0) + stride - 1, stride, rounding_mode="floor")
+
+
+def window_means(hidden: Tensor, mask: Tensor | None, width: int) -> Tensor:
+    """[batch, S, d] float32: the mean of each window of `width` real positions, stride max(1, width // 2),
+    the last one cut at the prompt's end (module docstring, "windows:W"); rows with fewer than S windows end in
+    all-zero rows. From prefix sums in float64, so a window's mean does not depend on how long the prompt is."""
+    batch, seq, d = hidden.shape
+    real = (torch.ones(batch, seq, dtype=torch.bool, device=hidden.device) if mask is None
+            else mask.to(hidden.device) != 0)
+    # Real positions first, in order (a stable sort of "is padding"): left and right padding give one layout.
+    order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
+    packed = hidden.gather(1, order[..., None].expand(-1, -1, d)).to(torch.float64)
+    lengths = real.sum(dim=1)
+    packed = packed * (torch.arange(seq, device=hidden.device)[None, :] < lengths[:, None])[..., None]
+    prefix = torch.cat([packed.new_zeros(batch, 1, d), packed.cumsum(dim=1)], dim=1)  # [batch, seq + 1, d]
+    counts = window_counts(lengths, width)
+    stride = max(1, width // 2)
+    starts = torch.arange(int(counts.max()) if batch else 1, device=hidden.device) * stride
+    starts = torch.minimum(starts[None, :], lengths[:, None])  # [batch, S]; absent windows collapse to empty
+    ends = torch.minimum(starts + width, lengths[:, None])
+    index = lambda at: at[..., None].expand(-1, -1, d)  # noqa: E731 - gather positions along the sequence
+    sums = prefix.gather(1, index(ends)) - prefix.gather(1, index(starts))
+    means = sums / (ends - starts).clamp(min=1)[..., None]
+    present = torch.arange(starts.shape[1], device=hidden.device)[None, :] < counts[:, None]
+    return (means * present[..., None]).to(torch.float32)
+
+
+def segment_rows(features: Tensor) -> tuple[Tensor, Tensor]:
+    """(rows [M, d], prompt [M]): the present segments of features [N, S, d] (not all zero) and the prompt each
+    comes from; features [N, d] are one segment per prompt."""
+    if features.ndim == 2:
+        return features, torch.arange(features.shape[0], device=features.device)
+    present = features.ne(0).any(dim=-1)
+    return features[present], present.nonzero()[:, 0]
+
+
+def concat_features(parts: Sequence[Tensor]) -> Tensor:
+    """Pooled features of several batches as one tensor: [N, d] concatenated, or [N, S, d] with each part's
+    segments padded with absent (all-zero) rows to the longest part's S."""
+    parts = list(parts)
+    if not parts or parts[0].ndim == 2:
+        return torch.cat(parts)
+    most = max(p.shape[1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, 0, 0, most - p.shape[1])) for p in parts])
+
+
+def max_over_segments(z: Tensor, score_rows) -> Tensor:
+    """[batch, K]: score_rows(z) for z [batch, d]; for segments z [batch, S, d], the max over each row's present
+    segments of score_rows on them (one call over every segment at once)."""
+    if z.ndim == 2:
+        return score_rows(z)
+    rows, prompt = segment_rows(z)
+    # In chunks: a calibration set's segments times a bank's would not fit in memory as one similarity matrix.
+    scores = torch.cat([score_rows(rows[i: i + SEGMENT_CHUNK]) for i in range(0, max(rows.shape[0], 1), SEGMENT_CHUNK)])
+    out = scores.new_full((z.shape[0], scores.shape[1]), -math.inf)
+    return out.scatter_reduce_(0, prompt.to(scores.device)[:, None].expand_as(scores), scores, "amax")
 
 
 def unit_rows(x: Tensor) -> Tensor:
@@ -220,8 +308,7 @@ class PromptGate:
     def __post_init__(self) -> None:
         if self.kind not in GATE_KINDS:
             raise ValueError(f"gate kind must be one of {GATE_KINDS}, got {self.kind!r}")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        window_width(self.pooling)  # ValueError for an unknown pooling
         object.__setattr__(self, "threshold", tuple(float(t) for t in self.threshold))
         K = len(self.threshold)
         if self.kind == "knn":
@@ -272,7 +359,10 @@ class PromptGate:
         return self._device_cache[device]
 
     def scores(self, z: Tensor) -> Tensor:
-        """s_k(z) for pooled features z [batch, d]: [batch, K] float32."""
+        """s_k(z) for pooled features z [batch, d], or the max over segments z [batch, S, d]: [batch, K] float32."""
+        return max_over_segments(z, self._row_scores)
+
+    def _row_scores(self, z: Tensor) -> Tensor:
         t = self._on(z.device)
         z = z.to(torch.float32)
         if self.kind == "ridge":
@@ -423,8 +513,10 @@ def _bits(t: Tensor) -> Tensor:
 
 
 def fit_knn(forget: Tensor, retain: Tensor, pooling: str, layer: int, neighbours: int = 1) -> PromptGate:
-    """A one-term knn gate (threshold +inf until calibrated) from pooled features [N, d]; its retain rows are
-    SHARED, so gates fitted on one retain corpus stack with one copy of it."""
+    """A one-term knn gate (threshold +inf until calibrated) from pooled features [N, d] or segments [N, S, d]
+    (each present segment a bank row); its retain rows are SHARED, so gates fitted on one retain corpus stack
+    with one copy of it."""
+    forget, retain = segment_rows(forget)[0], segment_rows(retain)[0]
     return PromptGate(kind="knn", pooling=pooling, layer=layer, threshold=[math.inf], neighbours=neighbours,
                       forget_bank=unit_rows(forget.to(torch.float32)),
                       forget_owner=torch.zeros(forget.shape[0], dtype=torch.int64),
@@ -433,23 +525,30 @@ def fit_knn(forget: Tensor, retain: Tensor, pooling: str, layer: int, neighbours
 
 
 def fit_ridge(forget: Tensor, retain: Tensor, pooling: str, layer: int, beta: float, lam: float) -> PromptGate:
-    """A one-term ridge gate on pooled features (threshold +inf until calibrated), scaled to forget mean 1."""
+    """A one-term ridge gate on pooled features or their segments (threshold +inf until calibrated), scaled to
+    forget mean 1."""
+    forget, retain = segment_rows(forget)[0], segment_rows(retain)[0]
     F, R = forget.to(torch.float64), retain.to(torch.float64)
     u = solve_gate_ridge(F.T @ F, F.sum(0), R.T @ R, F.shape[0], R.shape[0], beta=beta, lam=lam)
     u = u / (F @ u).mean()
     return PromptGate(kind="ridge", pooling=pooling, layer=layer, threshold=[math.inf], u=u[None].float())
 
 
-def leave_one_out_retain_scores(gate: PromptGate) -> Tensor:
-    """Scores of a one-term knn gate's own retain rows, each with itself left out of the retain bank: what an
-    unseen retained prompt would score, when no held-out calibration prompts are given."""
+def leave_one_out_retain_scores(gate: PromptGate, prompt_of_row: Tensor | None = None) -> Tensor:
+    """Scores of a one-term knn gate's own retain prompts, each with itself left out of the retain bank: what an
+    unseen retained prompt would score, when no held-out calibration prompts are given. `prompt_of_row` [M]
+    (segment_rows' second value): which prompt each retain row is a segment of; a prompt's score is then the max
+    over its segments, every segment of it left out together. None: one row per prompt."""
     R = gate.retain_bank.to(torch.float32)
+    prompt = torch.arange(R.shape[0]) if prompt_of_row is None else prompt_of_row.cpu()
     similarity_r = R @ R.T
-    similarity_r.fill_diagonal_(-math.inf)
+    similarity_r.masked_fill_(prompt[:, None] == prompt[None, :], -math.inf)
     owner = torch.zeros(R.shape[0], dtype=torch.int64)
     top_r = top_mean(similarity_r, owner, 1, gate.neighbours)
     top_f = top_mean(R @ gate.forget_bank.to(torch.float32).T, gate.forget_owner, 1, gate.neighbours)
-    return ratio_score(top_f, top_r)[:, 0]
+    per_row = ratio_score(top_f, top_r)[:, 0]
+    out = per_row.new_full((int(prompt.max()) + 1 if prompt.numel() else 0,), -math.inf)
+    return out.scatter_reduce_(0, prompt, per_row, "amax")
 
 
 def calibrate(scores: Tensor, max_fpr: float) -> tuple[float, float]:

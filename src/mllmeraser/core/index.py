@@ -58,8 +58,9 @@ class RequestIndex(PromptTerms):
                  fingerprint: dict[str, Any] | None = None, device: str | torch.device = "cpu"):
         if retain_bank.ndim != 2 or retain_bank.shape[1] != hidden_size:
             raise ValueError(f"retain_bank must be [S, {hidden_size}], got {list(retain_bank.shape)}")
-        if pooling not in gating.POOLINGS or neighbours < 1:
-            raise ValueError(f"pooling must be one of {gating.POOLINGS} and neighbours >= 1")
+        gating.window_width(pooling)  # ValueError for an unknown pooling
+        if neighbours < 1:
+            raise ValueError("neighbours must be >= 1")
         self.pooling, self.layer, self.neighbours = pooling, int(layer), int(neighbours)
         self.layer_indices = tuple(int(i) for i in layer_indices)
         self.layers_path, self.hidden_size, self.mode = layers_path, int(hidden_size), mode
@@ -241,24 +242,28 @@ class RequestIndex(PromptTerms):
     # ---- scoring ----------------------------------------------------------------------------------
 
     def scores(self, z: Tensor) -> Tensor:
-        """s_k(z) for pooled features z [batch, d]: [batch, slots] float32 on the index's device, -inf for a
-        free slot."""
+        """s_k(z) for pooled features z [batch, d] (or the max over segments z [batch, S, d], gating's
+        "segments"): [batch, slots] float32 on the index's device, -inf for a free slot."""
         with self._lock:
-            z = gating.unit_rows(z.to(device=self.device, dtype=torch.float32))
-            batch, slots = z.shape[0], self._r.shape[0]
-            similarity = z @ self._bank[: self._rows_used].T
-            if self.neighbours == 1:
-                out = similarity.new_full((batch, slots + 1), -math.inf)
-                out.scatter_reduce_(1, self._column[: self._rows_used].expand(batch, -1), similarity, "amax")
-                forget = out[:, 1:]  # column 0 collects the free rows
-            elif self._table.shape[1]:
-                padded = torch.cat([similarity.new_full((batch, 1), -math.inf), similarity], dim=1)
-                top = padded[:, self._table].topk(min(self.neighbours, self._table.shape[1]), dim=2).values
-                forget = gating.mean_of_top(top, self._count, self.neighbours)
-            else:
-                forget = similarity.new_full((batch, slots), -math.inf)
-            retain = gating.segment_top_mean(z @ self._shared.T, self._shared_segments)  # [batch, 1]: every slot's
-            return torch.where(self._active, gating.ratio_score(forget, retain), -math.inf)
+            return gating.max_over_segments(z.to(device=self.device, dtype=torch.float32), self._row_scores)
+
+    def _row_scores(self, z: Tensor) -> Tensor:
+        """The slots' scores [batch, slots] of single feature rows (the caller holds the lock)."""
+        z = gating.unit_rows(z)
+        batch, slots = z.shape[0], self._r.shape[0]
+        similarity = z @ self._bank[: self._rows_used].T
+        if self.neighbours == 1:
+            out = similarity.new_full((batch, slots + 1), -math.inf)
+            out.scatter_reduce_(1, self._column[: self._rows_used].expand(batch, -1), similarity, "amax")
+            forget = out[:, 1:]  # column 0 collects the free rows
+        elif self._table.shape[1]:
+            padded = torch.cat([similarity.new_full((batch, 1), -math.inf), similarity], dim=1)
+            top = padded[:, self._table].topk(min(self.neighbours, self._table.shape[1]), dim=2).values
+            forget = gating.mean_of_top(top, self._count, self.neighbours)
+        else:
+            forget = similarity.new_full((batch, slots), -math.inf)
+        retain = gating.segment_top_mean(z @ self._shared.T, self._shared_segments)  # [batch, 1]: every slot's
+        return torch.where(self._active, gating.ratio_score(forget, retain), -math.inf)
 
     def decide(self, z: Tensor) -> Tensor:
         """g [batch, slots] float32 in {0, 1}: which slots fire for each prompt (free slots never do)."""
