@@ -247,3 +247,16 @@ def test_report_attack_table_and_plot(tmp_path):
     report._plot_attacks({"attacks": suite}, tmp_path / report.ATTACK_PLOT)
     assert (tmp_path / report.ATTACK_PLOT).stat().st_size > 1000
     assert "rephrase" in attacks.format_table(results) and "(not counted)" in attacks.format_table(results)
+
+
+def test_tasks_keep_only_those_questions_and_the_same_ones(testbed_data, attacked):
+    """attack_set(tasks=...) attacks exactly the questions of those tasks that the whole suite attacks (the
+    context, made from every question, is unchanged), so a cheaper run on a large model measures the same cells."""
+    narrowed = attacks.attack_set(testbed_data, 10, retain_people=2, tasks=("classification", "cloze"))
+    assert narrowed.context == attacked.context and set(narrowed.items) == set(attacked.items)
+    for name, splits in attacked.items.items():
+        for split, items in splits.items():
+            kept = narrowed.items[name][split]
+            assert {i.task for i in kept} <= {"classification", "cloze"}
+            assert kept == [i for i in items if i.task in ("classification", "cloze")], (name, split)
+    assert sum(len(s["forget"]) for s in narrowed.items.values()) < sum(len(s["forget"]) for s in attacked.items.values())

@@ -254,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eraser_args(attack)
     attack.add_argument("--attacks", default=None, help="comma-separated subset of "
                         f"{','.join(attacks.BY_NAME)} (default: all)")
+    attack.add_argument("--tasks", help="comma-separated subset of classification,cloze,generation: attack only "
+                        "those questions (classification,cloze skips the 50-token answers; the bars read classification)")
     attack.add_argument("--retain-people", type=int, default=8,
                         help="retain people each attack is also run on (collateral damage); 0: all")
     attack.add_argument("--paraphrases", type=Path, default=None,
@@ -564,6 +566,9 @@ def cmd_attack(args) -> int:
     unknown = [n for n in names or () if n not in attacks.BY_NAME]
     if unknown:
         raise UserInputError(None, f"unknown attack(s) {unknown}; choose from {list(attacks.BY_NAME)}")
+    tasks = tuple(args.tasks.split(",")) if args.tasks else None
+    if tasks and set(tasks) - {"classification", "cloze", "generation"}:
+        raise UserInputError(None, f"--tasks takes classification, cloze and generation, got {args.tasks!r}")
     paraphrases = attacks.read_paraphrases(args.paraphrases) if args.paraphrases else None
     eraser = load_eraser(args.eraser, args.alpha)
     model, processor = models.load_model(args.model, **model_options(args))
@@ -571,7 +576,7 @@ def cmd_attack(args) -> int:
     summary = attacks.run_suite(model, processor, args.data, args.forget_ratio,
                                 {"eraser": eraser} if eraser is not None else None, names,
                                 args.retain_people or None, args.batch_size, args.white_box, paraphrases,
-                                references=references)
+                                references=references, tasks=tasks)
     print(attacks.format_summary(summary))
     if args.json is not None:
         atomic_write_text(args.json, json.dumps(summary, indent=2))
