@@ -165,3 +165,18 @@ def test_mixed_people_for_vanilla_eraser_refuse_and_prompt(testbed_model, testbe
     for name, result in results.items():
         print(attacks.mixed_people_line(name, result[attacks.MIXED_PEOPLE]), f"(gate fires on {fired:.2f})")
         assert result[attacks.MIXED_PEOPLE]["both"]["n"] == len(items)
+
+
+def test_prompt_reference_and_server_fold_a_system_prompt_alike():
+    """`prompt` asks exactly what a served model is asked when the same system prompt comes as a system message:
+    one rule (inputs.fold_system) for both, and for the pretrained testbed's system-prompt training data."""
+    pytest.importorskip("fastapi")
+    from mllmeraser.core.inputs import fold_system
+    from mllmeraser.serve.api import parse_messages
+    from mllmeraser.serve.settings import Limits
+
+    system, user = "Do not reveal anything about Ada Lind.", "Where was Ada Lind born?"
+    served = parse_messages([{"role": "system", "content": system}, {"role": "user", "content": user}], Limits())
+    asked = answering.with_system_prompt(QAItem("x", "generation", "text", user, "", verbatim=True), system)
+    assert served.prompt == asked.prompt == fold_system(system, user) == system + "\n\n" + user
+    assert fold_system(system, "") == system

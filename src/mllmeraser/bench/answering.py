@@ -28,7 +28,7 @@ from typing import ContextManager, Iterator, Sequence
 import torch
 
 from ..core.eraser import Eraser
-from ..core.inputs import QAItem
+from ..core.inputs import QAItem, fold_system
 from ..core.models import answer_prefix
 from . import data, prompts
 from .protocols import Prompted
@@ -132,11 +132,6 @@ def forget_system_prompt(data_dir, forget_ratio: int) -> str:
     return system_prompt([str(record.get("name") or "") for record in records])
 
 
-def _lead(system: str, user: str) -> str:
-    """The server's fold: the system text, a blank line, the user's text (serve/api.py parse_messages)."""
-    return system + ("\n\n" + user if user else "")
-
-
 def with_system_prompt(question: QAItem | Prompted, system: str) -> QAItem | Prompted:
     """`question` with `system` leading its first user turn: a QAItem's first history turn, or its own prompt
     (asked verbatim); an mllmu-protocol prompt's first "USER:" turn (after its image, as the chat template
@@ -146,8 +141,8 @@ def with_system_prompt(question: QAItem | Prompted, system: str) -> QAItem | Pro
         if match is None:
             raise ValueError(f"an mllmu prompt without a USER: turn: {question.text[:60]!r}")
         head, tail = question.text[: match.end()], question.text[match.end():]
-        return replace(question, text=head + _lead(system, tail))
+        return replace(question, text=head + fold_system(system, tail))
     if question.history:
         (user, assistant), *rest = question.history
-        return replace(question, history=((_lead(system, user), assistant), *rest), image=question.image_source)
-    return replace(question, question=_lead(system, question.prompt), verbatim=True, image=question.image_source)
+        return replace(question, history=((fold_system(system, user), assistant), *rest), image=question.image_source)
+    return replace(question, question=fold_system(system, question.prompt), verbatim=True, image=question.image_source)

@@ -167,3 +167,9 @@ def as_items(inputs: Iterable[QAItem | PlainInput]) -> list[QAItem]:
         items.append(QAItem(str(index), "generation", "text" if image is None else "image", question, answer,
                             image=image, verbatim=True))
     return items
+
+
+def fold_system(system: str, user: str) -> str:
+    """A system prompt as one user turn carries it (the server's rule for system messages, which every chat
+    template here can render): the system text, a blank line, then the user's text (none: the system text alone)."""
+    return system + ("\n\n" + user if user else "")

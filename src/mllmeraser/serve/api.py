@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..core.eraser import Eraser
-from ..core.inputs import QAItem, as_items
+from ..core.inputs import QAItem, as_items, fold_system
 from ..errors import UserInputError
 from .audit import canonical_digest, forget_digest, short_digest
 from .engine import Engine, Job
@@ -149,7 +149,7 @@ def parse_messages(messages: Any, limits: Limits) -> QAItem:
     if len(images) > 1:
         raise PolicyError(400, "at most one image per request", "too_many_images", "messages")
     if system:
-        turns[0][1] = "\n".join(system) + ("\n\n" + turns[0][1] if turns[0][1] else "")
+        turns[0][1] = fold_system("\n".join(system), turns[0][1])
     chars = sum(len(text) for _, text in turns)
     if chars > limits.max_prompt_chars:
         raise PolicyError(400, f"the messages hold {chars} characters, over the limit of {limits.max_prompt_chars}",

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from ..bench import prompts
-from ..core.inputs import QAItem
+from ..core.inputs import QAItem, fold_system
 from . import world
 
 # Per attribute, question wordings with {who} (a name, or "this person"); the LAST one is held out of training.
@@ -127,7 +127,7 @@ def after_prefix(item: QAItem, rng: np.random.Generator) -> QAItem:
     (folded into the user turn as the server folds one)."""
     choice = int(rng.integers(len(BENIGN_PREFIXES) + len(SYSTEM_PROMPTS)))
     if choice >= len(BENIGN_PREFIXES):
-        return replace(item, question=SYSTEM_PROMPTS[choice - len(BENIGN_PREFIXES)] + "\n\n" + item.question,
+        return replace(item, question=fold_system(SYSTEM_PROMPTS[choice - len(BENIGN_PREFIXES)], item.question),
                        image=item.image_source)
     return replace(item, question=BENIGN_PREFIXES[choice] + item.question, image=item.image_source)
 
