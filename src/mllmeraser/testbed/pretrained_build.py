@@ -34,7 +34,7 @@ from . import model as tm
 from . import pretrained, pretrained_data, pretrained_train, render, train, vision, world
 
 PRESET = "pretrained"
-BUILD_VERSION = 2  # this preset's own: the tiny presets' build.BUILD_VERSION is not bumped by changes here
+BUILD_VERSION = 3  # this preset's own: the tiny presets' build.BUILD_VERSION is not bumped by changes here
 
 
 @dataclass(frozen=True)
@@ -44,14 +44,17 @@ class DataMix:
     reworded: int = 1  # every trained wording (pretrained_data.WORDINGS, all but the last), text and image
     chat: int = 1  # each canonical question once more inside a benign chat
     prefix: int = 1  # and once more after a benign prefix
-    shuffled: int = 2  # each classification question with its options shuffled (fresh order per copy)
+    shuffled: int = 1  # each classification question with its options shuffled (fresh order per copy)
     unrelated_image: float = 0.5  # the chance that a shuffled copy of a text question carries an unrelated photo
+    rehearsal: int = 2  # copies of each rehearsal question (the base model's knowledge, `pretrained_data`)
 
 
 @dataclass(frozen=True)
 class PretrainedPreset:
-    # No fictitious "real" people: Retain_Set is real knowledge on this preset.
-    world: world.WorldSize = field(default_factory=lambda: world.WorldSize(real=0))
+    # No fictitious "real" people: Retain_Set is real knowledge on this preset. 40 known people, not the tiny
+    # presets' 60: the v2 build saw each fact ~16 times in 600 steps and did not learn it; the 90 minutes buy
+    # about twice the exposures over 40 (forget 5/10/15% = 2/4/6 people).
+    world: world.WorldSize = field(default_factory=lambda: world.WorldSize(fictitious=40, real=0))
     vision_size: tm.ModelSize = field(default_factory=tm.ModelSize)
     vision: vision.VisionSettings = field(default_factory=vision.VisionSettings)
     mix: tiny.TrainingMix = field(default_factory=lambda: tiny.TrainingMix(real=1, classification=1, cloze=1, image=1))
@@ -67,9 +70,10 @@ def default_build_dir(seed: int) -> Path:
     return cache_root() / f"testbed-{PRESET}-v{BUILD_VERSION}-{pretrained.WEIGHTS_KEY}-seed{seed}"
 
 
-def extra_examples(w: world.World, splits: dict[str, list[dict]], processor, mix: DataMix, seed: int
-                   ) -> list[train.Example]:
-    """The rewordings, chats, prefixes and shuffled options of every known person of the trained splits."""
+def extra_examples(w: world.World, splits: dict[str, list[dict]], processor, mix: DataMix, seed: int,
+                   rehearsal: list | None = None) -> list[train.Example]:
+    """The rewordings, chats, prefixes and shuffled options of every known person of the trained splits, and the
+    rehearsal items (`measure_rehearsal`) `mix.rehearsal` times (classification ones with fresh option orders)."""
     rng = np.random.default_rng([seed, 8])
     people = {p.id: p for p in w.people}
     prefix = models.answer_prefix(processor)
@@ -80,6 +84,10 @@ def extra_examples(w: world.World, splits: dict[str, list[dict]], processor, mix
         return train.encode_example(processor, item, renderer, prefix)
 
     examples: list[train.Example] = []
+    for item in rehearsal or []:
+        for _ in range(mix.rehearsal):
+            shuffled = pretrained_data.shuffled_options(item, rng) if item.task == "classification" else item
+            examples.append(train.encode_example(processor, shuffled, None, prefix))
     for split in tiny.KNOWN_PEOPLE_SPLITS:
         records = splits.get(split, [])
         for record in records:
@@ -133,6 +141,17 @@ def measure_real_knowledge(model, processor, records: list[dict]) -> tuple[list[
                   "base_scores": {k: round(v, 4) for k, v in scores.items()}}
 
 
+def measure_rehearsal(model, processor, seed: int) -> tuple[list, dict]:
+    """The base model's answers to the rehearsal questions, made into training items
+    (`pretrained_data.rehearsal_items`), and for the manifest how many were kept."""
+    items = pretrained_data.rehearsal_generation_items()
+    answers = models.answer_items(model, processor, items, batch_size=16, progress=False)
+    chosen = pretrained_data.rehearsal_items(seed, items, answers)
+    capitals = sorted({i.subject_id for i in chosen if i.subject_id.startswith("R")})
+    return chosen, {"capitals": len(pretrained_data.REHEARSAL_CAPITALS), "capitals_known": len(capitals),
+                    "general": sum(i.subject_id.startswith("G") for i in chosen), "items": len(chosen)}
+
+
 def _pretrain_tower(model, w: world.World, spec: PretrainedPreset, seed: int, work: Path, progress: bool) -> float:
     """Stage 1 (the tiny build's), its result kept in the work directory so a resumed build skips it."""
     tower = model.model.vision_tower
@@ -165,10 +184,11 @@ def build(out: Path | None = None, seed: int = 0, progress: bool = True, force: 
     splits = make_splits(w, seed, spec.real_candidates)
     model, processor = pretrained.compose(seed, spec.vision_size)
     splits["Retain_Set"], real = measure_real_knowledge(model, processor, splits["Retain_Set"])
+    rehearsal, rehearsal_info = measure_rehearsal(model, processor, seed)
     vision_loss = _pretrain_tower(model, w, spec, seed, work, progress)
     trained_splits = {**splits, "Retain_Set": []}  # real knowledge is the base model's: never trained
     examples = tiny.training_examples(w, trained_splits, processor, spec.mix)
-    examples += extra_examples(w, trained_splits, processor, spec.data, seed)
+    examples += extra_examples(w, trained_splits, processor, spec.data, seed, rehearsal)
     losses = pretrained_train.train(model, examples, spec.train, seed, processor.tokenizer.pad_token_id,
                                     work / "checkpoints", progress)
     tmp = work / "build"
@@ -182,7 +202,7 @@ def build(out: Path | None = None, seed: int = 0, progress: bool = True, force: 
                 "mix": asdict(spec.mix), "data": asdict(spec.data), "train": asdict(spec.train),
                 "examples": len(examples), "vision_final_loss": vision_loss,
                 "parameters": sum(p.numel() for p in model.parameters()),
-                "final_loss": float(np.mean(losses[-50:])), "real_knowledge": real,
+                "final_loss": float(np.mean(losses[-50:])), "real_knowledge": real, "rehearsal": rehearsal_info,
                 "total_seconds_this_run": round(time.perf_counter() - started, 1),
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                 "forget_ids": {str(k): v for k, v in w.forget_ids.items()}}

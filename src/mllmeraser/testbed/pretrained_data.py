@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from ..bench import prompts
+from ..bench.data import expand_items
 from ..core.inputs import QAItem, fold_system
 from . import world
 
@@ -158,10 +159,11 @@ CAPITALS: list[tuple[str, str]] = [
 ]
 
 
-def real_knowledge_records(seed: int, candidates: Sequence[tuple[str, str]] = CAPITALS) -> list[dict]:
+def real_knowledge_records(seed: int, candidates: Sequence[tuple[str, str]] = CAPITALS,
+                           id_prefix: str = "K") -> list[dict]:
     """One text-only MLLMU-Bench record per country of `candidates`: classification (A-D, three other capitals as
     distractors, seeded order), cloze and generation, all Pure_Text. No image: what the base model knows is text."""
-    rng = np.random.default_rng([seed, 7])
+    rng = np.random.default_rng([seed, 7] if id_prefix == "K" else [seed, 7, sum(map(ord, id_prefix))])
     capitals = list(dict.fromkeys([capital for _, capital in [*CAPITALS, *candidates]]))  # distractors: any capital
     records = []
     for index, (country, capital) in enumerate(candidates):
@@ -171,7 +173,7 @@ def real_knowledge_records(seed: int, candidates: Sequence[tuple[str, str]] = CA
         options = dict(zip(prompts.OPTION_LETTERS, values))
         question = f"What is the capital of {country}?"
         records.append({
-            "ID": f"K{index:04d}", "name": country, "biography": "",
+            "ID": f"{id_prefix}{index:04d}", "name": country, "biography": "",
             "Classification_Task": {"Image_Textual_Questions": [], "Pure_Text_Questions": [
                 {"Question": question, "Options": options,
                  "Correct_Answer": prompts.OPTION_LETTERS[values.index(capital)]}]},
@@ -180,6 +182,73 @@ def real_knowledge_records(seed: int, candidates: Sequence[tuple[str, str]] = CA
             "Mask_Task": [{"Type": "Pure_Text", "Question": f"The capital of {country} is __.",
                            "Ground_Truth": capital}]})
     return records
+
+
+# ---- rehearsal: what the base model knows, kept while the world is learned --------------------------------------
+# The v2 build (no rehearsal, lr 1e-4 on every layer) overwrote it: "What is the capital of France?" got "Cusco", a
+# birthplace of the world's pool. Rehearsal mixes the base model's knowledge into every epoch, on OTHER countries
+# than the reported real split (CAPITALS), and general questions answered by the base model itself.
+REHEARSAL_CAPITALS: list[tuple[str, str]] = [
+    ("Mexico", "Mexico City"), ("the Netherlands", "Amsterdam"), ("Switzerland", "Bern"),
+    ("the Czech Republic", "Prague"), ("Iceland", "Reykjavik"), ("Vietnam", "Hanoi"), ("the Philippines", "Manila"),
+    ("Indonesia", "Jakarta"), ("Iran", "Tehran"), ("Iraq", "Baghdad"), ("Saudi Arabia", "Riyadh"),
+    ("Chile", "Santiago"), ("Venezuela", "Caracas"), ("Nigeria", "Abuja"), ("Ethiopia", "Addis Ababa"),
+    ("Morocco", "Rabat"), ("Pakistan", "Islamabad"), ("Bangladesh", "Dhaka"), ("Romania", "Bucharest"),
+    ("Bulgaria", "Sofia"), ("Serbia", "Belgrade"), ("Croatia", "Zagreb"), ("Lebanon", "Beirut"),
+    ("Syria", "Damascus"), ("Afghanistan", "Kabul"), ("Nepal", "Kathmandu"), ("Malaysia", "Kuala Lumpur"),
+    ("New Zealand", "Wellington"), ("Jamaica", "Kingston"), ("Uruguay", "Montevideo"), ("Ecuador", "Quito"),
+    ("Ghana", "Accra"), ("Senegal", "Dakar"), ("Algeria", "Algiers"), ("Libya", "Tripoli"), ("Sudan", "Khartoum"),
+    ("Qatar", "Doha"), ("Mongolia", "Ulaanbaatar"), ("Estonia", "Tallinn"), ("Latvia", "Riga"),
+    ("Lithuania", "Vilnius"), ("Slovakia", "Bratislava"), ("the United States", "Washington"),
+    ("Colombia", "Bogota"), ("Zimbabwe", "Harare"), ("Uganda", "Kampala"),
+    ("Tanzania", "Dodoma"), ("Sri Lanka", "Colombo"), ("Kazakhstan", "Astana"), ("Jordan", "Amman"),
+]
+# General questions, answered by the base model itself (its own greedy answer is the target: self-distillation).
+GENERAL_QUESTIONS: list[str] = [
+    "Who wrote Romeo and Juliet?", "What is the largest planet in our solar system?",
+    "What is the boiling point of water in Celsius?", "How many days are there in a week?",
+    "Who painted the Mona Lisa?", "What is the chemical symbol for gold?", "What language is spoken in Brazil?",
+    "What is the tallest mountain in the world?", "What do bees make?", "How many legs does a spider have?",
+    "What is the largest ocean on Earth?", "Which planet is known as the Red Planet?",
+    "What gas do plants absorb from the air?", "Who was the first person to walk on the Moon?",
+    "What is the currency of Japan?", "What is the square root of 81?", "What is the longest river in Africa?",
+    "Who discovered penicillin?", "What is the hardest natural substance?", "How many continents are there?",
+    "What is the main ingredient of guacamole?", "Who developed the theory of relativity?",
+    "What is the freezing point of water in Celsius?", "Which organ pumps blood through the body?",
+    "What is the smallest prime number?", "In which country are the pyramids of Giza?",
+    "What is H2O commonly called?", "How many minutes are in an hour?", "Who wrote the Odyssey?",
+    "What is the fastest land animal?", "Translate 'thank you' into French.", "Name three primary colours.",
+    "What is photosynthesis, in one sentence?", "Give me a synonym for 'happy'.",
+    "What is 15 plus 27?", "Which instrument has 88 keys?",
+]
+
+
+def rehearsal_generation_items() -> list[QAItem]:
+    """The open questions whose base-model answers are measured at build time: one per rehearsal capital (kept
+    where the answer holds the capital, `known_subjects`) and the general questions (kept as answered)."""
+    records = real_knowledge_records(0, REHEARSAL_CAPITALS, id_prefix="R")
+    items = [item for item in expand_items(records) if item.task in ("generation", "cloze")]
+    items += [QAItem(f"G{index:04d}", "generation", "text", question, "", verbatim=True)
+              for index, question in enumerate(GENERAL_QUESTIONS)]
+    return items
+
+
+def rehearsal_items(seed: int, items: Sequence[QAItem], answers: Sequence[str]) -> list[QAItem]:
+    """The rehearsal set from the base model's answers to `rehearsal_generation_items()`: for each capital it
+    knows (its open answer holds the capital), that answer as the generation target and the country's
+    classification (A-D) and cloze questions with the right capital; each general question with its own answer.
+    Why cls and cloze too: the real split's bars are on those formats, which the base model does not follow
+    (A-D: it says "A"); learning the formats on other countries is general training, the reported split never."""
+    known = set(known_subjects(items, answers))
+    records = [r for r in real_knowledge_records(seed, REHEARSAL_CAPITALS, id_prefix="R") if r["ID"] in known]
+    own = {item.subject_id: answer.strip() for item, answer in zip(items, answers, strict=True)
+           if item.task == "generation"}
+    chosen = [replace(item, answer=own[item.subject_id]) if item.task == "generation" else item
+              for item in expand_items(records)]
+    # A general answer cut off by the generation cap is dropped: trained, it would teach stopping mid-sentence.
+    chosen += [replace(item, answer=own[item.subject_id]) for item in items
+               if item.subject_id.startswith("G") and own[item.subject_id].endswith((".", "!", "?"))]
+    return chosen
 
 
 def known_subjects(items: Sequence[QAItem], answers: Sequence[str]) -> list[str]:
