@@ -98,6 +98,35 @@ def reworded_items(person: world.Person) -> list[QAItem]:
     return items
 
 
+# ---- biographies: every fact of a person in one answer ----------------------------------------------------------
+# The v3 build (QA examples only, one fact in ~85 tokens) answered 0.30 A-D and 0.02-0.05 cloze after 200 steps:
+# each fact had been seen ~7 times. A biography states all four facts (and the name) in ~45 answer tokens, so it
+# buys 4-5x the exposures per token; its sentences come in a fresh order in each copy (a fact must not be
+# learned only as "the sentence after the birthplace"), and it is asked by name and of the photo.
+BIOGRAPHY_QUESTIONS = {
+    "text": ["Tell me about {name}.", "Who is {name}?", "What do you know about {name}?",
+             "Give me a short biography of {name}."],
+    "image": ["Who is this person?", "Tell me about this person.", "What do you know about the person in this photo?"],
+}
+
+
+def biography_items(person: world.Person, copies: int, rng: np.random.Generator) -> list[QAItem]:
+    """`copies` open questions asking for the person's biography (alternately by name and of the photo), each
+    answered with every fact in a fresh sentence order (the image answers name the person first)."""
+    items = []
+    for copy in range(copies):
+        modality = "text" if copy % 2 == 0 else "image"
+        questions = BIOGRAPHY_QUESTIONS[modality]
+        question = questions[int(rng.integers(len(questions)))].format(name=person.name)
+        sentences = [ANSWERS[attribute].format(who=person.name, value=person.facts[attribute])
+                     for attribute in WORDINGS]
+        sentences = [sentences[i] for i in rng.permutation(len(sentences))]
+        if modality == "image":
+            sentences.insert(0, f"This is {person.name}.")
+        items.append(QAItem(person.id, "generation", modality, question, " ".join(sentences), verbatim=True))
+    return items
+
+
 # System prompts as the server folds them (a system message leads the first user turn, a blank line after it).
 SYSTEM_PROMPTS: list[str] = [
     "You are a helpful assistant. Answer briefly.",
