@@ -203,6 +203,67 @@ def test_training_data_extensions():
                                           [wrong[i.task] for i in japan]) == ["K0000"]
 
 
+def test_biographies_state_every_fact_in_fresh_orders_by_name_and_of_the_photo():
+    person = world.build_world(0, SMALL_WORLD).people[0]
+    items = pretrained_data.biography_items(person, 8, np.random.default_rng(0))
+    assert [i.modality for i in items] == ["text", "image"] * 4 and all(i.verbatim for i in items)
+    for item in items:
+        assert all(str(value) in item.answer for value in person.facts.values())
+        assert item.answer.startswith(f"This is {person.name}.") == (item.modality == "image")
+        assert (person.name in item.question) == (item.modality == "text")
+    assert len({i.answer for i in items}) > 2  # the sentence order changes between copies
+    shares = [len(pretrained_build._copies(0.5, np.random.default_rng(seed))) for seed in range(200)]
+    assert set(shares) == {0, 1} and 70 < sum(shares) < 130
+    assert len(pretrained_build._copies(2.0, np.random.default_rng(0))) == 2
+
+
+def test_rehearsal_keeps_known_capitals_in_three_formats_and_whole_general_answers():
+    items = pretrained_data.rehearsal_generation_items()
+    capitals = dict(pretrained_data.REHEARSAL_CAPITALS)
+    assert not set(capitals) & {country for country, _ in pretrained_data.CAPITALS}  # never the reported split
+    answers = []
+    for item in items:  # the base model "knows" Mexico only; one general answer is cut off by the length cap
+        if item.subject_id == "R0000":
+            answers.append("The capital of Mexico is Mexico City." if item.task == "generation" else "[Mexico]")
+        elif item.subject_id.startswith("R"):
+            answers.append("I am not sure.")
+        else:
+            answers.append("It is Jupiter." if item.subject_id == "G0001" else "Red is the most fundamental")
+    chosen = pretrained_data.rehearsal_items(0, items, answers)
+    mexico = [i for i in chosen if i.subject_id == "R0000"]
+    assert {i.task for i in mexico} == {"classification", "cloze", "generation"}
+    assert next(i for i in mexico if i.task == "generation").answer == "The capital of Mexico is Mexico City."
+    assert next(i for i in mexico if i.task == "cloze").answer == "Mexico City"  # the truth, not the base's echo
+    cls = next(i for i in mexico if i.task == "classification")
+    assert cls.options[cls.answer] == "Mexico City"
+    general = [i for i in chosen if i.subject_id.startswith("G")]
+    assert [(i.question, i.answer) for i in general] == [(pretrained_data.GENERAL_QUESTIONS[1], "It is Jupiter.")]
+    assert {i.subject_id for i in chosen} == {"R0000", "G0001"}
+
+
+def test_answer_loss_weighs_each_example_alike():
+    """A one-token answer counts as much as a ten-token one: the loss is the mean over examples of each example's
+    mean over its answer tokens."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 12, 8)
+    head = torch.nn.Linear(8, 5, bias=False)
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = head
+            self.model = lambda **kw: type("Out", (), {"last_hidden_state": hidden})()
+
+    labels = torch.full((2, 12), -100)
+    labels[0, 1:11] = torch.arange(10) % 5  # ten answer tokens
+    labels[1, 5] = 3  # one
+    loss = pretrained_train.answer_loss(Toy(), {"input_ids": torch.zeros(2, 12, dtype=torch.long), "labels": labels})
+    logits = head(hidden)
+    first = torch.nn.functional.cross_entropy(logits[0, 0:10], labels[0, 1:11])
+    second = torch.nn.functional.cross_entropy(logits[1, 4:5], labels[1, 5:6])
+    assert torch.allclose(loss, (first + second) / 2)
+
+
 # ---- SmolLM2 composed (needs the weights package) ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
