@@ -13,7 +13,7 @@ them (core/fitting.py):
                `SteeringStats` sums, and the pooled prompt feature at the decision layer (`fitting.collect`);
   paper stats  `--gate paper`: the same forwards into float64 forget/retain Grams of layers 1..L-1 (and with
                `--solve-layers N`, N layers' closed-form gate solve, `steering.solve_gates`);
-  fingerprint  `eraser.model_fingerprint` (every parameter sampled).
+  fingerprint  `compat.model_fingerprint` (every parameter sampled).
 
 Each model size runs in its own subprocess. Host memory is the phase's peak resident set above the resident set
 when the phase starts: the peak counter (VmHWM) is reset at each phase start (Linux /proc/self/clear_refs), and
@@ -32,7 +32,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -41,6 +40,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from PIL import Image
+
+from mllmeraser.bench import measure
 
 MIB = 2**20
 GIB = 2**30
@@ -138,6 +139,7 @@ def parameter_census(decoder_layers: int = FULL_LAYERS) -> tuple[int, int]:
 # ---- measuring ----------------------------------------------------------------------------------------------
 
 def _status_kib(field: str) -> int:
+    """A field of /proc/self/status: here VmHWM, the peak that clear_refs resets (getrusage's cannot be reset)."""
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field + ":"):
@@ -152,11 +154,11 @@ def host_phase(fn: Callable[[], Any]) -> tuple[Any, float, float]:
     gc.collect()
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # reset VmHWM to the current resident set
-    start_rss = _status_kib("VmRSS")
+    start_rss = measure.rss_bytes()
     started = time.process_time()
     result = fn()
     seconds = time.process_time() - started
-    return result, (_status_kib("VmHWM") - start_rss) / 1024, seconds
+    return result, (_status_kib("VmHWM") * 1024 - start_rss) / MIB, seconds
 
 
 def gpu_phase(fn: Callable[[], Any]) -> tuple[Any, float, float]:
@@ -184,7 +186,7 @@ def gpu_phase(fn: Callable[[], Any]) -> tuple[Any, float, float]:
 def run_phases(decoder_layers: int, vision_layers: int, dtype: torch.dtype, device: str, pgd_cases: list,
                stats_items: int, solve_layers: int, phase: Callable) -> dict:
     from mllmeraser.core import fitting, hooks, models, steering
-    from mllmeraser.core.eraser import model_fingerprint
+    from mllmeraser.core.compat import model_fingerprint
 
     result: dict[str, Any] = {"decoder_layers": decoder_layers, "vision_layers": vision_layers}
     started = time.process_time()
@@ -258,7 +260,7 @@ def worker(spec: dict) -> None:
     if spec["device"] == "cuda":
         result = run_phases(FULL_LAYERS, 24, torch.bfloat16, "cuda", cases, spec["stats_items"], FULL_LAYERS - 1,
                             gpu_phase)
-        result["host_peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        result["host_peak_mib"] = measure.peak_rss_bytes() / MIB
         result["gpu_name"] = torch.cuda.get_device_name()
     else:
         result = run_phases(spec["decoder_layers"], spec["vision_layers"], torch.float32, "cpu", cases,

@@ -24,7 +24,8 @@ import torch
 
 from mllmeraser.bench import measure
 from mllmeraser.core import gating
-from mllmeraser.core.eraser import Eraser, model_fingerprint
+from mllmeraser.core.compat import model_fingerprint
+from mllmeraser.core.eraser import Eraser
 from mllmeraser.core.hooks import find_decoder_layers
 
 

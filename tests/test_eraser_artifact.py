@@ -13,7 +13,8 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from mllmeraser.core import gating
-from mllmeraser.core.eraser import FORMAT_VERSION, METADATA_KEY, Eraser, model_fingerprint
+from mllmeraser.core.compat import model_fingerprint
+from mllmeraser.core.eraser import FORMAT_VERSION, METADATA_KEY, Eraser
 from mllmeraser.errors import UserInputError
 from mllmeraser.core.hooks import attach_steering, find_decoder_layers
 from tiny_families import random_llava as tiny_llava

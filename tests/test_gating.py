@@ -168,6 +168,34 @@ def test_auroc_counts_ordered_pairs_and_half_ties():
     assert gating.auroc(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 2.0])) == pytest.approx((0.5 + 0 + 1 + 1) / 4)
 
 
+def pairwise_auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """The definition, P x N comparisons: what gating.auroc computed before it counted ranks."""
+    p, n = positive.to(torch.float64).flatten(), negative.to(torch.float64).flatten()
+    if not p.numel() or not n.numel():
+        return math.nan
+    greater = (p[:, None] > n[None, :]).double().sum()
+    ties = (p[:, None] == n[None, :]).double().sum()
+    return float((greater + 0.5 * ties) / (p.numel() * n.numel()))
+
+
+def test_rank_auroc_is_the_pairwise_count_to_the_bit_ties_included():
+    generator = torch.Generator().manual_seed(27)
+    for trial in range(200):
+        sizes = torch.randint(1, 60, (2,), generator=generator).tolist()
+        # few distinct values: many ties within and across the two sides
+        spread = (2, 5, 1000)[trial % 3]
+        p, n = (torch.randint(-spread, spread, (size,), generator=generator).float() / 4 for size in sizes)
+        assert gating.auroc(p, n) == pairwise_auroc(p, n), (trial, p, n)
+        continuous = torch.randn(sizes[0], generator=generator), torch.randn(sizes[1], generator=generator)
+        assert gating.auroc(*continuous) == pairwise_auroc(*continuous)
+    special = torch.tensor([-math.inf, -0.0, 0.0, math.inf, math.nan, 1.0, -math.inf])
+    for p, n in [(special, special.flip(0)), (special[:4], special[2:]), (torch.tensor([math.nan]), special),
+                 (torch.tensor([-0.0, 0.0]), torch.tensor([0.0])), (torch.tensor([math.inf]), torch.tensor([math.inf]))]:
+        assert gating.auroc(p, n) == pairwise_auroc(p, n), (p, n)
+    assert math.isnan(gating.auroc(torch.tensor([]), torch.tensor([1.0])))
+    assert gating.auroc(torch.ones(3, 2), torch.zeros(5)) == 1.0  # any shape: the scores are flattened
+
+
 def test_leave_one_out_scores_equal_refitting_without_each_retain_prompt():
     forget, retain = features(4, seed=4), features(7, seed=5)
     gate = gating.fit_knn(forget, retain, "mean", 1)

@@ -203,7 +203,7 @@ def test_right_padded_batch_reads_each_rows_last_real_token(family, gate):
         inputs = models.forward_inputs(model, batch)
         with torch.no_grad():
             out = model(**inputs).logits.float()
-        last = hooks.last_real_positions(batch["attention_mask"], batch["input_ids"].shape[1], len(out))
+        last = gating.last_real_positions(batch["attention_mask"], batch["input_ids"].shape[1], len(out))
         return out[torch.arange(len(out)), last]
 
     with eraser.attach(model):

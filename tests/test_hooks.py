@@ -311,3 +311,31 @@ def test_attach_validates_its_arguments(llava):
     with pytest.raises(ValueError, match=r"\[K, 1, d\]"):
         attach_steering(llava, layers[:1], u, r, [1.0], [-math.inf], [math.inf])
     assert not hasattr(llava, ATTACHED_MARKER)
+
+
+def test_per_device_copies_are_made_once_per_device():
+    """devices.on_device, behind every per-device cache the hooks and gates read (the meta device stands in
+    for a second one: a copy there is made without memory)."""
+    from mllmeraser.core.devices import on_device
+
+    source, made, copies = torch.arange(3.0), [], {}
+
+    def make(device: torch.device) -> torch.Tensor:
+        made.append(device)
+        return source.to(device)
+
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert on_device(copies, cpu, make) is source  # already there: no copy
+    assert on_device(copies, meta, make).is_meta
+    assert on_device(copies, cpu, make) is source and on_device(copies, meta, make) is copies[meta]
+    assert made == [cpu, meta]
+
+
+def test_the_last_real_position_is_read_from_the_mask_on_either_padding_side():
+    from mllmeraser.core.gating import last_real_positions
+
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 0, 1, 0]])
+    assert last_real_positions(mask, 5, 4).tolist() == [2, 4, 4, 3]
+    assert last_real_positions(mask.bool(), 3, 4).tolist() == [2, 2, 2, 1]  # the first 3 columns only
+    assert last_real_positions(mask.float(), 5, 4, "meta").is_meta
+    assert last_real_positions(None, 5, 2).tolist() == [4, 4]

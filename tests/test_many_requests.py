@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from mllmeraser.core import gating
-from mllmeraser.core.eraser import Eraser, model_fingerprint
+from mllmeraser.core.compat import model_fingerprint
+from mllmeraser.core.eraser import Eraser
 from mllmeraser.core.hooks import capture, find_decoder_layers
 from mllmeraser.core.index import RequestIndex
+from mllmeraser.errors import UserInputError
 from tiny_families import random_llava
 
 LAYERS_PATH = "model.language_model.layers"
@@ -241,3 +243,30 @@ def test_add_and_remove_while_attached_take_effect_at_the_next_prompt(setup):
         assert index.capacity["slots"] > 8
         index.add("p1 again", erasers["p1"])
         assert torch.equal(generate(model, PROMPTS[1:2]), erased)
+
+
+def test_the_eraser_the_index_and_the_server_refuse_another_model_alike(setup):
+    """One compatibility check (compat.check_compatible) behind Eraser.attach, RequestIndex.attach and the
+    server's registry: the same models refused, naming what differs; the same model (any dtype) accepted."""
+    from mllmeraser.serve.policy import PolicyError, Registry
+
+    model, erasers = setup
+    eraser, index = erasers["p0"], RequestIndex.from_eraser(erasers["p0"])
+    registry = Registry({}, model)
+    others = {"embedding_sha256": random_llava(seed=1), "hidden size 64, model has 32": random_llava(hidden_size=32)}
+    for differs, other in others.items():
+        for what, attach in (("eraser", eraser.attach), ("index", index.attach)):
+            with pytest.raises(UserInputError, match=f"^{what} was fitted for {differs}"):
+                attach(other)
+        with pytest.raises(PolicyError, match=f"^eraser 'x': eraser was fitted for {differs}") as refused:
+            Registry({}, other).check("x", eraser)
+        assert refused.value.code == "model_mismatch"
+    for attach in (eraser.attach, index.attach):
+        attach(random_llava().to(torch.bfloat16)).remove()
+        attach(random_llava(seed=1), check_fingerprint=False).remove()
+    registry.check("x", eraser)  # the served model's fingerprint, computed once, matches
+    moved = dict(eraser.metadata, fingerprint={**eraser.fingerprint, "weights_sha256": "0" * 16})
+    with pytest.raises(PolicyError, match="weights_sha256 '0000000000000000', model has"):
+        registry.check("x", Eraser(u=None, prompt_gate=eraser.prompt_gate, r=eraser.r, alpha=eraser.alpha,
+                                   layer_indices=eraser.layer_indices, layers_path=eraser.layers_path,
+                                   hidden_size=eraser.hidden_size, metadata=moved))

@@ -5,16 +5,19 @@ it. And PGD's early stop (PGDSettings.stop_nll) moves exactly the items the mode
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 
 import pytest
+import safetensors.torch
 import torch
 
 from mllmeraser.bench import data
-from mllmeraser.core import cache, fitting, models
+from mllmeraser.core import cache, fitting, models, steering
 from mllmeraser.core.eraser import Eraser
 from mllmeraser.core.fitting import FitSettings, PGDSettings
+from mllmeraser.errors import UserInputError
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +127,38 @@ def test_an_unreadable_entry_is_rebuilt(testbed_model, sets, tmp_path, capsys):
     assert "unreadable" in capsys.readouterr().out
     assert rebuilt.status == "built"
     assert torch.equal(cache.SharedStatistics.load(entry).features["retain"], good.features["retain"])
+
+
+def test_entries_are_read_by_the_one_artifact_reader(tmp_path):
+    """A good entry round-trips; a bad one is a one-line UserInputError naming the file from `load`, and its
+    problem in the listing (which never fails on one bad file)."""
+    stats = steering.SteeringStats(3, 4, [1, 2]).update("retain", torch.randn(5, 2, 4))
+    good = cache.SharedStatistics("k" * 32, {"settings": {"family": "prompt"}}, stats, {"retain": torch.randn(5, 4)})
+    good.save(tmp_path / "shared-good.safetensors")
+    loaded = cache.SharedStatistics.load(tmp_path / "shared-good.safetensors")
+    assert (loaded.key, loaded.identity, loaded.status) == (good.key, good.identity, "loaded")
+    assert torch.equal(loaded.stats.sums["retain"], stats.sums["retain"])
+    assert torch.equal(loaded.features["retain"], good.features["retain"])
+    (tmp_path / "shared-garbage.safetensors").write_bytes(b"not a safetensors file")
+    safetensors.torch.save_file({"x": torch.zeros(1)}, tmp_path / "shared-foreign.safetensors")
+    safetensors.torch.save_file({"x": torch.zeros(1)}, tmp_path / "shared-old.safetensors",
+                                metadata={cache.METADATA_KEY: json.dumps({"cache_version": 0})})
+    safetensors.torch.save_file({"stats.shape": torch.tensor([3, 4])}, tmp_path / "shared-partial.safetensors",
+                                metadata={cache.METADATA_KEY: json.dumps({"cache_version": cache.CACHE_VERSION,
+                                                                          "key": "k", "identity": {}})})
+    problems = {"garbage": "not a safetensors file (",
+                "foreign": "not an mllmeraser model cache entry (no 'mllmeraser_cache' metadata)",
+                "old": "cache version 0, expected 1",
+                "partial": "model cache entry holds no valid statistics (state dict has no 'forget.count' entry)"}
+    listed = {path.stem.removeprefix("shared-"): identity for path, _, identity in cache.entries(tmp_path)}
+    assert listed.pop("good") == good.identity and listed.pop("partial") == {}  # its header is fine
+    assert {name: identity["error"][:len(problems[name])] for name, identity in listed.items()} == \
+        {name: problem for name, problem in problems.items() if name != "partial"}
+    for name, problem in problems.items():
+        path = tmp_path / f"shared-{name}.safetensors"
+        with pytest.raises(UserInputError) as raised:
+            cache.SharedStatistics.load(path)
+        assert str(raised.value).startswith(f"{path}: {problem}") and "\n" not in str(raised.value)
 
 
 def test_fit_reuses_the_cache_from_the_command_line_and_cache_clears_it(testbed_dir, tmp_path):

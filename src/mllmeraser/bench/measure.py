@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import resource
 import statistics
+import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -13,9 +15,19 @@ from typing import Callable, ContextManager, Iterator
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+# The process's memory is read here and nowhere else, with the standard library: psutil is no dependency of
+# mllmeraser (it comes with accelerate, an extra), and resource.getrusage gives the peak only, not the
+# current resident set that `measured` samples.
 def rss_bytes() -> int:
+    """This process's resident set now, in bytes (Linux: the second field of /proc/self/statm, in pages)."""
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * _PAGE
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set so far, in bytes (getrusage's ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 @dataclass

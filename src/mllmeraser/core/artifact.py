@@ -1,7 +1,10 @@
-"""The one reader of eraser files: every check an artifact must pass before anything in it is used.
+"""The one reader of the safetensors files mllmeraser writes, and every check an eraser must pass before
+anything in it is used.
 
-`read_eraser_file` opens a safetensors file (safetensors parses the layout and refuses a truncated file, a
-wrong header length or data it does not cover), then, before any tensor is read:
+`read_artifact` reads any of them (erasers, model cache entries): it opens the file (safetensors parses the
+layout and refuses a truncated file, a wrong header length or data it does not cover), parses the JSON header
+stored under one metadata key, has it checked, and checks the tensor names, all before any tensor is read.
+`read_eraser_file` reads an eraser through it, with these checks:
 
     the "mllmeraser" header   JSON with no NaN or Infinity (json refuses neither, nor 1e999, by default) and no
                               repeated key; known fields only, each of its type (an int is not a bool, a list
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +79,9 @@ def _is_number(value: Any) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
-class _Checker:
-    """Field checks that raise UserInputError(path, "field ... must be ..., got ...")."""
+class Checker:
+    """Refusals of one file: `refuse(problem)` is the one-line UserInputError naming it (what read_artifact's
+    `check` raises), and field checks that raise UserInputError(path, "field ... must be ..., got ...")."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -105,18 +110,8 @@ class _Checker:
         return value
 
 
-def parse_header(path: Path, raw_metadata: dict[str, str]) -> dict[str, Any]:
-    """The validated "mllmeraser" header of a file's safetensors metadata (see the module docstring)."""
-    check = _Checker(path)
-    if METADATA_KEY not in raw_metadata:
-        raise check.refuse(f"not an mllmeraser eraser (no {METADATA_KEY!r} metadata)")
-    try:
-        header = json.loads(raw_metadata[METADATA_KEY], parse_constant=_non_finite, parse_float=_finite_float,
-                            object_pairs_hook=_no_repeats)
-    except _Refused as error:
-        raise check.refuse(f"eraser header holds a {error}") from None
-    except (ValueError, RecursionError) as error:  # JSONDecodeError, an int of over 4300 digits, deep nesting
-        raise check.refuse(f"eraser header is not valid JSON ({error})") from None
+def check_header(header: Any, check: Checker) -> None:
+    """Refuse an eraser header (JSON already parsed by read_artifact) that breaks the module docstring's rules."""
     if not isinstance(header, dict) or "format_version" not in header:
         raise check.refuse("eraser header has no format_version")
     version = header["format_version"]
@@ -131,7 +126,6 @@ def parse_header(path: Path, raw_metadata: dict[str, str]) -> dict[str, Any]:
     missing = [field for field in HEADER_FIELDS if field not in header and field != "gate"]  # format 1: no gate
     if missing:
         raise check.refuse(f"header has no field {missing[0]!r}")
-
     check.string("layers_path", header["layers_path"])
     indices = header["layer_indices"]
     if not isinstance(indices, list) or not indices or not all(_is_int(i) and i >= 0 for i in indices):
@@ -157,10 +151,9 @@ def parse_header(path: Path, raw_metadata: dict[str, str]) -> dict[str, Any]:
     if "fingerprint" in metadata and not isinstance(metadata["fingerprint"], dict):
         raise check.refuse(f"header field 'metadata.fingerprint' must be a JSON object, "
                            f"got {_shown(metadata['fingerprint'])}")
-    return header
 
 
-def _check_gate(check: _Checker, gate: Any, terms: int) -> None:
+def _check_gate(check: Checker, gate: Any, terms: int) -> None:
     if not isinstance(gate, dict):
         raise check.refuse(f"header field 'gate' must be a JSON object or null, got {_shown(gate)}")
     fields = set(gate)
@@ -187,7 +180,7 @@ def tensor_names(header: dict[str, Any]) -> tuple[str, ...]:
     return ("r", *(f"gate.{name}" for name in gating.TENSOR_NAMES[gate["kind"]]))
 
 
-def _check_tensors(check: _Checker, header: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+def _check_tensors(check: Checker, header: dict[str, Any], tensors: dict[str, Tensor]) -> None:
     """dtype, shape and finiteness of each tensor (names were checked before any was read)."""
     terms, layers, width = header["num_terms"], len(header["layer_indices"]), header["hidden_size"]
     for name in (name for name in tensors if name.endswith("_owner")):  # first: they give the banks' rows
@@ -211,27 +204,55 @@ def _check_tensors(check: _Checker, header: dict[str, Any], tensors: dict[str, T
             raise check.refuse(f"tensor {name!r} holds non-finite values (NaN or infinity)")
 
 
+def read_artifact(path: str | Path, key: str, what: str, check: Callable[[Any, Checker], None] | None = None,
+                  names: Callable[[Any], Sequence[str]] | None = None,
+                  tensors: bool = True) -> tuple[Any, dict[str, Tensor]]:
+    """(header, tensors) of a safetensors file that mllmeraser wrote (an eraser, a model cache entry): the one
+    reader of such files. The header is the JSON under the file's metadata `key`, parsed strictly (no NaN or
+    Infinity, no repeated key) and handed to `check(header, checker)`, which raises `checker.refuse(problem)`
+    where it is not right; then, before any tensor is read, the file must hold exactly the tensors
+    `names(header)` names (None: whatever it holds), and they are read unless `tensors` is False. Any problem
+    is a one-line UserInputError naming the file and the problem; `what` names the kind of file in it."""
+    path = Path(path)
+    checker = Checker(path)
+    if not path.is_file():
+        raise checker.refuse(f"no such {what} file")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as reader:
+            header = _parse_json(checker, reader.metadata() or {}, key, what)
+            if check is not None:
+                check(header, checker)
+            held = set(reader.keys())
+            expected = list(reader.keys()) if names is None else list(names(header))
+            unknown = sorted(held - set(expected))
+            if unknown:
+                raise checker.refuse(f"unknown tensor {unknown[0]!r} (a file with this header holds {expected})")
+            missing = [name for name in expected if name not in held]
+            if missing:
+                raise checker.refuse(f"missing tensor {missing[0]!r}")
+            loaded = {name: reader.get_tensor(name) for name in expected} if tensors else {}
+    except safetensors.SafetensorError as error:
+        raise checker.refuse(f"not a safetensors file ({error})") from None
+    except OSError as error:
+        raise checker.refuse(f"unreadable {what} file ({error.strerror or error})") from None
+    return header, loaded
+
+
+def _parse_json(checker: Checker, raw_metadata: dict[str, str], key: str, what: str) -> Any:
+    if key not in raw_metadata:
+        raise checker.refuse(f"not an mllmeraser {what} (no {key!r} metadata)")
+    try:
+        return json.loads(raw_metadata[key], parse_constant=_non_finite, parse_float=_finite_float,
+                          object_pairs_hook=_no_repeats)
+    except _Refused as error:
+        raise checker.refuse(f"{what} header holds a {error}") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, an int of over 4300 digits, deep nesting
+        raise checker.refuse(f"{what} header is not valid JSON ({error})") from None
+
+
 def read_eraser_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(header, tensors) of an eraser artifact, every check of the module docstring passed; else a one-line
     UserInputError naming the file and the field. The header is read and checked before any tensor."""
-    path = Path(path)
-    check = _Checker(path)
-    if not path.is_file():
-        raise check.refuse("no such eraser file")
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as reader:
-            header = parse_header(path, reader.metadata() or {})
-            names, expected = set(reader.keys()), tensor_names(header)
-            unknown = sorted(names - set(expected))
-            if unknown:
-                raise check.refuse(f"unknown tensor {unknown[0]!r} (a file with this header holds {list(expected)})")
-            missing = [name for name in expected if name not in names]
-            if missing:
-                raise check.refuse(f"missing tensor {missing[0]!r}")
-            tensors = {name: reader.get_tensor(name) for name in expected}
-    except safetensors.SafetensorError as error:
-        raise check.refuse(f"not a safetensors file ({error})") from None
-    except OSError as error:
-        raise check.refuse(f"unreadable eraser file ({error.strerror or error})") from None
-    _check_tensors(check, header, tensors)
+    header, tensors = read_artifact(path, METADATA_KEY, "eraser", check_header, tensor_names)
+    _check_tensors(Checker(Path(path)), header, tensors)
     return header, tensors

@@ -12,7 +12,7 @@ for a prompt gate, their pooled features). Per model: everything else, the same 
 `SharedStatistics` holds them; `shared_statistics` loads them from a cache directory or computes and writes
 them there. An entry is one safetensors file named by a key: the sha256 of
 
-    the model's fingerprint (eraser.model_fingerprint: weights sampled, not just the name), its parameter
+    the model's fingerprint (compat.model_fingerprint: weights sampled, not just the name), its parameter
     dtype and device type (the same weights in bfloat16 or on a GPU give other activations), the settings
     that shape the statistics (gate family, pooling, decision layer, occlusion, steered layers, decoder-layer path,
     batch size: padding changes the float sums), CACHE_VERSION, a digest of every retain, erasure and
@@ -39,13 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import safetensors
 import safetensors.torch
 import torch
 from torch import Tensor
 
-from ..errors import atomic_write_bytes
+from ..errors import UserInputError, atomic_write_bytes
 from . import distributed, hooks, steering
+from .artifact import Checker, read_artifact
+from .compat import model_fingerprint
 from .inputs import EncodedImage, QAItem
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 CACHE_VERSION = 1
 CACHE_ENV = "MLLMERASER_CACHE"  # the per-user cache root (the testbed's builds live there too)
 METADATA_KEY = "mllmeraser_cache"
+ENTRY = "model cache entry"  # what read_artifact's errors call these files
 SHARED_GROUPS = ("retain", "erasure")  # the SteeringStats groups a cache entry holds
 
 
@@ -159,16 +161,24 @@ class SharedStatistics:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | None = None) -> SharedStatistics:
-        """Read an entry written by `save`; ValueError (or safetensors' error) where it is not one."""
-        with safetensors.safe_open(str(path), framework="pt") as reader:
-            header = json.loads((reader.metadata() or {})[METADATA_KEY])
-            tensors = {name: reader.get_tensor(name) for name in reader.keys()}
-        if header.get("cache_version") != CACHE_VERSION:
-            raise ValueError(f"cache version {header.get('cache_version')!r}, expected {CACHE_VERSION}")
-        stats = steering.SteeringStats.from_state_dict(
-            {name.removeprefix("stats."): t for name, t in tensors.items() if name.startswith("stats.")}, device)
+        """Read an entry written by `save`; a one-line UserInputError naming the file where it is not one."""
+        header, tensors = read_artifact(path, METADATA_KEY, ENTRY, _check_entry)
+        try:
+            stats = steering.SteeringStats.from_state_dict(
+                {name.removeprefix("stats."): t for name, t in tensors.items() if name.startswith("stats.")}, device)
+        except ValueError as error:
+            raise UserInputError(path, f"{ENTRY} holds no valid statistics ({error})") from None
         features = {name.removeprefix("features."): t for name, t in tensors.items() if name.startswith("features.")}
         return cls(header["key"], header["identity"], stats, features, status="loaded", path=Path(path))
+
+
+def _check_entry(header: Any, check: Checker) -> None:
+    """Refuse a header that is not this version's entry header (read_artifact's check)."""
+    version = header.get("cache_version") if isinstance(header, dict) else None
+    if version != CACHE_VERSION:
+        raise check.refuse(f"cache version {version!r}, expected {CACHE_VERSION}")
+    if not isinstance(header.get("key"), str) or not isinstance(header.get("identity"), dict):
+        raise check.refuse(f"{ENTRY} header has no key or no identity")
 
 
 def cache_key(identity: dict[str, Any]) -> str:
@@ -186,7 +196,6 @@ def shared_statistics(model, processor, *, retain: Sequence[QAItem], erasure: Se
     read from `cache_dir` where an entry with their key is there, else computed (the forwards of fitting.py)
     and, with a `cache_dir`, written there. cache_dir None: computed, never written."""
     from . import fitting  # fitting imports this module (Eraser.fit builds through it)
-    from .eraser import model_fingerprint
 
     names, layers = hooks.find_decoder_layers(model, layers_path)
     path = names[0].rsplit(".", 1)[0]
@@ -213,8 +222,8 @@ def shared_statistics(model, processor, *, retain: Sequence[QAItem], erasure: Se
             if shared.key == key:
                 shared.seconds = time.perf_counter() - started
                 return shared
-        except (ValueError, KeyError, OSError, safetensors.SafetensorError, json.JSONDecodeError) as error:
-            print(f"mllmeraser: model cache entry {entry} is unreadable ({type(error).__name__}); rebuilding it")
+        except UserInputError as error:
+            print(f"mllmeraser: model cache entry {entry} is unreadable ({error.problem}); rebuilding it")
     stats, features = fitting.shared_inputs(model, processor, retain=retain, erasure=erasure, calibration=calibration,
                                             settings=settings, layers_path=layers_path, progress=progress)
     shared = SharedStatistics(key, identity, stats, features)
@@ -232,10 +241,9 @@ def entries(cache_dir: str | os.PathLike | None = None) -> list[tuple[Path, int,
     found = []
     for path in sorted(directory.glob("shared-*.safetensors")):
         try:
-            with safetensors.safe_open(str(path), framework="pt") as reader:
-                identity = json.loads((reader.metadata() or {})[METADATA_KEY])["identity"]
-        except Exception as error:  # a listing must not fail on one bad file
-            identity = {"error": f"{type(error).__name__}"}
+            identity = read_artifact(path, METADATA_KEY, ENTRY, _check_entry, tensors=False)[0]["identity"]
+        except UserInputError as error:  # a listing must not fail on one bad file
+            identity = {"error": error.problem}
         found.append((path, path.stat().st_size, identity))
     return found
 

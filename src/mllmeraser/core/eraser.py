@@ -22,7 +22,6 @@ one validator of these files (header first, then tensors: types, names, finitene
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -38,78 +37,14 @@ from torch import Tensor, nn
 
 from ..errors import UserInputError, atomic_write_bytes
 from .artifact import FORMAT_VERSION, METADATA_KEY, read_eraser_file
+from .compat import check_compatible, fingerprint_mismatch, model_fingerprint
 from .gating import PromptGate
-from .hooks import STEERING_MODES, SteeringHandle, attach_prompt_steering, attach_steering, find_decoder_layers
+from .hooks import STEERING_MODES, SteeringHandle, attach_prompt_steering, attach_steering
 from .inputs import PlainInput, QAItem, as_items
 
 if TYPE_CHECKING:
     from .cache import SharedStatistics
     from .fitting import FitSettings
-
-_FINGERPRINT_ROWS = 64
-_FINGERPRINT_SAMPLES = 256
-
-
-def model_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """Cheap identity of a model: model_type, text hidden size, decoder layers, vocab size, two weight hashes.
-
-    `weights_sha256` hashes every parameter: its name, its shape and up to 256 evenly spaced elements (flat
-    indices floor(i * numel / 256)), gathered on the device the parameter lives on and moved to the CPU only as
-    that sample. So two checkpoints of one architecture differ wherever a dense change touches any weight
-    matrix (a fine-tune, a LoRA merged into the attention projections with the embeddings frozen); an edit of
-    single elements outside the samples is not seen. Parameters on the meta device (offloaded, not in memory)
-    cannot be read: where there are any, `weights_on_meta` counts them and `weights_sha256` is left out (a hash
-    of the rest would not compare with a whole model's), so the weights are not checked for that model.
-    `embedding_sha256` (the only hash before `weights_sha256`, still checked against old artifacts) hashes ~64
-    strided rows of the input embedding. Both round the values to bfloat16, so one checkpoint loaded in
-    float32 or bfloat16 hashes alike, and in float16 too where it is stored in float16 (llava-hf's) or in
-    bfloat16 (values below float16's normal range excepted); float32 weights loaded in float16 are rounded twice
-    and hash otherwise. `num_layers` is the text config's num_hidden_layers.
-    """
-    config = model.config
-    text_config = config.get_text_config()
-    embedding = model.get_input_embeddings().weight
-    fingerprint = {
-        "model_type": config.model_type,
-        "hidden_size": int(text_config.hidden_size),
-        "num_layers": int(text_config.num_hidden_layers),
-        "vocab_size": int(embedding.shape[0]),
-    }
-    if not embedding.is_meta:
-        stride = max(1, embedding.shape[0] // _FINGERPRINT_ROWS)
-        fingerprint["embedding_sha256"] = _sha256(embedding.detach()[::stride])
-    digest, on_meta = hashlib.sha256(), 0
-    for name, parameter in model.named_parameters():
-        if parameter.is_meta:
-            on_meta += 1
-            continue
-        flat = parameter.detach().reshape(-1)  # a view: parameters are contiguous (a copy otherwise)
-        count = min(_FINGERPRINT_SAMPLES, flat.numel())
-        index = torch.arange(count, device=flat.device) * flat.numel() // max(count, 1)
-        digest.update(f"{name} {list(parameter.shape)};".encode())
-        digest.update(_bfloat16_bytes(flat[index]))
-    if on_meta:
-        fingerprint["weights_on_meta"] = on_meta
-    else:
-        fingerprint["weights_sha256"] = digest.hexdigest()[:16]
-    return fingerprint
-
-
-def _bfloat16_bytes(values: Tensor) -> bytes:
-    return values.to(dtype=torch.bfloat16).to("cpu").contiguous().view(torch.int16).numpy().tobytes()
-
-
-def _sha256(values: Tensor) -> str:
-    return hashlib.sha256(_bfloat16_bytes(values)).hexdigest()[:16]
-
-
-def _fingerprint_mismatch(fitted: dict[str, Any], model_print: dict[str, Any]) -> str | None:
-    """The first key both fingerprints hold with different values, or None: a key only one holds (e.g.
-    `weights_sha256`, which artifacts written before it existed lack) is not compared, nor `weights_on_meta`
-    (where the weights sit, not which they are)."""
-    return next((key for key, value in fitted.items()
-                 if key != "weights_on_meta" and key in model_print and model_print[key] != value), None)
-
 
 def _per_term(values: float | Sequence[float] | Tensor, num_terms: int, name: str) -> tuple[float, ...]:
     """A scalar broadcast to K terms, or exactly K values, as a tuple of floats."""
@@ -251,32 +186,17 @@ class Eraser:
     def attach(self, model: nn.Module, check_fingerprint: bool = True) -> SteeringHandle:
         """Hook the model's decoder layers; returns the handle (also a context manager).
 
-        Validates hidden size, layer count and (unless check_fingerprint=False) the model fingerprint; a
-        mismatch is a UserInputError saying what differs.
+        Validates hidden size, layer count and (unless check_fingerprint=False) the model fingerprint
+        (compat.check_compatible); a mismatch is a UserInputError saying what differs.
         """
-        _, layers = find_decoder_layers(model, self.layers_path)
-        model_hidden = int(model.config.get_text_config().hidden_size)
-        if model_hidden != self.hidden_size:
-            raise UserInputError(
-                None, f"eraser was fitted for hidden size {self.hidden_size}, model has {model_hidden}"
-            )
-        if max(self.layer_indices) >= len(layers):
-            raise UserInputError(
-                None, f"eraser steers layer {max(self.layer_indices)}, model has {len(layers)} decoder layers"
-            )
-        if check_fingerprint and self.fingerprint is not None:
-            self._check_fingerprint(model_fingerprint(model))
+        fingerprint = self.fingerprint if check_fingerprint else None
+        layers = check_compatible(model, hidden_size=self.hidden_size, layer_indices=self.layer_indices,
+                                  layers_path=self.layers_path, fingerprint=fingerprint)
         steered = [layers[i] for i in self.layer_indices]
         if self.prompt_gate is not None:
             return attach_prompt_steering(model, layers[self.prompt_gate.layer], steered, self.prompt_gate, self.r,
                                           self.alpha, self.mode)
         return attach_steering(model, steered, self.u, self.r, self.alpha, self.floor, self.cap, self.mode)
-
-    def _check_fingerprint(self, model_print: dict[str, Any]) -> None:
-        key = _fingerprint_mismatch(self.fingerprint, model_print)
-        if key is not None:
-            fitted, found = self.fingerprint[key], model_print[key]
-            raise UserInputError(None, f"eraser was fitted for {key} {fitted!r}, model has {found!r} (another model)")
 
     # ---- composing ------------------------------------------------------------------------------
 
@@ -305,7 +225,7 @@ class Eraser:
                     mine, theirs = getattr(first, name), getattr(other, name)
                     raise ValueError(f"cannot combine erasers with different {name}: {mine!r} vs {theirs!r}")
             if index and fingerprint and other.fingerprint is not None:
-                key = _fingerprint_mismatch(fingerprint, other.fingerprint)
+                key = fingerprint_mismatch(fingerprint, other.fingerprint)
                 if key is not None:
                     raise ValueError(f"cannot combine erasers fitted on different models (their {key} differs)")
             if (first.prompt_gate is None) != (other.prompt_gate is None):

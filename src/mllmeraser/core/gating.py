@@ -60,6 +60,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserInputError
+from .devices import on_device
 from .steering import solve_gate_ridge
 
 GATE_KINDS = ("knn", "ridge")
@@ -132,12 +133,21 @@ def pool(hidden: Tensor, mask: Tensor | None, pooling: str) -> Tensor:
     hidden = hidden.to(torch.float32)
     if mask is None:
         return hidden.mean(dim=1) if pooling == "mean" else hidden[:, -1]
-    mask = mask.to(device=hidden.device, dtype=torch.float32)
     if pooling == "mean":
+        mask = mask.to(device=hidden.device, dtype=torch.float32)
         return (hidden * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
-    positions = torch.arange(mask.shape[1], device=hidden.device, dtype=torch.float32)
-    last = (mask * (positions + 1)).argmax(dim=1)  # the last position whose mask is 1
+    last = last_real_positions(mask, mask.shape[1], hidden.shape[0], hidden.device)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def last_real_positions(mask: Tensor | None, length: int, batch: int, device: torch.device | str = "cpu") -> Tensor:
+    """Per row, the index of the last position whose mask is 1 among the first `length` columns (the last real
+    prompt token, whatever the padding side: the argmax of m_t (t + 1)), int64 on `device`; `length - 1` for
+    every row without a mask."""
+    if mask is None:
+        return torch.full((batch,), length - 1, dtype=torch.long, device=device)
+    columns = mask[:, :length].to(device=device, dtype=torch.long)
+    return (columns * torch.arange(1, columns.shape[1] + 1, device=device)).argmax(dim=1)
 
 
 def window_counts(lengths: Tensor, width: int) -> Tensor:
@@ -347,16 +357,17 @@ class PromptGate:
 
     def _on(self, device: torch.device) -> dict:
         """The scoring tensors on `device` (banks float32) and the banks' Segments, made once per device."""
-        if device not in self._device_cache:
-            if self.kind == "knn":
-                moved = {n: getattr(self, n).to(device=device, dtype=torch.float32) for n in ("forget_bank", "retain_bank")}
-                for bank, owner in (("forget", self.forget_owner), ("retain", self.retain_owner)):
-                    moved[f"{bank}_segments"] = segments(owner.to(device), self.num_terms, self.neighbours)
-            else:
-                moved = {"u": self.u.to(device)}
-            moved["threshold"] = torch.tensor(self.threshold, dtype=torch.float32, device=device)
-            self._device_cache[device] = moved
-        return self._device_cache[device]
+        return on_device(self._device_cache, device, self._moved)
+
+    def _moved(self, device: torch.device) -> dict:
+        if self.kind == "knn":
+            moved = {n: getattr(self, n).to(device=device, dtype=torch.float32) for n in ("forget_bank", "retain_bank")}
+            for bank, owner in (("forget", self.forget_owner), ("retain", self.retain_owner)):
+                moved[f"{bank}_segments"] = segments(owner.to(device), self.num_terms, self.neighbours)
+        else:
+            moved = {"u": self.u.to(device)}
+        moved["threshold"] = torch.tensor(self.threshold, dtype=torch.float32, device=device)
+        return moved
 
     def scores(self, z: Tensor) -> Tensor:
         """s_k(z) for pooled features z [batch, d], or the max over segments z [batch, S, d]: [batch, K] float32."""
@@ -565,10 +576,18 @@ def calibrate(scores: Tensor, max_fpr: float) -> tuple[float, float]:
 
 
 def auroc(positive: Tensor, negative: Tensor) -> float:
-    """P(score of a positive > score of a negative), ties counted half (the Mann-Whitney U statistic)."""
+    """P(score of a positive > score of a negative), ties counted half: the Mann-Whitney U statistic over P x N,
+    from the ranks of the pooled scores (ties get their mean rank) in O((P + N) log(P + N)), not P x N
+    comparisons. U = (sum of the positives' ranks) - P (P + 1) / 2, counted in integers as 2U (twice a mean
+    rank is a whole number), so the value is the same float as the pairwise count's. NaN for an empty side."""
     p, n = positive.to(torch.float64).flatten(), negative.to(torch.float64).flatten()
     if not p.numel() or not n.numel():
         return math.nan
-    greater = (p[:, None] > n[None, :]).double().sum()
-    ties = (p[:, None] == n[None, :]).double().sum()
-    return float((greater + 0.5 * ties) / (p.numel() * n.numel()))
+    pairs = p.numel() * n.numel()
+    p, n = p[~p.isnan()], n[~n.isnan()]  # a NaN is neither above, below nor equal to a score: its pairs count 0
+    # + 0.0 turns -0.0 into 0.0: the two are one value to ">" and "==", so they must share a rank
+    _, value_of, counts = torch.unique(torch.cat([p, n]) + 0.0, return_inverse=True, return_counts=True)
+    last = counts.cumsum(0)  # the 1-based rank of each distinct value's last copy
+    twice_rank = 2 * last - counts + 1  # first + last rank of the value's run
+    twice_u = int(twice_rank[value_of[: p.numel()]].sum()) - p.numel() * (p.numel() + 1)
+    return twice_u / (2 * pairs)

@@ -32,6 +32,7 @@ from torch.utils.hooks import RemovableHandle
 from ..errors import UserInputError
 from .families import FAMILIES
 from . import gating
+from .devices import on_device
 from .steering import shape_gate
 
 SteeringMode = Literal["prefill", "all"]
@@ -151,7 +152,7 @@ def reading_prompt(layers: Sequence[nn.Module], mask: Tensor | None, pooled_laye
             hidden = _hidden_states(output)
             hidden = hidden if columns is None else hidden[:, :columns]
             rows = _mask_for(mask if columns is None or mask is None else mask[:, :columns], hidden)
-            last = last_real_positions(rows, hidden.shape[1], hidden.shape[0]).to(hidden.device)
+            last = gating.last_real_positions(rows, hidden.shape[1], hidden.shape[0], hidden.device)
             read._captured[index] = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].to(
                 device="cpu", dtype=torch.float32)
             if index == pooled_layer:
@@ -175,16 +176,6 @@ def _mask_for(mask: Tensor | None, hidden: Tensor) -> Tensor | None:
     if mask is None or mask.ndim != 2:
         return None
     return mask[:, -hidden.shape[1]:] if mask.shape[1] >= hidden.shape[1] else None
-
-
-def last_real_positions(mask: Tensor | None, length: int, batch: int) -> Tensor:
-    """Per row, the index of the last position whose mask is 1 among the first `length` columns (the last
-    real prompt token, whatever the padding side); `length - 1` for every row without a mask."""
-    if mask is None:
-        return torch.full((batch,), length - 1, dtype=torch.long)
-    columns = mask[:, :length].to(device="cpu", dtype=torch.long)
-    positions = torch.arange(1, columns.shape[1] + 1)
-    return (columns * positions).argmax(dim=1)
 
 
 def _rows(values: Tensor, batch: int) -> Tensor:
@@ -450,17 +441,17 @@ class _LayerSteering(_Steering):
                  cap: Tensor, mode: str):
         self.handle, self.index, self.mode = handle, index, mode
         self.terms = (u, r, alpha, floor, cap)  # u, r: [K, d]; alpha, floor, cap: (K,); float32
+        self._on: dict[torch.device, tuple[Tensor, ...]] = {}
 
     def steer(self, module: nn.Module, hidden: Tensor, positions: slice | None) -> Tensor | None:
         handle = self.handle
-        if self.terms[0].device != hidden.device:
-            self.terms = tuple(t.to(hidden.device) for t in self.terms)
-        u, r, alpha, floor, cap = self.terms
+        u, r, alpha, floor, cap = on_device(self._on, hidden.device,
+                                            lambda device: tuple(t.to(device) for t in self.terms))
         prompt = handle.prompt
         gates = prompt.layer_gates.get(self.index)
         if gates is None:
             mask = None if prompt.mask is None else _rows(prompt.mask, hidden.shape[0])  # per expanded row
-            last = last_real_positions(mask, prompt.length, hidden.shape[0]).to(hidden.device) - handle.start
+            last = gating.last_real_positions(mask, prompt.length, hidden.shape[0], hidden.device) - handle.start
             if bool(((last < 0) | (last >= hidden.shape[1])).any()):
                 raise RuntimeError("the paper's gate reads the last prompt token at every layer, and this forward does "
                                    "not hold it (chunked prefill?): generate without prefill_chunk_size, or use a "
@@ -542,13 +533,11 @@ class FixedPromptTerms(PromptTerms):
 
     def __init__(self, gate: gating.PromptGate, r: Tensor, alpha: Tensor):
         self.gate, self.pooling = gate, gate.pooling
-        self._on: dict[torch.device, tuple[Tensor, Tensor]] = {r.device: (r.float(), alpha.to(r.device).float())}
+        self.r, self.alpha = r.float(), alpha.float()
+        self._on: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def prompt_decision(self, z: Tensor) -> PromptDecision:
-        if z.device not in self._on:
-            r, alpha = next(iter(self._on.values()))
-            self._on[z.device] = (r.to(z.device), alpha.to(z.device))
-        r, alpha = self._on[z.device]
+        r, alpha = on_device(self._on, z.device, lambda device: (self.r.to(device), self.alpha.to(device)))
         scores = self.gate.scores(z)
         fires = self.gate.fires(scores)
         fired = fires.any(dim=0).nonzero().flatten()
@@ -569,16 +558,13 @@ class _Fired:
         if self.count:
             r = decision.r.index_select(0, live.to(decision.r.device))
             # [L, F, d], contiguous per layer: one plain [B, F] @ [F, d] product per steered layer
-            self._on[weights.device] = (weights.index_select(1, live), r.transpose(0, 1).contiguous().to(weights.device))
+            self.terms = (weights.index_select(1, live), r.transpose(0, 1).contiguous().to(weights.device))
 
     def delta(self, position: int, hidden: Tensor) -> Tensor | None:
         """sum_k alpha_k g_k r[k, position] for each row of the forward in flight [batch, d], or None."""
         if not self.count:
             return None
-        if hidden.device not in self._on:
-            weights, r = next(iter(self._on.values()))
-            self._on[hidden.device] = (weights.to(hidden.device), r.to(hidden.device))
-        weights, r = self._on[hidden.device]
+        weights, r = on_device(self._on, hidden.device, lambda device: tuple(t.to(device) for t in self.terms))
         return _rows(weights, hidden.shape[0]) @ r[position]
 
 

@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import UserInputError
 from . import gating
-from .eraser import Eraser, _fingerprint_mismatch, model_fingerprint
-from .hooks import PromptDecision, PromptTerms, SteeringHandle, attach_prompt_terms, find_decoder_layers
+from .compat import check_compatible, fingerprint_mismatch
+from .eraser import Eraser
+from .hooks import PromptDecision, PromptTerms, SteeringHandle, attach_prompt_terms
 
 NAME_KEY = "index_name"  # per-term metadata key naming the index request a term belongs to (to_eraser)
 
@@ -169,7 +169,7 @@ class RequestIndex(PromptTerms):
             if mine != theirs:
                 raise ValueError(f"cannot add to the index: {name} {theirs!r}, the index's is {mine!r}")
         if self.fingerprint is not None and eraser.fingerprint is not None:
-            key = _fingerprint_mismatch(self.fingerprint, eraser.fingerprint)
+            key = fingerprint_mismatch(self.fingerprint, eraser.fingerprint)
             if key is not None:
                 raise ValueError(f"cannot add to the index: fitted on another model (its {key} differs)")
         if not gating.same_bank(_retain_bank(gate), self._shared16):
@@ -361,17 +361,9 @@ class RequestIndex(PromptTerms):
         """Hook the model like Eraser.attach, steering with the index's state at each prompt's decision (add
         and remove take effect from the next prompt, with no re-attaching). Moves the index to the decision
         layer's device. UserInputError where the model is not the one the index's requests were fitted on."""
-        _, layers = find_decoder_layers(model, self.layers_path)
-        model_hidden = int(model.config.get_text_config().hidden_size)
-        if model_hidden != self.hidden_size:
-            raise UserInputError(None, f"index was built for hidden size {self.hidden_size}, model has {model_hidden}")
-        if max(self.layer_indices) >= len(layers):
-            raise UserInputError(None, f"index steers layer {max(self.layer_indices)}, model has {len(layers)} "
-                                       "decoder layers")
-        if check_fingerprint and self.fingerprint is not None:
-            key = _fingerprint_mismatch(self.fingerprint, model_fingerprint(model))
-            if key is not None:
-                raise UserInputError(None, f"index was built for another model (its {key} differs)")
+        fingerprint = self.fingerprint if check_fingerprint else None
+        layers = check_compatible(model, hidden_size=self.hidden_size, layer_indices=self.layer_indices,
+                                  layers_path=self.layers_path, fingerprint=fingerprint, what="index")
         decision_layer = layers[self.layer]
         parameter = next(decision_layer.parameters(), None)
         if parameter is not None and parameter.device != self.device and not parameter.is_meta:

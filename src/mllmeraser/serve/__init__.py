@@ -3,9 +3,9 @@
     app = create_app(model, processor, Registry(erasers, model, tenants), ServeSettings(...))
 
 One batcher thread owns the model (engine.py); the policy (which erasers a request gets) is policy.py; the HTTP
-surface and its error bodies are api.py; limits and settings, settings.py; the state on disk (manifest, erasers,
-audit log), store.py and audit.py; /metrics, metrics.py. Needs the `serve` extra
-(pip install "mllmeraser[serve]"); policy and settings import without it.
+surface and its error bodies are api.py, the request bodies' types schema.py; limits and settings, settings.py;
+the state on disk (manifest, erasers, audit log), store.py and audit.py; /metrics, metrics.py. Needs the `serve`
+extra (pip install "mllmeraser[serve]"); policy and settings import without it.
 """
 
 from .policy import PolicyError, Registry, load_erasers, read_tenants

@@ -39,6 +39,7 @@ from .engine import Engine, Job
 from .fitter import RequestFitter
 from .metrics import CONTENT_TYPE, Metrics
 from .policy import PolicyError, Registry
+from .schema import AddEraser, Binding, ChatRequest, FitRequest
 from .settings import Limits, ServeSettings
 from .store import Store
 
@@ -58,16 +59,7 @@ def _bearer(request: Request) -> str | None:
     return header[7:].strip() or None if header[:7].lower() == "bearer " else None
 
 
-# ---- the request body ------------------------------------------------------------------------------------
-
-def _field(body: dict, name: str, kinds: tuple[type, ...], default: Any = None) -> Any:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        raise PolicyError(400, f"'{name}' must be {' or '.join(k.__name__ for k in kinds)}", "invalid_type", name)
-    return value
-
+# ---- the request body (its fields' types: schema.py) -----------------------------------------------------
 
 def decode_image(url: str, limits: Limits, param: str) -> Image.Image:
     """A data: URL's image, RGB; anything else (another scheme, not base64, not an image, too big) is a 400."""
@@ -241,34 +233,30 @@ def create_app(model, processor, registry: Registry, settings: ServeSettings = S
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
                                             "owned_by": "mllmeraser"}]}
 
-    def job_from(body: dict, api_key: str | None) -> Job:
-        model_name = _field(body, "model", (str,), settings.model_name)
+    def job_from(body: ChatRequest, api_key: str | None) -> Job:
+        model_name = body.model if body.model is not None else settings.model_name
         if model_name != settings.model_name:
             raise PolicyError(404, f"the model {model_name!r} does not exist; this server serves "
                               f"{settings.model_name!r}", "model_not_found", "model")
-        requested = _field(body, "erasers", (list,), [])
-        if not all(isinstance(name, str) for name in requested):
-            raise PolicyError(400, "'erasers' must be a list of eraser names", "invalid_type", "erasers")
-        erasers = registry.resolve(api_key, requested)  # 401 / unknown eraser before any decoding
-        if _field(body, "n", (int,), 1) != 1:
+        erasers = registry.resolve(api_key, body.erasers)  # 401 / unknown eraser before any decoding
+        if body.n != 1:
             raise PolicyError(400, "only n=1 is supported", "unsupported_parameter", "n")
-        if body.get("stop") not in (None, [], ""):
+        if body.stop not in (None, [], ""):
             raise PolicyError(400, "stop sequences are not supported", "unsupported_parameter", "stop")
-        max_tokens = _field(body, "max_completion_tokens", (int,), None)
-        param = "max_completion_tokens"
+        max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
         if max_tokens is None:
-            max_tokens, param = _field(body, "max_tokens", (int,), min(256, limits.max_tokens)), "max_tokens"
+            max_tokens, param = body.max_tokens, "max_tokens"
+            max_tokens = min(256, limits.max_tokens) if max_tokens is None else max_tokens
         if not 1 <= max_tokens <= limits.max_tokens:
             raise PolicyError(400, f"'{param}' must be between 1 and {limits.max_tokens}, got {max_tokens}",
                               "invalid_value", param)
-        temperature = float(_field(body, "temperature", (int, float), 0.0))
+        temperature, top_p = float(body.temperature), float(body.top_p)
         if not 0.0 <= temperature <= 2.0:
             raise PolicyError(400, "'temperature' must be between 0 and 2", "invalid_value", "temperature")
-        top_p = float(_field(body, "top_p", (int, float), 1.0))
         if not 0.0 < top_p <= 1.0:
             raise PolicyError(400, "'top_p' must be in (0, 1]", "invalid_value", "top_p")
-        seed = _field(body, "seed", (int,), None)
-        item = parse_messages(body.get("messages"), limits)
+        seed = body.seed
+        item = parse_messages(body.messages, limits)
         tokens = len(processor.tokenizer(models.chat_text(processor, item.prompt, False, item.history))["input_ids"])
         if tokens > limits.max_prompt_tokens:
             raise PolicyError(400, f"the prompt is {tokens} tokens, over the limit of {limits.max_prompt_tokens}",
@@ -278,10 +266,9 @@ def create_app(model, processor, registry: Registry, settings: ServeSettings = S
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await json_body(request)
+        body = ChatRequest.of(await json_body(request))
         job = await run_in_threadpool(job_from, body, _bearer(request))
-        stream = bool(_field(body, "stream", (bool,), False))
-        options = _field(body, "stream_options", (dict,), {})
+        stream, options = body.stream, body.stream_options
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -406,9 +393,8 @@ def create_app(model, processor, registry: Registry, settings: ServeSettings = S
             source: bytes | Path = data
             tenants = [key for key in str(tenants).split(",") if key]
         else:
-            body = await json_body(request)
-            path, name = _field(body, "path", (str,)), _field(body, "name", (str,))
-            tenants = _field(body, "tenants", (list,), [])
+            body = AddEraser.of(await json_body(request))
+            path, name, tenants = body.path, body.name, body.tenants
             if path is None:
                 raise PolicyError(400, "give 'path' (a .safetensors on the server) as JSON, or upload 'file' as "
                                   "multipart/form-data", "missing_path", "path")
@@ -431,12 +417,12 @@ def create_app(model, processor, registry: Registry, settings: ServeSettings = S
         if fitter is None:
             raise PolicyError(400, "this server fits no requests: start it with --data DIR (the retain, erasure "
                               "and calibration sets of the model cache)", "fitting_disabled")
-        body = await json_body(request)
-        name, tenants = _field(body, "name", (str,)), _field(body, "tenants", (list,), [])
+        body = FitRequest.of(await json_body(request))
+        name, tenants = body.name, body.tenants
         if not name:
             raise PolicyError(400, "name the request ('name')", "missing_name", "name")
         registry.check_new(name, tenants)  # what would refuse the eraser after its fit is refused before it
-        items = await run_in_threadpool(fitter.items, body.get("forget"),
+        items = await run_in_threadpool(fitter.items, body.forget,
                                         lambda url, param: decode_image(url, limits, param))
         digest = await run_in_threadpool(forget_digest, items)
         eraser, record = await asyncio.wrap_future(engine.call(lambda: fitter.fit(name, items)))
@@ -469,9 +455,8 @@ def create_app(model, processor, registry: Registry, settings: ServeSettings = S
         """{"tenant": API key, "bind": [names], "unbind": [names]}: a tenant's bound erasers changed (a new key
         is created), persisted before the answer. The key goes back only as a digest."""
         require_admin(request)
-        body = await json_body(request)
-        key = _field(body, "tenant", (str,))
-        bind, unbind = _field(body, "bind", (list,), []), _field(body, "unbind", (list,), [])
+        body = Binding.of(await json_body(request))
+        key, bind, unbind = body.tenant, body.bind, body.unbind
         async with admin_lock:
             registry.check_bind(key, bind, unbind)
             if store is not None:

@@ -12,8 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from ..core.eraser import Eraser, model_fingerprint
-from ..core.hooks import find_decoder_layers
+from ..core.compat import check_compatible, model_fingerprint
+from ..core.eraser import Eraser
 from ..errors import UserInputError
 
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -132,19 +132,13 @@ class Registry:
             return list((self._tenants or {}).get(key, []))
 
     def check(self, name: str, eraser: Eraser) -> None:
-        """Refuse an eraser fitted for another model (Eraser.attach's checks: hidden size, layer count, the
-        fingerprint computed once at start-up), or one that cannot be stacked with the loaded ones."""
+        """Refuse an eraser fitted for another model (Eraser.attach's checks, compat.check_compatible, against
+        the fingerprint computed once at start-up), or one that cannot be stacked with the loaded ones."""
         try:
             if self._model is not None:
-                hidden = int(self._model.config.get_text_config().hidden_size)
-                if hidden != eraser.hidden_size:
-                    raise UserInputError(None, f"eraser was fitted for hidden size {eraser.hidden_size}, model has {hidden}")
-                _, layers = find_decoder_layers(self._model, eraser.layers_path)
-                if max(eraser.layer_indices) >= len(layers):
-                    raise UserInputError(None, f"eraser steers layer {max(eraser.layer_indices)}, model has "
-                                         f"{len(layers)} decoder layers")
-            if self._fingerprint is not None and eraser.fingerprint is not None:
-                eraser._check_fingerprint(self._fingerprint)
+                check_compatible(self._model, hidden_size=eraser.hidden_size, layer_indices=eraser.layer_indices,
+                                 layers_path=eraser.layers_path, fingerprint=eraser.fingerprint,
+                                 model_print=self._fingerprint)
         except UserInputError as exc:
             raise PolicyError(400, f"eraser {name!r}: {exc}", "model_mismatch") from None
         try:  # against one loaded eraser: stacking checks equal fields, so one stands for all (O(one request))

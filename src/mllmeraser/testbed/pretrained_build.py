@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.torch import load_file, save_file
 
+from ..bench import measure
 from ..bench.data import PARQUET_NAME, expand_items
 from ..core import models
 from ..core.cache import cache_root
@@ -215,7 +215,7 @@ def build(out: Path | None = None, seed: int = 0, progress: bool = True, force: 
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "final_loss": float(np.mean(losses[-50:])), "real_knowledge": real, "rehearsal": rehearsal_info,
                 "total_seconds_this_run": round(time.perf_counter() - started, 1),
-                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                "peak_rss_mb": round(measure.peak_rss_bytes() / 2**20),
                 "forget_ids": {str(k): v for k, v in w.forget_ids.items()}}
     tiny.publish(tmp, directory, manifest)
     shutil.rmtree(work, ignore_errors=True)
