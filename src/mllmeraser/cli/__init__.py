@@ -13,15 +13,15 @@ from pathlib import Path
 
 from PIL import Image
 
-from .bench import attacks, clear, compare, data, evaluate, report
-from .bench.data import FORGET_RATIOS, REPORT_SPLITS, VALIDATION_SPLIT
-from .bench.protocols import PROTOCOLS
-from .core import cache, gating, models
-from .core import distributed
-from .core.eraser import Eraser
-from .core.fitting import GATES, FitSettings, PGDSettings
-from .core.inputs import as_items
-from .errors import UserInputError, atomic_write_text
+from ..bench import attacks, clear, compare, data, evaluate, report
+from ..bench.data import FORGET_RATIOS, REPORT_SPLITS, VALIDATION_SPLIT
+from ..bench.protocols import PROTOCOLS
+from ..core import cache, gating, models
+from ..core import distributed
+from ..core.eraser import Eraser
+from ..core.fitting import GATES, FitSettings, PGDSettings
+from ..core.inputs import as_items
+from ..errors import UserInputError, atomic_write_text
 
 # ---- options --------------------------------------------------------------------------------------------
 
@@ -94,7 +94,7 @@ def _add_erasure_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_serve_args(parser: argparse.ArgumentParser) -> None:
-    from .serve.settings import Limits, ServeSettings  # no web framework needed to build the parser
+    from ..serve.settings import Limits, ServeSettings  # no web framework needed to build the parser
 
     _add_model_arg(parser)
     parser.add_argument("--erasers", type=Path, default=None, help="the server's state directory: the erasers its "
@@ -304,15 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_testbed_build(args) -> int:
-    from .testbed.build import build
+    from ..testbed.build import build
     directory = build(out=args.out, seed=args.seed, preset=args.preset, force=args.force)
     print(f"testbed ready: {directory}\n  model: {directory / 'model'}\n  data:  {directory / 'data'}")
     return 0
 
 
 def cmd_testbed_export(args) -> int:
-    from .testbed.build import default_build_dir, is_built
-    from .testbed.clear_export import write_clear_layout
+    from ..testbed.build import default_build_dir, is_built
+    from ..testbed.clear_export import write_clear_layout
     directory = args.build if args.build is not None else default_build_dir(args.seed, args.preset)
     if not is_built(directory):
         raise UserInputError(directory, "no finished testbed build here (run `mllmeraser testbed build` first, "
@@ -509,7 +509,7 @@ def cmd_serve(args) -> int:
     try:
         import uvicorn
 
-        from . import serve
+        from .. import serve
     except ImportError as exc:
         raise UserInputError(None, f"serve needs the serve extra ({exc.name} is missing): "
                              'pip install "mllmeraser[serve]"') from None
@@ -547,7 +547,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_serve_log(args) -> int:
-    from .serve.audit import AUDIT_FILE, format_table, read_audit  # standard library only: no serve extra needed
+    from ..serve.audit import AUDIT_FILE, format_table, read_audit  # standard library only: no serve extra needed
 
     records = [r for r in read_audit(args.directory) if args.name is None or r.get("name") == args.name]
     if args.json:
@@ -586,7 +586,7 @@ def cmd_attack(args) -> int:
 
 def reference_methods(eraser, processor, data_dir, forget_ratio: int) -> dict:
     """{name: answering method}: refuse where there is a prompt-gated eraser to take the gate from, and prompt."""
-    from .bench import answering
+    from ..bench import answering
     refuse = ({"refuse": answering.Refusing(eraser, processor)}
               if eraser is not None and eraser.prompt_gate is not None else {})
     return {**refuse, "prompt": answering.SystemPrompted(answering.forget_system_prompt(data_dir, forget_ratio))}
@@ -622,7 +622,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .testbed.build import build
+    from ..testbed.build import build
     started = time.perf_counter()
     directory = build(seed=args.seed, preset=args.preset)
     settings = compare.CompareSettings(forget_ratio=args.forget_ratio[0], methods=_methods(args.methods),
