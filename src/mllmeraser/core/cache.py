@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -47,6 +48,8 @@ from torch import Tensor
 from ..errors import atomic_write_bytes
 from . import distributed, hooks, steering
 from .inputs import EncodedImage, QAItem
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .fitting import FitSettings
@@ -214,7 +217,7 @@ def shared_statistics(model, processor, *, retain: Sequence[QAItem], erasure: Se
                 shared.seconds = time.perf_counter() - started
                 return shared
         except (ValueError, KeyError, OSError, safetensors.SafetensorError, json.JSONDecodeError) as error:
-            print(f"mllmeraser: model cache entry {entry} is unreadable ({type(error).__name__}); rebuilding it")
+            log.warning("model cache entry %s is unreadable (%s); rebuilding it", entry, type(error).__name__)
     stats, features = fitting.shared_inputs(model, processor, retain=retain, erasure=erasure, calibration=calibration,
                                             settings=settings, layers_path=layers_path, progress=progress)
     shared = SharedStatistics(key, identity, stats, features)
