@@ -56,6 +56,14 @@ def test_the_console_script_and_python_m_resolve():
         assert result.returncode == 0 and "usage: mllmeraser" in result.stdout, result.stderr[-2000:]
 
 
+def test_the_report_templates_are_package_data():
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["mllmeraser"]
+    package = ROOT / "src" / "mllmeraser"
+    shipped = {path for pattern in data for path in package.glob(pattern)}
+    templates = set((package / "bench" / "templates").glob("*"))
+    assert templates and templates <= shipped
+
+
 def test_load_model_leaves_logging_as_it_was(tmp_path):
     from transformers.utils import logging as hf_logging
 
