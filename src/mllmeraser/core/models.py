@@ -8,8 +8,9 @@ their decoder layers are, processor quirks) is in `families.py`.
 from __future__ import annotations
 
 import json
-import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -25,14 +26,26 @@ MAX_NEW_TOKENS = {"classification": 5, "cloze": 20, "generation": 50}
 """How many tokens an answer may take, by task (MLLMU-Bench's protocol: a letter, a blank, a sentence)."""
 
 
-def _quiet_transformers() -> None:
-    # The PIL fallback for image processors is what we want (no torchvision); its warning is noise.
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*torchvision.*")
-    # v5 draws "Loading weights" / "Writing model shards" tqdm bars on stderr whatever the log level; they
-    # break the CLI's one-line errors (an error after the model loaded came out as three lines).
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' notices and progress bars off while the block runs, and as they were afterwards: loading a
+    model must not change the caller's logging. The PIL fallback for image processors is what we want (no
+    torchvision); its warning is noise. v5 draws "Loading weights" / "Writing model shards" tqdm bars on stderr
+    whatever the log level; they break the CLI's one-line errors (an error after the model loaded came out as
+    three lines), so the CLI runs each command inside this too."""
     from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torchvision.*")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -70,7 +83,6 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     DTYPES (default: bfloat16 on a GPU, float32 on the CPU); device_map: handed to `from_pretrained` (e.g.
     "auto": the layers spread over every visible GPU, then the CPU), in which case `device` is ignored.
     """
-    _quiet_transformers()
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     target = resolve_device(device)
@@ -87,10 +99,11 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
         if model_type not in LOADABLE:
             raise UserInputError(directory, f"model_type {model_type!r} is not supported; expected one of {LOADABLE}")
     try:
-        processor = _load_processor(AutoProcessor, path)
-        placement = {"device_map": device_map} if device_map is not None else {}
-        model = AutoModelForImageTextToText.from_pretrained(str(path), local_files_only=True, dtype=torch_dtype,
-                                                            **placement)
+        with quiet_transformers():
+            processor = _load_processor(AutoProcessor, path)
+            placement = {"device_map": device_map} if device_map is not None else {}
+            model = AutoModelForImageTextToText.from_pretrained(str(path), local_files_only=True, dtype=torch_dtype,
+                                                                **placement)
     except UserInputError:
         raise
     except Exception as exc:  # transformers raises OSError, ValueError, safetensors errors, ...

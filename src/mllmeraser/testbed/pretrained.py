@@ -24,6 +24,7 @@ from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlavaCon
                           LlavaProcessor)
 
 from ..core.cache import cache_root
+from ..core.models import quiet_transformers
 from ..errors import UserInputError
 from . import model as tm
 
@@ -113,12 +114,10 @@ def smollm2_dir(directory: Path | None = None) -> Path:
 
 def convert_gguf(source: Path, out: Path) -> None:
     """Dequantize `source` and save it as a plain LlamaForCausalLM (float32 safetensors) with its tokenizer."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name, local_files_only=True)
-    loaded = LlamaForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32,
-                                              local_files_only=True)
+    with quiet_transformers():  # no loading bars (on stderr, whatever the log level), and restored afterwards
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name, local_files_only=True)
+        loaded = LlamaForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32,
+                                                  local_files_only=True)
     # The GGUF-loaded model keeps a quantizer (save_pretrained and training refuse it): a model built from the
     # same config without quantization_config takes the dequantized tensors as they are.
     settings = loaded.config.to_dict()

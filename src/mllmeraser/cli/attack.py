@@ -1,0 +1,66 @@
+"""`mllmeraser attack`: the attack suite, vanilla and an eraser (and the references that train nothing) under
+each attack."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserInputError
+from .options import add_eraser_args, add_forget_ratio_arg, add_model_arg, load_eraser, load_model, write_results
+
+TASKS = ("classification", "cloze", "generation")
+
+
+def add_parsers(commands) -> None:
+    from ..bench.attacks import BY_NAME
+
+    attack = commands.add_parser("attack", help="the attack suite: vanilla and an eraser under each attack")
+    add_model_arg(attack)
+    attack.add_argument("--data", required=True, help="MLLMU-Bench directory")
+    add_forget_ratio_arg(attack)
+    add_eraser_args(attack)
+    attack.add_argument("--attacks", default=None, help="comma-separated subset of "
+                        f"{','.join(BY_NAME)} (default: all)")
+    attack.add_argument("--tasks", help="comma-separated subset of classification,cloze,generation: attack only "
+                        "those questions (classification,cloze skips the 50-token answers; the bars read classification)")
+    attack.add_argument("--retain-people", type=int, default=8,
+                        help="retain people each attack is also run on (collateral damage); 0: all")
+    attack.add_argument("--paraphrases", type=Path, default=None,
+                        help='JSONL of {"question", "paraphrase"}: the rephrasing attack on real data')
+    attack.add_argument("--white-box", action="store_true", help="also a linear probe and membership inference")
+    attack.add_argument("--references", action="store_true",
+                        help="also the methods that train nothing: prompt (a system prompt naming the forget people) "
+                        "and, with --eraser, refuse (the eraser's gate, a fixed refusal where it fires)")
+    attack.add_argument("--batch-size", type=int, default=64)
+    attack.add_argument("--json", type=Path, default=None, help="write the results here")
+    attack.set_defaults(handler=run_attack)
+
+
+def run_attack(args) -> int:
+    from ..bench import attacks
+
+    names = tuple(args.attacks.split(",")) if args.attacks else None
+    unknown = [n for n in names or () if n not in attacks.BY_NAME]
+    if unknown:
+        raise UserInputError(None, f"unknown attack(s) {unknown}; choose from {list(attacks.BY_NAME)}")
+    tasks = tuple(args.tasks.split(",")) if args.tasks else None
+    if tasks and set(tasks) - set(TASKS):
+        raise UserInputError(None, f"--tasks takes classification, cloze and generation, got {args.tasks!r}")
+    paraphrases = attacks.read_paraphrases(args.paraphrases) if args.paraphrases else None
+    eraser = load_eraser(args.eraser, args.alpha)
+    model, processor = load_model(args)
+    references = reference_methods(eraser, processor, args.data, args.forget_ratio) if args.references else None
+    summary = attacks.run_suite(model, processor, args.data, args.forget_ratio,
+                                {"eraser": eraser} if eraser is not None else None, names,
+                                args.retain_people or None, args.batch_size, args.white_box, paraphrases,
+                                references=references, tasks=tasks)
+    write_results(summary, attacks.format_summary(summary), args.json)
+    return 0
+
+
+def reference_methods(eraser, processor, data_dir, forget_ratio: int) -> dict:
+    """{name: answering method}: refuse where there is a prompt-gated eraser to take the gate from, and prompt."""
+    from ..bench import answering
+    refuse = ({"refuse": answering.Refusing(eraser, processor)}
+              if eraser is not None and eraser.prompt_gate is not None else {})
+    return {**refuse, "prompt": answering.SystemPrompted(answering.forget_system_prompt(data_dir, forget_ratio))}
