@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .bench import attacks, clear, compare, data, evaluate, report
+from .bench import adaptive, attacks, clear, compare, data, evaluate, report
 from .bench.data import FORGET_RATIOS, REPORT_SPLITS, VALIDATION_SPLIT
 from .bench.protocols import PROTOCOLS
 from .core import cache, gating, models
@@ -266,6 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "and, with --eraser, refuse (the eraser's gate, a fixed refusal where it fires)")
     attack.add_argument("--batch-size", type=int, default=64)
     attack.add_argument("--json", type=Path, default=None, help="write the results here")
+    attack.add_argument("--adaptive", action="store_true", help="instead of the suite: a white-box attacker searches "
+                        "for benign sentences that switch the eraser's prompt gate off (docs/threat_model.md)")
+    attack.add_argument("--adaptive-budget", type=int, default=adaptive.Budget.evaluations,
+                        help="gate evaluations per prompt (default %(default)s)")
+    attack.add_argument("--adaptive-sentences", type=int, default=adaptive.Budget.sentences,
+                        help="sentences added per prompt at most (default %(default)s)")
+    attack.add_argument("--adaptive-tokens", type=int, default=adaptive.Budget.tokens,
+                        help="tokens added per prompt at most (default %(default)s)")
+    attack.add_argument("--adaptive-prompts", type=int, default=20, help="forget prompts attacked (0: all)")
     attack.set_defaults(handler=cmd_attack)
 
     compare_cmd = commands.add_parser("compare", help="vanilla, eraser (default and paper), refuse and prompt (no "
@@ -351,9 +360,15 @@ def cmd_eval(args) -> int:
     eraser = load_eraser(args.eraser, args.alpha)  # a bad file is refused before a model is loaded
     model, processor = models.load_model(args.model, **model_options(args))
     items = evaluate.report_items(args.data, args.forget_ratio, splits, protocol)
+    answers: dict[str, list[str]] = {}
     with attached(model, eraser):
         results = evaluate.evaluate(model, processor, args.data, args.forget_ratio, items=items,
-                                    batch_size=args.batch_size, protocol=protocol)
+                                    batch_size=args.batch_size, protocol=protocol, answers_out=answers)
+    if protocol == "testbed":  # the fact-leak rate beside ROUGE-L (bench/facts.py); with an eraser, against vanilla
+        split_fact = evaluate.split_facts(items)
+        vanilla = (evaluate.vanilla_fact_flags(model, processor, items, split_fact, args.batch_size)
+                   if eraser is not None else None)
+        evaluate.add_fact_metrics(results, split_fact, answers, vanilla)
     # What the gate turned on, per split (read on the testbed protocol's prompts, so reported with it only).
     if eraser is not None and eraser.prompt_gate is not None and protocol == "testbed":
         for split, scores in evaluate.gate_scores(model, processor, eraser, items, args.batch_size).items():
@@ -571,6 +586,8 @@ def cmd_attack(args) -> int:
         raise UserInputError(None, f"--tasks takes classification, cloze and generation, got {args.tasks!r}")
     paraphrases = attacks.read_paraphrases(args.paraphrases) if args.paraphrases else None
     eraser = load_eraser(args.eraser, args.alpha)
+    if args.adaptive:
+        return cmd_attack_adaptive(args, eraser, tasks)
     model, processor = models.load_model(args.model, **model_options(args))
     references = reference_methods(eraser, processor, args.data, args.forget_ratio) if args.references else None
     summary = attacks.run_suite(model, processor, args.data, args.forget_ratio,
@@ -580,6 +597,21 @@ def cmd_attack(args) -> int:
     print(attacks.format_summary(summary))
     if args.json is not None:
         atomic_write_text(args.json, json.dumps(summary, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_attack_adaptive(args, eraser: Eraser | None, tasks: tuple[str, ...] | None) -> int:
+    """`attack --adaptive`: the white-box search for benign sentences that switch the gate off (bench/adaptive.py)."""
+    if eraser is None or eraser.prompt_gate is None:
+        raise UserInputError(None, "--adaptive needs --eraser FILE with a prompt gate (the attack searches against it)")
+    budget = adaptive.Budget(args.adaptive_budget, args.adaptive_sentences, args.adaptive_tokens)
+    model, processor = models.load_model(args.model, **model_options(args))
+    result = adaptive.run_attack(model, processor, eraser, args.data, args.forget_ratio, budget,
+                                 args.adaptive_prompts or None, tasks or adaptive.DEFAULT_TASKS, args.batch_size)
+    print(adaptive.format_summary(result))
+    if args.json is not None:
+        atomic_write_text(args.json, json.dumps(result, indent=2))
         print(f"wrote {args.json}")
     return 0
 
