@@ -68,6 +68,26 @@ def test_compare_measures_every_method_on_the_same_splits(compared):
     assert eraser["settings"]["alpha"] == (max(keepers) if keepers else min(p["x"] for p in eraser["curve"]))
 
 
+def test_compare_reports_the_fact_leak_beside_rouge(compared, bar):
+    """Every method's splits carry the fact-leak rate against vanilla's answers (facts.py): vanilla keeps every fact
+    it states (1), the eraser keeps every retain fact (its gate never fires there: vanilla's answers) and loses
+    the forget ones; the table has the columns."""
+    summary, out = compared
+    methods = {m["name"]: m["results"] for m in summary["methods"]}
+    vanilla, eraser = methods["vanilla"], methods["eraser"]
+    for split in ("forget", "test", "retain", "real"):
+        assert vanilla[split]["fact_leak"] == 1.0 and vanilla[split]["fact_stated_vanilla"] == vanilla[split]["fact_stated"]
+        for name, results in methods.items():
+            assert 0.0 <= results[split]["fact_leak"] <= 1.0, (name, split)
+            assert results[split]["fact_stated_vanilla"] == vanilla[split]["fact_stated"], (name, split)
+    assert eraser["retain"]["fact_leak"] == 1.0
+    bar("compare: eraser forget fact leak", eraser["forget"]["fact_leak"], at_most=0.10)
+    assert "general" not in methods["vanilla"] or "fact_leak" in vanilla["general"]  # scenes: the value named
+    assert "unknown" not in vanilla or "fact_leak" not in vanilla["unknown"]  # strangers: a refusal, no fact
+    header = (out / "results.md").read_text().splitlines()[0]
+    assert all(f"| {split} leak |" in header for split in ("forget", "test", "retain", "real"))
+
+
 def test_compare_reports_the_gate_of_every_eraser(compared):
     summary, _ = compared
     vanilla = summary["methods"][0]

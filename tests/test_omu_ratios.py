@@ -55,7 +55,7 @@ def cheap_compare(monkeypatch):
         loads.append(args)
         return real_load(*args, **kwargs)
 
-    def canned_evaluate(self, model=None, splits=None):
+    def canned_evaluate(self, model=None, splits=None, **options):  # reference=True for vanilla: nothing to keep
         results = canned_results(self.settings.forget_ratio)
         return {s: results[s] for s in (splits or results) if s in results}
 

@@ -31,7 +31,7 @@ from ..core.eraser import Eraser
 from ..core.fitting import FitSettings
 from ..core.inputs import QAItem
 from ..errors import UserInputError, atomic_write_bytes
-from . import answering, attacks, baselines, data, evaluate, measure, omu, protocols, report
+from . import answering, attacks, baselines, data, evaluate, facts, measure, omu, protocols, report
 from .data import REPORT_SPLITS, VALIDATION_SPLIT
 
 ERASER_METHODS = ("eraser", "eraser-paper")
@@ -117,15 +117,29 @@ class Harness:
         self.attacked = (attacks.attack_set(data_dir, settings.forget_ratio, retain_people=settings.attack_retain_people)
                          if settings.attacks else None)
         self.attack_results: dict[str, dict] = {}  # {method: attacks.score_attacks}, filled where attacked
+        # The fact-leak rate (facts.py): vanilla's per-question "states the fact" flags, once vanilla is measured
+        # (evaluate(reference=True)); each later evaluation is compared with them question by question.
+        self.vanilla_stated: dict[str, list] | None = None
         if not self.validation:
             raise UserInputError(data_dir, "the retain split has no validation subjects to choose settings on")
 
-    def evaluate(self, model=None, splits: Sequence[str] | None = None, ask=None) -> dict[str, dict[str, float]]:
-        """Every split's scores; `ask` rewrites the questions first (a method's system prompt)."""
+    def evaluate(self, model=None, splits: Sequence[str] | None = None, ask=None,
+                 reference: bool = False) -> dict[str, dict[str, float]]:
+        """Every split's scores; `ask` rewrites the questions first (a method's system prompt). Beside ROUGE-L,
+        the fraction of generation answers that state their fact and, once vanilla is the `reference`, the
+        fact-leak rate against vanilla's answers (evaluate.add_fact_metrics; every other number unchanged)."""
         chosen = {s: self.questions[s] for s in (splits or self.questions) if s in self.questions}
         chosen = {s: ask(q) for s, q in chosen.items()} if ask is not None else chosen
-        return evaluate.score(model or self.model, self.processor, chosen, self.settings.protocol,
-                              self.settings.batch_size, self.progress)
+        answers: dict[str, list[str]] = {}
+        results = evaluate.score(model or self.model, self.processor, chosen, self.settings.protocol,
+                                 self.settings.batch_size, self.progress, answers_out=answers)
+        # Facts from the questions as prepared (before `ask` rewrites them), read at each call: cheap, and a
+        # caller may have cut the question sets down since the harness was made.
+        split_fact = evaluate.split_facts({s: self.questions[s] for s in chosen})
+        if reference:  # vanilla against itself: its leak is 1 (every fact it states, it keeps)
+            self.vanilla_stated = {s: facts.stated(split_fact[s], a) for s, a in answers.items()}
+        evaluate.add_fact_metrics(results, split_fact, answers, self.vanilla_stated)
+        return results
 
 
 
@@ -341,7 +355,7 @@ def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: Compar
                if any(m in ERASER_METHODS + ("refuse",) for m in settings.methods) else None)
     torch.manual_seed(settings.seed)
     h = Harness(Path(model_dir), Path(data_dir), settings, progress, erasure, loaded)
-    vanilla = MethodResult("vanilla", h.evaluate(splits=REPORT_SPLITS + (VALIDATION_SPLIT,)))
+    vanilla = MethodResult("vanilla", h.evaluate(splits=REPORT_SPLITS + (VALIDATION_SPLIT,), reference=True))
     vanilla_val = classification(vanilla.results.pop(VALIDATION_SPLIT))
     methods: list[MethodResult] = [vanilla]
     attack(h, "vanilla")

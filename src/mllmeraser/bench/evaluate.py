@@ -24,7 +24,7 @@ from ..core.eraser import Eraser
 from ..core.inputs import QAItem
 from ..core.models import answer_items
 from ..errors import UserInputError
-from . import data, prompts, protocols
+from . import data, facts, prompts, protocols
 from .data import REPORT_SPLITS, VALIDATION_SPLIT
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,11 @@ def aggregate(scored: Iterable[dict[str, float]]) -> dict[str, float]:
 
 
 def score_items(model, processor, items: Sequence[QAItem], batch_size: int = 64, progress: bool = True,
-                desc: str = "answer") -> dict[str, float]:
+                desc: str = "answer", answers_out: list[str] | None = None) -> dict[str, float]:
+    """The split's metrics; `answers_out` (a list), where given, receives the answers in item order."""
     answers = answer_items(model, processor, items, batch_size, progress, desc)
+    if answers_out is not None:
+        answers_out.extend(answers)
     return aggregate(item_scores(item, answer) for item, answer in zip(items, answers))
 
 
@@ -151,24 +154,76 @@ def prepare(data_dir: str | Path, forget_ratio: int, items: dict[str, list[QAIte
 
 
 def score(model, processor, questions: dict[str, list], protocol: str = "testbed", batch_size: int = 64,
-          progress: bool = True) -> dict[str, dict[str, float]]:
-    """{split: metrics} of `prepare`d questions."""
+          progress: bool = True, answers_out: dict[str, list[str]] | None = None) -> dict[str, dict[str, float]]:
+    """{split: metrics} of `prepare`d questions; `answers_out` (a dict), where given, receives {split: answers}
+    in question order (what the fact-leak rate compares across methods)."""
+    if answers_out is not None:
+        answers_out.update({split: [] for split in questions})
     if protocols.check_protocol(protocol) == "testbed":
-        return {split: score_items(model, processor, split_items, batch_size, progress, desc=f"eval {split}")
+        return {split: score_items(model, processor, split_items, batch_size, progress, desc=f"eval {split}",
+                                   answers_out=None if answers_out is None else answers_out[split])
                 for split, split_items in questions.items()}
     results = {}
     for split, prompted in questions.items():
         answers = protocols.answer_prompts(model, processor, prompted, batch_size, progress, desc=f"eval {split}",
                                            protocol=protocol)
+        if answers_out is not None:
+            answers_out[split].extend(answers)
         results[split] = aggregate(RAW_SCORERS[protocol](q.item, answer) for q, answer in zip(prompted, answers))
     return results
 
 
 def evaluate(model, processor, data_dir: str | Path, forget_ratio: int = 10, splits: Sequence[str] = REPORT_SPLITS,
              batch_size: int = 64, progress: bool = True, items: dict[str, list[QAItem]] | None = None,
-             protocol: str = "testbed") -> dict[str, dict[str, float]]:
+             protocol: str = "testbed", answers_out: dict[str, list[str]] | None = None) -> dict[str, dict[str, float]]:
     items = items if items is not None else report_items(data_dir, forget_ratio, splits, protocol)
-    return score(model, processor, prepare(data_dir, forget_ratio, items, protocol), protocol, batch_size, progress)
+    return score(model, processor, prepare(data_dir, forget_ratio, items, protocol), protocol, batch_size, progress,
+                 answers_out)
+
+
+# ---- the fact-leak rate beside ROUGE-L (facts.py) -------------------------------------------------------
+
+def question_items(questions: Sequence) -> list[QAItem]:
+    """The QAItems behind prepared questions (a protocol's Prompted holds its item; a QAItem is its own)."""
+    return [getattr(q, "item", q) for q in questions]
+
+
+def split_facts(questions: dict[str, list]) -> dict[str, list[str | None]]:
+    """{split: each question's fact or None} (facts.fact_strings over the split's own questions)."""
+    return {split: facts.fact_strings(question_items(qs)) for split, qs in questions.items()}
+
+
+def add_fact_metrics(results: dict[str, dict[str, float]], split_fact: dict[str, list[str | None]],
+                     answers: dict[str, list[str]],
+                     vanilla: dict[str, list[bool | None]] | None = None) -> dict[str, list[bool | None]]:
+    """Adds each split's `fact_stated` (and, against vanilla's per-question flags, `fact_leak` and
+    `fact_stated_vanilla`)
+    to `results` in place, beside its ROUGE-L; every other number is left as it is. Returns {split: flags}."""
+    flags = {}
+    for split, split_answers in answers.items():
+        if split not in split_fact or split not in results:
+            continue
+        reference = None if vanilla is None else vanilla.get(split)
+        metrics, flags[split] = facts.split_metrics(split_fact[split], split_answers, reference)
+        results[split].update(metrics)
+    return flags
+
+
+def vanilla_fact_flags(model, processor, items: dict[str, list[QAItem]], split_fact: dict[str, list[str | None]],
+                       batch_size: int = 64, progress: bool = True) -> dict[str, list[bool | None]]:
+    """{split: per question, whether vanilla's answer states its fact (None: no fact)}, answering only the
+    questions with a fact, with nothing attached to `model` (the caller detaches). They are batched as a full
+    evaluation batches them (answer_items groups by modality and task, in order), so the answers are the ones a
+    vanilla `eval` gives."""
+    flags = {}
+    for split, split_items in items.items():
+        asked = [i for i, fact in enumerate(split_fact.get(split, [])) if fact is not None]
+        answers = answer_items(model, processor, [split_items[i] for i in asked], batch_size, progress,
+                               desc=f"vanilla {split}")
+        flags[split] = [None] * len(split_items)
+        for i, answer in zip(asked, answers):
+            flags[split][i] = facts.states_fact(answer, split_fact[split][i])
+    return flags
 
 
 def gate_scores(model, processor, eraser: Eraser, items: dict[str, list[QAItem]],
@@ -190,8 +245,9 @@ HEADLINE = ("classification_image", "classification_text", "cloze_image", "cloze
 def format_table(results: dict[str, dict[str, float]], columns: Sequence[str] = HEADLINE) -> str:
     """A fixed-width table of one result set: a row per split, a column per headline metric (and the gate's
     fire rate where the results have it)."""
-    if any("gate_fire_rate" in metrics for metrics in results.values()):
-        columns = (*columns, "gate_fire_rate")
+    for extra in ("fact_stated", "fact_leak", "gate_fire_rate"):  # beside the headline where a run has them
+        if any(extra in metrics for metrics in results.values()):
+            columns = (*columns, extra)
     width = max(len(c) for c in columns)
     header = "split".ljust(10) + "".join(c.rjust(width + 1) for c in columns)
     rows = [header, "-" * len(header)]

@@ -14,10 +14,11 @@ from .data import REPORT_SPLITS, VALIDATION_SPLIT
 
 COLUMNS = [  # (header, split, metric key or aggregate)
     ("forget cls img", "forget", "classification_image"), ("forget cls txt", "forget", "classification_text"),
-    ("forget cloze", "forget", "cloze"), ("forget R-L", "forget", "rougeL"),
-    ("test cls img", "test", "classification_image"),
+    ("forget cloze", "forget", "cloze"), ("forget R-L", "forget", "rougeL"), ("forget leak", "forget", "fact_leak"),
+    ("test cls img", "test", "classification_image"), ("test leak", "test", "fact_leak"),
     ("retain cls", "retain", "classification"), ("retain cloze", "retain", "cloze"), ("retain R-L", "retain", "rougeL"),
-    ("real cls", "real", "classification"), ("real R-L", "real", "rougeL"),
+    ("retain leak", "retain", "fact_leak"), ("real cls", "real", "classification"), ("real R-L", "real", "rougeL"),
+    ("real leak", "real", "fact_leak"),  # leak: facts.py (of vanilla's answers that state the fact, the share kept)
     ("general cls", "general", "classification"), ("unknown refusal", "unknown", "refusal_rate"),
 ]
 PLOTS = ("tradeoff_classification.png", "tradeoff_rougeL.png", "splits.png", "gate_scores.png", "omu.png")

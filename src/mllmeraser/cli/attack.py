@@ -33,6 +33,16 @@ def add_parsers(commands) -> None:
                         "and, with --eraser, refuse (the eraser's gate, a fixed refusal where it fires)")
     attack.add_argument("--batch-size", type=int, default=64)
     attack.add_argument("--json", type=Path, default=None, help="write the results here")
+    # The adaptive attack's defaults are bench.adaptive.Budget's (None here: that module loads torch).
+    attack.add_argument("--adaptive", action="store_true", help="instead of the suite: a white-box attacker searches "
+                        "for benign sentences that switch the eraser's prompt gate off (docs/threat_model.md)")
+    attack.add_argument("--adaptive-budget", type=int, default=None,
+                        help="gate evaluations per prompt (default 200)")
+    attack.add_argument("--adaptive-sentences", type=int, default=None,
+                        help="sentences added per prompt at most (default 4)")
+    attack.add_argument("--adaptive-tokens", type=int, default=None,
+                        help="tokens added per prompt at most (default 64)")
+    attack.add_argument("--adaptive-prompts", type=int, default=20, help="forget prompts attacked (0: all)")
     attack.set_defaults(handler=run_attack)
 
 
@@ -48,6 +58,8 @@ def run_attack(args) -> int:
         raise UserInputError(None, f"--tasks takes classification, cloze and generation, got {args.tasks!r}")
     paraphrases = attacks.read_paraphrases(args.paraphrases) if args.paraphrases else None
     eraser = load_eraser(args.eraser, args.alpha)
+    if args.adaptive:
+        return run_adaptive(args, eraser, tasks)
     model, processor = load_model(args)
     references = reference_methods(eraser, processor, args.data, args.forget_ratio) if args.references else None
     summary = attacks.run_suite(model, processor, args.data, args.forget_ratio,
@@ -55,6 +67,23 @@ def run_attack(args) -> int:
                                 args.retain_people or None, args.batch_size, args.white_box, paraphrases,
                                 references=references, tasks=tasks)
     write_results(summary, attacks.format_summary(summary), args.json)
+    return 0
+
+
+def run_adaptive(args, eraser, tasks: tuple[str, ...] | None) -> int:
+    """`attack --adaptive`: the white-box search for benign sentences that switch the gate off (bench/adaptive.py)."""
+    from ..bench import adaptive
+
+    if eraser is None or eraser.prompt_gate is None:
+        raise UserInputError(None, "--adaptive needs --eraser FILE with a prompt gate (the attack searches against it)")
+    default = adaptive.Budget()
+    budget = adaptive.Budget(default.evaluations if args.adaptive_budget is None else args.adaptive_budget,
+                             default.sentences if args.adaptive_sentences is None else args.adaptive_sentences,
+                             default.tokens if args.adaptive_tokens is None else args.adaptive_tokens)
+    model, processor = load_model(args)
+    result = adaptive.run_attack(model, processor, eraser, args.data, args.forget_ratio, budget,
+                                 args.adaptive_prompts or None, tasks or adaptive.DEFAULT_TASKS, args.batch_size)
+    write_results(result, adaptive.format_summary(result), args.json)
     return 0
 
 

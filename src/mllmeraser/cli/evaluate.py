@@ -51,9 +51,15 @@ def run_eval(args) -> int:
     eraser = load_eraser(args.eraser, args.alpha)  # a bad file is refused before a model is loaded
     model, processor = load_model(args)
     items = evaluate.report_items(args.data, args.forget_ratio, splits, protocol)
+    answers: dict[str, list[str]] = {}
     with attached(model, eraser):
         results = evaluate.evaluate(model, processor, args.data, args.forget_ratio, items=items,
-                                    batch_size=args.batch_size, protocol=protocol)
+                                    batch_size=args.batch_size, protocol=protocol, answers_out=answers)
+    if protocol == "testbed":  # the fact-leak rate beside ROUGE-L (bench/facts.py); with an eraser, against vanilla
+        split_fact = evaluate.split_facts(items)
+        vanilla = (evaluate.vanilla_fact_flags(model, processor, items, split_fact, args.batch_size)
+                   if eraser is not None else None)
+        evaluate.add_fact_metrics(results, split_fact, answers, vanilla)
     # What the gate turned on, per split (read on the testbed protocol's prompts, so reported with it only).
     if eraser is not None and eraser.prompt_gate is not None and protocol == "testbed":
         for split, scores in evaluate.gate_scores(model, processor, eraser, items, args.batch_size).items():
