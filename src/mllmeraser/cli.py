@@ -19,6 +19,7 @@ from .bench.protocols import PROTOCOLS
 from .core import cache, gating, models
 from .core import distributed
 from .core.eraser import Eraser
+from .core.eraser_fitter import fit_eraser
 from .core.fitting import GATES, FitSettings, PGDSettings
 from .core.inputs import as_items
 from .errors import UserInputError, atomic_write_text
@@ -304,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_testbed_build(args) -> int:
-    from .testbed.build import build
+    from .testbed.preset_build import build
     directory = build(out=args.out, seed=args.seed, preset=args.preset, force=args.force)
     print(f"testbed ready: {directory}\n  model: {directory / 'model'}\n  data:  {directory / 'data'}")
     return 0
@@ -449,7 +450,7 @@ def cmd_fit(args) -> int:
     shared = cache.shared_statistics(model, processor, retain=retain, erasure=erasure, calibration=calibration,
                                      settings=settings, layers_path=args.layers_path, cache_dir=cache_dir(args))
     timings = {f"model cache ({shared.status})": shared.seconds}
-    eraser = Eraser.fit(model, processor, forget=forget, settings=settings, layers_path=args.layers_path,
+    eraser = fit_eraser(model, processor, forget=forget, settings=settings, layers_path=args.layers_path,
                         request=str(args.forget), shared=shared, timings=timings)
     if distributed.world()[0] != 0:
         return 0  # torchrun: every rank fitted the same eraser; rank 0 writes it and reports
@@ -622,7 +623,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .testbed.build import build
+    from .testbed.preset_build import build
     started = time.perf_counter()
     directory = build(seed=args.seed, preset=args.preset)
     settings = compare.CompareSettings(forget_ratio=args.forget_ratio[0], methods=_methods(args.methods),
