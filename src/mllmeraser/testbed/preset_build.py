@@ -19,5 +19,5 @@ def build(out: Path | None = None, seed: int = 0, preset: str = "full", progress
     if preset == tiny.PRETRAINED_PRESET:
         from . import pretrained_build  # imported for its preset only: it brings the pretrained decoder's training
 
-        return pretrained_build.build(out, seed, progress, force)
-    return tiny.build(out, seed, preset, progress, force)
+        return pretrained_build.build(out=out, seed=seed, progress=progress, force=force)
+    return tiny.build(out=out, seed=seed, preset=preset, progress=progress, force=force)
