@@ -4,7 +4,7 @@ The model is a random-weight `LlavaForConditionalGeneration` built from LLaVA-1.
 downloaded): CLIP ViT-L/14-336 vision tower (24 layers, width 1024, 336x336 images -> 576 image tokens), a
 Llama decoder of width 4096 (MLP 11008, 32 heads, vocabulary 32064), but only a few decoder layers
 (`--decoder-layers`, default 2 and 3: two sizes give the per-layer slope). Inputs are realistic in length: one
-336x336 image and a ~40-token question per prompt, plus a short answer for PGD. Phases, as `Eraser.fit` runs
+336x336 image and a ~40-token question per prompt, plus a short answer for PGD. Phases, as `fit_eraser` runs
 them (core/fitting.py):
 
   pgd          `fitting.pgd_images`, one step per item (every step costs the same), without and with activation
@@ -95,7 +95,7 @@ def build_processor():
 
 def make_items(n: int, seed: int = 0):
     """`n` image questions, each with its own seeded 336x336 noise image (asked verbatim)."""
-    from mllmeraser.core.inputs import QAItem
+    from mllmeraser.bench.items import QAItem
 
     rng = np.random.default_rng(seed)
     return [QAItem(f"person-{i}", "generation", "image", QUESTION, ANSWER, verbatim=True,

@@ -17,7 +17,7 @@ from dataclasses import replace
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from mllmeraser import Eraser, FitSettings, build_testbed, load_model
+from mllmeraser import FitSettings, build_testbed, fit_eraser, load_model
 from mllmeraser.bench import data, evaluate
 from mllmeraser.cli import TESTBED_PRESETS
 
@@ -49,7 +49,7 @@ def main() -> int:
     directory = build_testbed(seed=args.seed, preset=args.preset)
     data_dir = directory / "data"
     model, processor = load_model(directory / "model")
-    eraser = Eraser.fit(model, processor, forget=data.load_split_items(data_dir, "forget", args.forget_ratio),
+    eraser = fit_eraser(model, processor, forget=data.load_split_items(data_dir, "forget", args.forget_ratio),
                         retain=data.retained_inputs(data_dir, args.forget_ratio),
                         erasure=data.default_erasure_items(data_dir),
                         calibration=data.validation_items(data_dir, args.forget_ratio), settings=FitSettings(),

@@ -27,7 +27,7 @@ from mllmeraser import FitSettings, build_testbed, load_model
 from mllmeraser.bench import data, evaluate
 from mllmeraser.core import gating, hooks, models
 from mllmeraser.core.fitting import fit_prompt_gate
-from mllmeraser.core.inputs import QAItem
+from mllmeraser.bench.items import QAItem
 
 # Benign padding in this script's own words (not the suite's BENIGN_PREFIX, ROLE_PLAY or multi-turn wording).
 LONG_PREFIX = " ".join([

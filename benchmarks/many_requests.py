@@ -20,7 +20,7 @@ Per K it prints:
     before retain rows were shared (one retain copy per request);
   * add and drop, median over `--ops` operations: RequestIndex.add / remove (add with the index's own retain
     tensor, and with a request holding its own copy of the retain bank, as one loaded from its own file would:
-    then the add also compares the two banks), and the stacked Eraser's `+` / drop; timed with
+    then the add also compares the two banks), and the stacked Eraser's concat / drop; timed with
     `--control-threads` intra-op threads (1: these are control-plane operations, and on a loaded machine each
     OpenMP parallel region of a small op can wait a scheduler tick, measured 40 ms per add at 2 threads vs
     0.3 ms at 1).
@@ -87,8 +87,9 @@ def median_ms(operation, repeats: int) -> float:
 
 
 def add_drop(index: RequestIndex, stacked: Eraser, requests: Requests, k: int, ops: int) -> dict[str, float]:
-    """Median ms of: index add (shared retain tensor), index add (own retain copy), index remove, Eraser + and
-    Eraser drop; each op on a fresh request, the index and the stacked Eraser left as they were."""
+    """Median ms of: index add (shared retain tensor), index add (own retain copy), index remove, Eraser.concat of
+    the stack and one more request, Eraser drop; each op on a fresh request, the index and the stacked Eraser left
+    as they were."""
     times: dict[str, list[float]] = {name: [] for name in ("add", "add_copy", "drop", "plus", "minus")}
     for op in range(ops):
         extra = requests.make(k + 1 + op)
@@ -101,7 +102,7 @@ def add_drop(index: RequestIndex, stacked: Eraser, requests: Requests, k: int, o
             index.remove("extra")
             times["drop"].append(time.perf_counter() - started)
         started = time.perf_counter()
-        grown = stacked + copy
+        grown = Eraser.concat([stacked, copy])
         times["plus"].append(time.perf_counter() - started)
         started = time.perf_counter()
         grown.drop(op % grown.num_terms)
@@ -150,7 +151,7 @@ def main() -> int:
           f"{args.ops} add/drop ops per K", flush=True)
     header = ("K", "overhead one fires (paired)", "overhead none fires (paired)", "decide ms index / Eraser", "MiB index",
               "MiB Eraser", "MiB Eraser, retain per request", "add ms index (same / own retain)", "drop ms index",
-              "Eraser + ms", "Eraser drop ms")
+              "Eraser concat ms", "Eraser drop ms")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header), flush=True)
     for K in args.ks:

@@ -26,6 +26,7 @@ from mllmeraser.bench import measure
 from mllmeraser.core import gating
 from mllmeraser.core.compat import model_fingerprint
 from mllmeraser.core.eraser import Eraser
+from mllmeraser.core.eraser_fitter import fit_eraser
 from mllmeraser.core.hooks import find_decoder_layers
 
 
@@ -65,7 +66,7 @@ def testbed_case(repeats: int) -> None:
     forget = load_split_items(directory / "data", "forget", 10)
     retain = retained_inputs(directory / "data", 10)
     erasure = default_erasure_items(directory / "data")
-    eraser = Eraser.fit(model, processor, forget=forget, retain=retain, erasure=erasure, progress=False)
+    eraser = fit_eraser(model, processor, forget=forget, retain=retain, erasure=erasure, progress=False)
     items = [i for i in forget + retain if i.task == "generation" and i.modality == "image"][:32]
     inputs = to_device(encode_prompts(processor, items), model)
     ratio, base, treated = time_generation(model, eraser, inputs, 30, repeats)

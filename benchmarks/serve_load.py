@@ -32,10 +32,10 @@ from openai import OpenAI
 from mllmeraser import serve
 from mllmeraser.bench import data
 from mllmeraser.core import models
-from mllmeraser.core.eraser import Eraser
+from mllmeraser.core.eraser_fitter import fit_eraser
 from mllmeraser.core.fitting import FitSettings, PGDSettings
 from mllmeraser.core.inputs import as_items
-from mllmeraser.testbed.build import build
+from mllmeraser.testbed.preset_build import build
 
 PEOPLE = {"p1": "F0001", "p2": "F0006"}
 TENANTS = {"key-a": ["p1"], "key-b": ["p1", "p2"]}
@@ -51,7 +51,7 @@ def person_erasers(model, processor, data_dir: Path, out: Path) -> None:
     for name, person in PEOPLE.items():
         torch.manual_seed(0)
         mine = [item for item in forget if item.subject_id == person]
-        Eraser.fit(model, processor, forget=mine, retain=samples[0], erasure=samples[1], calibration=samples[2],
+        fit_eraser(model, processor, forget=mine, retain=samples[0], erasure=samples[1], calibration=samples[2],
                    settings=FitSettings(pgd=PGDSettings(steps=2)), request=person, progress=False
                    ).save(out / f"{name}.safetensors")
 

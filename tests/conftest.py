@@ -67,10 +67,10 @@ def testbed_model(testbed_dir):
 @pytest.fixture(scope="session")
 def default_eraser(testbed_model, testbed_data):
     """The default eraser (FitSettings()) of the 10% forget request, fitted once for every test that reads it."""
-    from mllmeraser import Eraser, FitSettings
+    from mllmeraser import FitSettings, fit_eraser
     from mllmeraser.bench import data
     model, processor = testbed_model
-    return Eraser.fit(model, processor, forget=data.load_split_items(testbed_data, "forget", 10),
+    return fit_eraser(model, processor, forget=data.load_split_items(testbed_data, "forget", 10),
                       retain=data.retained_inputs(testbed_data, 10), erasure=data.default_erasure_items(testbed_data),
                       calibration=data.validation_items(testbed_data, 10), settings=FitSettings(), progress=False)
 

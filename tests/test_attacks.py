@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mllmeraser import Eraser, FitSettings
+from mllmeraser import FitSettings, fit_eraser
 from mllmeraser.bench import attacks, data, evaluate
 from mllmeraser.core import models
-from mllmeraser.core.inputs import EDGES, EncodedImage, OccludedImage, QAItem, occluded_copies
+from mllmeraser.bench.items import QAItem
+from mllmeraser.core.inputs import EDGES, EncodedImage, OccludedImage, occluded_copies
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +202,7 @@ def test_occluded_copies_in_the_banks_keep_the_gate_on_over_covered_photos(testb
     the small model does not: typo-name forget classification 0.45.)"""
     model, processor = testbed_model
     forget, validation = data.load_split_items(testbed_data, "forget", 10), data.validation_items(testbed_data, 10)
-    occluded = Eraser.fit(model, processor, forget=forget, retain=data.retained_inputs(testbed_data, 10),
+    occluded = fit_eraser(model, processor, forget=forget, retain=data.retained_inputs(testbed_data, 10),
                           erasure=data.default_erasure_items(testbed_data), calibration=validation,
                           settings=FitSettings(occlusion=0.15), progress=False)
     plain = default_eraser  # the default: occlusion off

@@ -14,7 +14,7 @@ from PIL import Image
 from mllmeraser.bench import baselines
 from mllmeraser.core import models
 from mllmeraser.bench.baselines import BaselineSettings
-from mllmeraser.core.inputs import QAItem
+from mllmeraser.bench.items import QAItem
 from mllmeraser.errors import UserInputError
 from mllmeraser.testbed import model as tm
 

@@ -88,7 +88,7 @@ def test_cli_passes_protocol_and_erasure_to_compare_and_demo(monkeypatch, tmp_pa
     assert seen[-1].protocol == "mllmu" and seen[-1].erasure == "refusals.jsonl"
     assert cli.main(["compare", "--model", "m", "--data", "d", "--out", str(tmp_path)]) == 0
     assert seen[-1].protocol == "testbed" and seen[-1].erasure is None  # the defaults
-    import mllmeraser.testbed.build as testbed_build
+    import mllmeraser.testbed.preset_build as testbed_build  # what `demo` builds the testbed with
     monkeypatch.setattr(testbed_build, "build", lambda **kw: tmp_path)
     assert cli.main(["demo", "--erasure", "Unknown_Set", "--out", str(tmp_path)]) == 0
     assert seen[-1].erasure == "Unknown_Set" and seen[-1].protocol == "testbed"

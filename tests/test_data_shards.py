@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from mllmeraser.bench import data, evaluate
-from mllmeraser.core.inputs import EncodedImage, QAItem
+from mllmeraser.bench.items import QAItem
+from mllmeraser.core.inputs import EncodedImage
 from mllmeraser.core.models import answer_items
 from mllmeraser.errors import UserInputError
 

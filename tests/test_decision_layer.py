@@ -14,6 +14,7 @@ import torch
 from mllmeraser import cli
 from mllmeraser.core import cache, gating, models
 from mllmeraser.core.eraser import Eraser
+from mllmeraser.core.eraser_fitter import fit_eraser
 from mllmeraser.core.fitting import FitSettings
 from mllmeraser.core.inputs import as_items
 from mllmeraser.errors import UserInputError
@@ -92,7 +93,7 @@ def deep_llava(request, tmp_path_factory):
 def _fit(model, processor, sets, settings: FitSettings) -> tuple[Eraser, cache.SharedStatistics]:
     shared = cache.shared_statistics(model, processor, retain=sets["retain"], erasure=sets["erasure"],
                                      calibration=None, settings=settings, cache_dir=None, progress=False)
-    eraser = Eraser.fit(model, processor, forget=sets["forget"], settings=settings, shared=shared, progress=False)
+    eraser = fit_eraser(model, processor, forget=sets["forget"], settings=settings, shared=shared, progress=False)
     return eraser, shared
 
 

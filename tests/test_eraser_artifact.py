@@ -227,10 +227,10 @@ def test_old_fingerprints_and_offloaded_weights_compare_on_shared_keys_only(llav
     old.attach(_edited(Q_PROJ, (0, 0))).remove()  # what it recorded cannot tell these apart
     with pytest.raises(UserInputError, match="embedding_sha256"):
         old.attach(tiny_llava(seed=1))
-    combined = old + make_eraser(llava)  # old and new artifacts of one model compose; the union is kept
+    combined = Eraser.concat([old, make_eraser(llava)])  # old and new artifacts of one model compose: union kept
     assert combined.fingerprint == fingerprint
     with pytest.raises(ValueError, match="weights_sha256 differs"):
-        make_eraser(llava) + make_eraser(_edited(Q_PROJ, (0, 0)))
+        Eraser.concat([make_eraser(llava), make_eraser(_edited(Q_PROJ, (0, 0)))])
 
     offloaded = tiny_llava()
     offloaded.get_submodule("model.language_model.layers.1.mlp").to("meta")  # weights not in memory
@@ -243,9 +243,9 @@ def test_old_fingerprints_and_offloaded_weights_compare_on_shared_keys_only(llav
 # ---- composition --------------------------------------------------------------------------------------
 
 
-def test_combine_and_drop_round_trip(llava):
+def test_concat_and_drop_round_trip(llava):
     a, b = make_eraser(llava, k=1, seed=1, name="a"), make_eraser(llava, k=2, seed=2, name="b")
-    both = a + b
+    both = Eraser.concat([a, b])
     assert both.num_terms == 3 and both.alpha == a.alpha + b.alpha and both.cap == a.cap + b.cap
     assert [request["name"] for request in both.requests()] == ["a.0", "b.0", "b.1"]
     assert both.requests()[0]["fit"] == a.metadata["fit"]  # shared settings are kept per request
@@ -263,26 +263,27 @@ def test_a_silenced_request_leaves_the_other_unchanged(llava):
     vanilla = logits(llava, input_ids=PROMPT)
     with a.attach(llava):
         a_alone = logits(llava, input_ids=PROMPT)
-    with (a + b.with_alpha(0.0)).attach(llava):
+    with Eraser.concat([a, b.with_alpha(0.0)]).attach(llava):
         a_with_silent_b = logits(llava, input_ids=PROMPT)
-    with (a + b).attach(llava):
+    with Eraser.concat([a, b]).attach(llava):
         a_with_b = logits(llava, input_ids=PROMPT)
     torch.testing.assert_close(a_with_silent_b, a_alone, rtol=0, atol=1e-6)
     assert not torch.allclose(a_alone, vanilla) and not torch.allclose(a_with_b, a_alone)
 
 
-def test_combine_refuses_incompatible_erasers(llava):
+def test_concat_refuses_incompatible_erasers(llava):
     a = make_eraser(llava)
     with pytest.raises(ValueError, match="layer_indices"):
-        a + make_eraser(llava, num_layers=1)
+        Eraser.concat([a, make_eraser(llava, num_layers=1)])
     with pytest.raises(ValueError, match="different models"):
-        a + make_eraser(tiny_llava(seed=1))
+        Eraser.concat([a, make_eraser(tiny_llava(seed=1))])
 
 
-def test_concat_is_the_pairwise_sum_in_one_step(llava):
+def test_concat_in_one_step_is_concat_in_pairs(llava):
     erasers = [make_eraser(llava, k=1 + i % 2, seed=i, name=f"e{i}") for i in range(4)]
-    summed = erasers[0] + erasers[1] + erasers[2] + erasers[3]
-    assert_same_eraser(Eraser.concat(erasers), summed)
+    pairwise = Eraser.concat([Eraser.concat([Eraser.concat(erasers[:2]), erasers[2]]), erasers[3]])
+    assert_same_eraser(Eraser.concat(erasers), pairwise)
+    assert not hasattr(Eraser, "combine") and not hasattr(Eraser, "__add__")  # one way to compose erasers
     assert Eraser.concat(erasers[:1]) is erasers[0]
     with pytest.raises(ValueError, match="different models"):
         Eraser.concat([erasers[0], make_eraser(tiny_llava(seed=1))])
@@ -325,7 +326,7 @@ def test_format_2_artifacts_with_per_term_retain_copies_load_and_score_exactly_a
 
 
 def test_shared_retain_rows_round_trip_as_format_3(tmp_path):
-    eraser = knn_eraser(2) + knn_eraser(2)  # one retain bank: one copy
+    eraser = Eraser.concat([knn_eraser(2), knn_eraser(2)])  # one retain bank: one copy
     assert eraser.prompt_gate.retain_bank.shape[0] == 12
     path = eraser.save(tmp_path / "shared.safetensors")
     with safetensors.safe_open(str(path), framework="pt") as reader:

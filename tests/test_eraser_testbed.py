@@ -15,6 +15,7 @@ from mllmeraser.bench import compare, data, evaluate
 from mllmeraser.core import gating
 from mllmeraser.core.fitting import FitSettings
 from mllmeraser.core.eraser import Eraser
+from mllmeraser.core.eraser_fitter import fit_eraser
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def fitted(testbed_model, testbed_data, forget_ratio: int, **settings) -> Eraser
     model, processor = testbed_model
     forget = data.load_split_items(testbed_data, "forget", forget_ratio)
     retain = data.retained_inputs(testbed_data, forget_ratio)
-    return Eraser.fit(model, processor, forget=forget, retain=retain, erasure=data.default_erasure_items(testbed_data),
+    return fit_eraser(model, processor, forget=forget, retain=retain, erasure=data.default_erasure_items(testbed_data),
                       calibration=data.validation_items(testbed_data, forget_ratio), settings=FitSettings(**settings),
                       progress=False)
 

@@ -10,7 +10,7 @@ import pytest
 
 from mllmeraser.bench import evaluate, prompts
 from mllmeraser.core.models import answer_items
-from mllmeraser.core.inputs import QAItem
+from mllmeraser.bench.items import QAItem
 
 
 def test_classification_takes_the_first_alphanumeric_character():

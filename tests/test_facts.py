@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from mllmeraser.bench import data, evaluate, facts
-from mllmeraser.core.inputs import QAItem
+from mllmeraser.bench.items import QAItem
 from mllmeraser.testbed import world
 
 

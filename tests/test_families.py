@@ -15,8 +15,9 @@ from PIL import Image
 import tiny_families
 from mllmeraser.bench import evaluate, prompts
 from mllmeraser.core import families, fitting, hooks, models
-from mllmeraser.core.inputs import QAItem
+from mllmeraser.bench.items import QAItem
 from mllmeraser.core.eraser import Eraser
+from mllmeraser.core.eraser_fitter import fit_eraser
 from mllmeraser.errors import UserInputError
 
 FAMILIES = list(tiny_families.BUILDERS)
@@ -338,7 +339,7 @@ def test_fit_eraser_end_to_end(family, gate):
     # knn: with the occluded copies, so each family's image processor takes the covered photos
     settings = fitting.FitSettings(gate=gate, pgd=fitting.PGDSettings(steps=2), batch_size=8,
                                    occlusion=0.15 if gate == "knn" else 0.0)
-    eraser = Eraser.fit(family.model, family.processor, forget=forget, retain=retain, erasure=erasure, settings=settings,
+    eraser = fit_eraser(family.model, family.processor, forget=forget, retain=retain, erasure=erasure, settings=settings,
                         progress=False)
     num_layers, d = len(family.layers), family.text_config.hidden_size
     assert eraser.r.shape == (1, num_layers - 1, d)

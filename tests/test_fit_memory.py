@@ -15,7 +15,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 import tiny_families
 from mllmeraser.bench import prompts
 from mllmeraser.core import fitting, hooks, models, steering
-from mllmeraser.core.inputs import QAItem
+from mllmeraser.bench.items import QAItem
 from mllmeraser.errors import UserInputError
 
 FAMILIES = list(tiny_families.BUILDERS)

@@ -396,7 +396,7 @@ def test_prompt_gated_eraser_round_trips_and_composes(tmp_path, llava):
     assert loaded.u is None and torch.equal(loaded.r, eraser.r) and loaded.alpha == (1.5,)
     assert loaded.prompt_gate.header() == gate.header()
     assert torch.equal(loaded.prompt_gate.scores(queries), gate.scores(queries))
-    both = eraser + loaded
+    both = Eraser.concat([eraser, loaded])
     assert both.num_terms == 2 and both.prompt_gate.num_terms == 2
     assert torch.equal(both.drop(0).prompt_gate.scores(queries), gate.scores(queries))
     with pytest.raises(ValueError, match="decides at layer 1"):
@@ -426,7 +426,7 @@ def test_a_windows_gate_round_trips_through_the_artifact_stacks_and_keys_the_mod
     queries[1, 2:] = 0  # a shorter prompt
     assert loaded.prompt_gate.header()["pooling"] == "windows:6"
     assert torch.equal(loaded.prompt_gate.scores(queries), gate.scores(queries))
-    both = eraser + loaded
+    both = Eraser.concat([eraser, loaded])
     assert torch.equal(both.prompt_gate.scores(queries), gate.scores(queries).repeat(1, 2))
     mean_gate = gating.fit_knn(torch.randn(2, d, generator=g), torch.randn(3, d, generator=g), "mean", 1)
     assert "pooling" in gate.compatible(mean_gate)

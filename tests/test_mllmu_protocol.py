@@ -8,7 +8,7 @@ import pytest
 
 from mllmeraser.bench import data, evaluate, prompts, protocols
 from mllmeraser.bench.protocols import Prompted
-from mllmeraser.core.inputs import QAItem
+from mllmeraser.bench.items import QAItem
 from mllmeraser.errors import UserInputError
 
 OPTIONS = {"A": "Lisbon", "B": "Oslo", "C": "Kyoto", "D": "Lima"}

@@ -16,6 +16,7 @@ import torch
 from mllmeraser.bench import data
 from mllmeraser.core import cache, fitting, models, steering
 from mllmeraser.core.eraser import Eraser
+from mllmeraser.core.eraser_fitter import EraserFitter, fit_eraser
 from mllmeraser.core.fitting import FitSettings, PGDSettings
 from mllmeraser.errors import UserInputError
 
@@ -48,13 +49,13 @@ def same_eraser(a: Eraser, b: Eraser) -> None:
 def test_a_warm_cache_gives_the_eraser_fitted_without_one(testbed_model, sets, gate, tmp_path):
     model, processor = testbed_model
     settings = FitSettings(gate=gate)
-    direct = Eraser.fit(model, processor, **sets, settings=settings, progress=False)
+    direct = fit_eraser(model, processor, **sets, settings=settings, progress=False)
     built = shared(model, processor, sets, settings, tmp_path)
     assert built.status == "built" and built.path == cache.entry_path(tmp_path, built.key) and len(list(tmp_path.iterdir())) == 1
     loaded = shared(model, processor, sets, settings, tmp_path)
     assert loaded.status == "loaded" and loaded.key == built.key
     timings = {}
-    warm = Eraser.fit(model, processor, forget=sets["forget"], settings=settings, shared=loaded, progress=False,
+    warm = fit_eraser(model, processor, forget=sets["forget"], settings=settings, shared=loaded, progress=False,
                       timings=timings)
     same_eraser(direct, warm)
     assert "solve" in timings and not any("shared" in stage for stage in timings)  # only the request ran
@@ -63,6 +64,35 @@ def test_a_warm_cache_gives_the_eraser_fitted_without_one(testbed_model, sets, g
     else:
         assert set(loaded.features) == {"retain", "calibration"}
         assert loaded.features["retain"].shape[0] == len(sets["retain"])
+
+
+def test_the_fitter_builds_the_shared_statistics_once_and_fits_each_request_against_them(testbed_model, sets,
+                                                                                         tmp_path):
+    """EraserFitter: questions added in parts make the entry one call makes (the same key, the same eraser as
+    fit_eraser's); the first fit builds it, the next reuses it; adding questions drops it; a fitter made from shared
+    statistics takes no questions."""
+    model, processor = testbed_model
+    settings = FitSettings()
+    fitter = EraserFitter(model, processor, settings, cache_dir=tmp_path, progress=False)
+    half = len(sets["retain"]) // 2
+    fitter.add_retain(sets["retain"][:half]).add_retain(sets["retain"][half:]).add_erasure(sets["erasure"])
+    fitter.add_calibration(sets["calibration"])
+    timings = {}
+    first = fitter.fit(sets["forget"], timings=timings)
+    statistics = fitter.shared
+    assert statistics.status == "built" and "model cache (built)" in timings and "solve" in timings
+    assert shared(model, processor, sets, settings, tmp_path).key == statistics.key  # one entry, however added
+    same_eraser(first, fit_eraser(model, processor, **sets, settings=settings, progress=False))
+    again = {}
+    second = fitter.fit(sets["forget"][::2], request="half", timings=again)
+    assert fitter.shared is statistics and not any("model cache" in stage for stage in again)  # the forget set only
+    assert second.requests()[0]["name"] == "half" and second.requests()[0]["counts"]["forget"] < len(sets["forget"])
+    fitter.add_erasure(sets["erasure"][:1])  # one more question: the statistics are made anew at the next need
+    assert fitter.shared is not statistics and fitter.shared.key != statistics.key
+    reused = EraserFitter.from_shared(model, processor, statistics, settings, progress=False)
+    same_eraser(reused.fit(sets["forget"]), first)
+    with pytest.raises(ValueError, match="from_shared"):
+        reused.add_retain(sets["retain"])
 
 
 def test_the_occluded_retain_copies_are_part_of_the_entry(testbed_model, sets, tmp_path):
@@ -74,11 +104,11 @@ def test_the_occluded_retain_copies_are_part_of_the_entry(testbed_model, sets, t
     photos = sum(i.modality == "image" for i in sets["retain"])
     assert photos and loaded.features["retain_occluded"].shape[0] == 4 * photos  # one copy per edge
     assert torch.equal(loaded.features["retain_occluded"], built.features["retain_occluded"])
-    cold = Eraser.fit(model, processor, **sets, settings=settings, progress=False)
-    warm = Eraser.fit(model, processor, forget=sets["forget"], settings=settings, shared=loaded, progress=False)
+    cold = fit_eraser(model, processor, **sets, settings=settings, progress=False)
+    warm = fit_eraser(model, processor, forget=sets["forget"], settings=settings, shared=loaded, progress=False)
     same_eraser(cold, warm)
     with pytest.raises(ValueError, match="occlusion"):  # an entry with copies is not one without, nor the reverse
-        Eraser.fit(model, processor, forget=sets["forget"], settings=FitSettings(), shared=loaded, progress=False)
+        fit_eraser(model, processor, forget=sets["forget"], settings=FitSettings(), shared=loaded, progress=False)
 
 
 def test_the_key_follows_the_data_the_settings_and_the_weights(testbed_model, sets, tmp_path):
@@ -113,7 +143,7 @@ def test_statistics_of_other_settings_are_refused(testbed_model, sets, tmp_path)
     model, processor = testbed_model
     built = shared(model, processor, sets, FitSettings(), tmp_path)
     with pytest.raises(ValueError, match="decision_layer"):
-        Eraser.fit(model, processor, forget=sets["forget"], settings=FitSettings(decision_layer=2), shared=built,
+        fit_eraser(model, processor, forget=sets["forget"], settings=FitSettings(decision_layer=2), shared=built,
                    progress=False)
 
 

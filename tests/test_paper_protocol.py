@@ -9,7 +9,7 @@ import copy
 import pytest
 
 from mllmeraser.bench import data, evaluate, protocols
-from mllmeraser.core.inputs import QAItem
+from mllmeraser.bench.items import QAItem
 from mllmeraser.testbed.pretrained import CHAT_TEMPLATE as CHATML_TEMPLATE
 
 OPTIONS = {"A": "Lisbon", "B": "Oslo", "C": "Kyoto", "D": "Lima"}

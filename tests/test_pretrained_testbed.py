@@ -18,9 +18,9 @@ from mllmeraser.bench.data import PARQUET_NAME, expand_items
 from mllmeraser import cli
 from mllmeraser.cli import main
 from mllmeraser.core import models
-from mllmeraser.core.eraser import Eraser
+from mllmeraser.core.eraser_fitter import fit_eraser
 from mllmeraser.core.fitting import FitSettings, PGDSettings
-from mllmeraser.core.inputs import QAItem
+from mllmeraser.bench.items import QAItem
 from mllmeraser.errors import UserInputError
 from mllmeraser.testbed import build as tiny
 from mllmeraser.testbed import model as tm
@@ -363,7 +363,7 @@ def test_eraser_fit_attach_detach_round_trip(composed):
     retain = [i for s in subjects[1:3] for i in by_subject[s][:3]]
     erasure = [QAItem(i.subject_id, i.task, i.modality, i.question, "I do not know this person.", image=i.image_source)
                for i in by_subject[subjects[3]][:3]]
-    eraser = Eraser.fit(model, processor, forget=forget, retain=retain, erasure=erasure,
+    eraser = fit_eraser(model, processor, forget=forget, retain=retain, erasure=erasure,
                         settings=FitSettings(pgd=PGDSettings(steps=2), batch_size=8), progress=False)
     # The default decision layer, a quarter of the depth, is layer 8 of SmolLM2's 30 (layer 1 of the testbed's 4)
     assert eraser.prompt_gate.layer == 8 and eraser.layer_indices == tuple(range(8, 30))

@@ -11,7 +11,7 @@ import torch
 
 from mllmeraser.bench import answering, attacks, data, evaluate, protocols
 from mllmeraser.core import hooks, models
-from mllmeraser.core.inputs import QAItem
+from mllmeraser.bench.items import QAItem
 
 
 @pytest.fixture(scope="module")
@@ -178,5 +178,5 @@ def test_prompt_reference_and_server_fold_a_system_prompt_alike():
     system, user = "Do not reveal anything about Ada Lind.", "Where was Ada Lind born?"
     served = parse_messages([{"role": "system", "content": system}, {"role": "user", "content": user}], Limits())
     asked = answering.with_system_prompt(QAItem("x", "generation", "text", user, "", verbatim=True), system)
-    assert served.prompt == asked.prompt == fold_system(system, user) == system + "\n\n" + user
+    assert served.text == asked.prompt == fold_system(system, user) == system + "\n\n" + user
     assert fold_system(system, "") == system

@@ -31,6 +31,7 @@ import torch
 
 from mllmeraser import cli
 from mllmeraser.core.eraser import Eraser
+from mllmeraser.core.eraser_fitter import fit_eraser
 from mllmeraser.errors import UserInputError
 from mllmeraser.serve import audit as audit_log
 from mllmeraser.serve.store import DELETED_DIR, MANIFEST_FILE, Store
@@ -636,7 +637,7 @@ def test_metrics_count_the_gate_fires_of_a_served_request(testbed_dir, testbed_d
     forget = [i for i in data.load_split_items(testbed_data, "forget", 10) if i.subject_id == "F0001"]
     retain = data.load_split_items(testbed_data, "retain", 10)
     torch.manual_seed(0)
-    eraser = Eraser.fit(model, processor, forget=forget, retain=rng.sample(list(data.retained_inputs(testbed_data, 10)),
+    eraser = fit_eraser(model, processor, forget=forget, retain=rng.sample(list(data.retained_inputs(testbed_data, 10)),
                                                                            300),
                         erasure=rng.sample(list(data.default_erasure_items(testbed_data)), 60),
                         calibration=rng.sample(list(data.validation_items(testbed_data, 10)), 80), request="F0001",

@@ -30,6 +30,7 @@ from mllmeraser import cli, serve  # noqa: E402
 from mllmeraser.bench import data  # noqa: E402
 from mllmeraser.core import models  # noqa: E402
 from mllmeraser.core.eraser import Eraser  # noqa: E402
+from mllmeraser.core.eraser_fitter import fit_eraser  # noqa: E402
 from mllmeraser.core.fitting import FitSettings, PGDSettings  # noqa: E402
 from mllmeraser.core.inputs import as_items  # noqa: E402
 
@@ -54,7 +55,7 @@ def erasers(testbed_model, testbed_data, tmp_path_factory):
     fitted = {}
     for name, person in PEOPLE.items():
         torch.manual_seed(0)
-        fitted[name] = Eraser.fit(model, processor, forget=[i for i in forget if i.subject_id == person],
+        fitted[name] = fit_eraser(model, processor, forget=[i for i in forget if i.subject_id == person],
                                   retain=retain, erasure=erasure, calibration=calibration, request=person,
                                   settings=FitSettings(pgd=PGDSettings(steps=2)), progress=False)
         fitted[name].save(directory / f"{name}.safetensors")
@@ -284,7 +285,7 @@ def test_row_terms_give_each_row_its_own_terms_in_one_forward(gate, testbed_mode
                 for i in range(2)]
     else:
         model, processor = testbed_model
-        both = erasers[1]["p1"] + erasers[1]["p2"]
+        both = Eraser.concat([erasers[1]["p1"], erasers[1]["p2"]])
         items = as_items([(None, questions[1][1], ""), (None, questions[3][1], "")])  # p1's, then p2's person
         batch = models.to_device(models.encode_prompts(processor, items), model)
         rows = [models.to_device(models.encode_prompts(processor, [item]), model) for item in items]
@@ -400,7 +401,7 @@ def test_steering_holds_every_knn_request_in_one_index_and_changes_only_what_cha
 @pytest.mark.slow
 def test_the_server_fits_a_request_from_the_model_cache(testbed_model, testbed_dir, testbed_data, erasers, tmp_path):
     """POST /admin/requests fits on the served model with the model cache's statistics: the eraser is the one
-    Eraser.fit gives with the same cache, bit for bit; it is saved to --erasers, joins the index, and the next
+    fit_eraser gives with the same cache, bit for bit; it is saved to --erasers, joins the index, and the next
     answer about that person is the eraser's. A second server finds the cache on disk."""
     person = "F0023"  # a forget person neither fixture eraser erases
     forget = [i for i in data.load_split_items(testbed_data, "forget", 10)
@@ -428,7 +429,7 @@ def test_the_server_fits_a_request_from_the_model_cache(testbed_model, testbed_d
         assert "forget (PGD recall, gate features)" in record["stages"] and record["erasers"] == ["p1", "p2", "p3"]
         assert app.state.engine.steering.kind == "index"
         served = Eraser.load(record["saved"])
-        expected = Eraser.fit(testbed_model[0], testbed_model[1], forget=plain, settings=fitter.settings,
+        expected = fit_eraser(testbed_model[0], testbed_model[1], forget=plain, settings=fitter.settings,
                               shared=fitter.shared, request="p3", progress=False)
         assert torch.equal(served.r, expected.r)
         assert all(torch.equal(a, b) for a, b in zip(served.prompt_gate.tensors().values(),

@@ -34,7 +34,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from mllmeraser.bench import prompts
 from mllmeraser.core.families import image_only_processor_class
-from mllmeraser.core.inputs import QAItem
+from mllmeraser.bench.items import QAItem
 
 IMAGE_SIZE = 56  # the images the tests feed (LLaVA's processor resizes them to its 28x28 input)
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]

@@ -1,18 +1,20 @@
 """mllmeraser: make a multimodal LLM forget chosen knowledge at test time, by input-aware activation steering
 (MLLMEraser, arXiv 2510.04217). No parameter is updated; detaching the eraser restores the model exactly."""
 
+from .bench.items import QAItem  # the MLLMU-Bench item: light (no pyarrow)
 from .core.cache import SharedStatistics, shared_statistics
 from .core.eraser import Eraser
+from .core.eraser_fitter import EraserFitter, fit_eraser
 from .core.fitting import FitSettings, PGDSettings
-from .core.inputs import QAItem
+from .core.inputs import Prompt
 from .core.index import RequestIndex
 from .core.models import answer_items, load_model
 from .errors import UserInputError
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
-    "Eraser", "FitSettings", "PGDSettings", "QAItem", "UserInputError", "load_model", "answer_items",
+    "Eraser", "EraserFitter", "fit_eraser", "FitSettings", "PGDSettings", "Prompt", "QAItem", "UserInputError",
+    "load_model", "answer_items",
     "load_split_items", "retained_inputs", "validation_items", "default_erasure_items", "build_testbed",
     "shared_statistics", "SharedStatistics", "RequestIndex",
 ]
@@ -23,7 +25,7 @@ _LAZY = {  # name: (module, attribute), imported when first asked for, not with 
     "retained_inputs": (".bench.data", "retained_inputs"),
     "validation_items": (".bench.data", "validation_items"),
     "default_erasure_items": (".bench.data", "default_erasure_items"),
-    "build_testbed": (".testbed.build", "build"),  # the testbed pulls in its training code
+    "build_testbed": (".testbed.preset_build", "build"),  # the testbed pulls in its training code
 }
 
 

@@ -46,7 +46,7 @@ import torch
 
 from ..core import fitting, models
 from ..core.eraser import Eraser
-from ..core.inputs import QAItem
+from .items import QAItem
 from ..errors import UserInputError
 from . import attacks, evaluate, facts
 

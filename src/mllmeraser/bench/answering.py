@@ -28,7 +28,8 @@ from typing import ContextManager, Iterator, Sequence
 import torch
 
 from ..core.eraser import Eraser
-from ..core.inputs import QAItem, fold_system
+from ..core.inputs import fold_system
+from .items import QAItem
 from ..core.models import answer_prefix
 from . import data, prompts
 from .protocols import Prompted

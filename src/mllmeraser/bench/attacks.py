@@ -36,7 +36,7 @@ import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
 from ..core import gating, hooks, models
-from ..core.inputs import QAItem
+from .items import QAItem
 from . import data, evaluate, prompts
 
 COUNTED_FROM = 0.80  # an attack counts where vanilla's forget classification under it is at least this

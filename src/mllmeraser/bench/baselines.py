@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from ..core import models
 from ..core.models import IGNORE_INDEX, answer_logits, answer_token_nll  # noqa: F401 (the losses' inputs)
-from ..core.inputs import QAItem
+from .items import QAItem
 from ..errors import UserInputError
 
 Method = Literal["ga", "graddiff", "kl", "npo", "mmunlearner"]

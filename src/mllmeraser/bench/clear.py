@@ -33,9 +33,10 @@ from typing import Sequence
 from tqdm import tqdm
 
 from ..core import models
-from ..core.inputs import EncodedImage, QAItem
 from ..errors import UserInputError
 from . import data
+from .clear_rows import CAPTION_QUESTIONS, NAME_QUESTION, row_image
+from .items import QAItem
 
 FORGET_RATIOS = (1, 5, 10)  # forget01, forget05, forget10
 REPORT_SPLITS = ("forget", "retain", "real_faces", "real_world")
@@ -53,20 +54,6 @@ REAL_FACES_COLUMNS = ("image", "answer", "options")
 REAL_WORLD_COLUMNS = ("image", "question", "answer", "options")
 TOFU_COLUMNS = ("image", "caption", "question", "answer")
 
-# The questions CLEAR asks of an image (mm/dataset.py): a caption question drawn at random per row, and the
-# name prompt (with its trailing space) for face recognition.
-CAPTION_QUESTIONS = (
-    "What can you see in this picture?",
-    "Tell me about the content of this image",
-    "Can you give a description of the image?",
-    "What is depicted in the image?",
-    "Explain what you observe in the picture.",
-    "Describe the image in detail.",
-    "What is the main subject of this image?",
-    "Can you describe the scene or objects in the image?",
-    "What is happening in this image?",
-)
-NAME_QUESTION = "The name of the person on the image is "
 MAX_NEW_TOKENS = 300  # eval.yaml: generation.max_new_tokens
 HEADLINE = ("rougeL_recall", "prob", "truth_ratio", "facerec_rougeL_recall", "facerec_prob", "facerec_truth_ratio",
             "model_utility")
@@ -108,17 +95,6 @@ def is_clear_layout(data_dir: str | Path) -> bool:
                for name in CLEAR_MARKERS)
 
 
-def is_clear_file(path: Path) -> bool:
-    """Whether a parquet file is a CLEAR config's shard: no MLLMU-Bench `ID`, and a caption or an answer column."""
-    import pyarrow.parquet as pq  # only where a config is read: the module imports without pyarrow
-
-    try:
-        names = set(pq.read_schema(path).names)
-    except Exception:  # unreadable: the MLLMU-Bench reader words the error
-        return False
-    return "ID" not in names and bool(names & {"caption", "answer"})
-
-
 def read_config(data_dir: str | Path, config: str, columns: Sequence[str]) -> list[tuple[Path, int, dict]]:
     """(shard, row number, row) of every row of a config, every shard in order, checked for `columns`."""
     shards = data.split_shards(data_dir, config)
@@ -136,13 +112,6 @@ def read_config(data_dir: str | Path, config: str, columns: Sequence[str]) -> li
     if not rows:
         raise UserInputError(data.split_location(data_dir, config), f"the CLEAR config {config!r} has no rows")
     return rows
-
-
-def row_image(shard: Path, number: int, row: dict) -> EncodedImage | None:
-    field = row.get("image")
-    if field is None or (isinstance(field, dict) and not field.get("bytes")):
-        return None
-    return EncodedImage(data.image_bytes(field), str(shard), f"row {number}")
 
 
 def _text(shard: Path, number: int, row: dict, column: str) -> str:
@@ -329,30 +298,3 @@ def score(model, processor, tasks: dict[str, list[ClearTask]], batch_size: int =
     if all(split in results for split in kept):
         results[UTILITY_SPLIT] = {"model_utility": harmonic_mean([v for s in kept for v in results[s].values()])}
     return results
-
-
-# ---- a config's rows as plain questions (fit --forget/--retain) ----------------------------------------------------
-
-def read_items(path: Path) -> list[QAItem]:
-    """One CLEAR shard's rows as verbatim generation questions, for fitting: an image row with a caption asks
-    for it (a caption question chosen by row number) and, where the row names the person, for the name; an
-    image row with an answer asks its question (or, in real_faces, for the name); a text row (+tofu) asks its
-    question."""
-    table = data.read_table(path)
-    items = []
-    for number, row in enumerate(table.to_pylist()):
-        image = row_image(path, number, row)
-        subject = str(row.get("name") or f"{path.parent.name}-{number}")
-        if image is not None and row.get("caption"):
-            question = CAPTION_QUESTIONS[number % len(CAPTION_QUESTIONS)]
-            items.append(QAItem(subject, "generation", "image", question, row["caption"], image=image, verbatim=True))
-            if row.get("name"):
-                items.append(QAItem(subject, "generation", "image", NAME_QUESTION, row["name"], image=image,
-                                    verbatim=True))
-        elif row.get("answer"):
-            question = row.get("question") or NAME_QUESTION
-            items.append(QAItem(subject, "generation", "image" if image is not None else "text", question,
-                                str(row["answer"]), image=image, verbatim=True))
-    if not items:
-        raise UserInputError(path, "no CLEAR rows with a caption or an answer")
-    return items

@@ -28,8 +28,9 @@ import torch
 
 from ..core import cache, gating, models
 from ..core.eraser import Eraser
+from ..core.eraser_fitter import EraserFitter
 from ..core.fitting import FitSettings
-from ..core.inputs import QAItem
+from .items import QAItem
 from ..errors import UserInputError, atomic_write_bytes
 from . import answering, attacks, baselines, data, evaluate, facts, measure, omu, protocols, report
 from .data import REPORT_SPLITS, VALIDATION_SPLIT
@@ -166,8 +167,8 @@ def fit_request(h: Harness, settings: FitSettings) -> tuple[Eraser, object, obje
                                      progress=h.progress)
     timings: dict[str, float] = {}
     with measure.measured() as cost:
-        eraser = Eraser.fit(h.model, h.processor, forget=h.forget, settings=settings, shared=shared,
-                            request=f"forget_{h.settings.forget_ratio}", progress=h.progress, timings=timings)
+        fitter = EraserFitter.from_shared(h.model, h.processor, shared, settings, progress=h.progress)
+        eraser = fitter.fit(h.forget, request=f"forget_{h.settings.forget_ratio}", timings=timings)
     return eraser, cost, shared, timings
 
 

@@ -21,8 +21,11 @@ from typing import Iterable, Sequence, get_args
 
 from PIL import Image
 
-from ..core.inputs import EncodedImage, QAItem, Task
+from ..core.inputs import EncodedImage
 from ..errors import UserInputError, json_lines
+from . import clear_rows
+from .items import QAItem, Task
+from .parquet import first_line, image_bytes, read_table
 
 PARQUET_NAME = "train-00000-of-00001.parquet"  # what a one-shard split is called (the testbed writes it)
 SHARD_NAME = re.compile(r"(?P<stem>.+)-(?P<index>\d+)-of-(?P<count>\d+)\.parquet")
@@ -124,20 +127,6 @@ def read_split_records(data_dir: str | Path, split_dir: str, ids: Iterable[str] 
     return None if shards is None else [record for shard in shards for record in _read_shard(shard, ids)]
 
 
-def read_table(path: Path):
-    """One parquet file as a (pyarrow) table; a missing or unreadable file is a one-line error naming it."""
-    # pyarrow is imported where a file is read, not with the module: `import mllmeraser` and the CLI's parser
-    # (which reads this module's split names) stay without it; it comes with the bench extra.
-    import pyarrow.parquet as pq
-
-    if not path.is_file():
-        raise UserInputError(path, "no such parquet file")
-    try:
-        return pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for a corrupt or truncated file
-        raise UserInputError(path, f"not a readable parquet file ({type(exc).__name__}: {first_line(exc)})") from None
-
-
 def _read_shard(path: Path, ids: Iterable[str] | None) -> list[dict]:
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -149,11 +138,6 @@ def _read_shard(path: Path, ids: Iterable[str] | None) -> list[dict]:
     for index, record in enumerate(records):
         _check_record(path, index, record)
     return records
-
-
-def first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _check_record(path: Path, index: int, record: dict) -> None:
@@ -197,10 +181,6 @@ def record_images(path: Path, record: dict) -> list[EncodedImage]:
     if record.get("image"):
         return [EncodedImage(image_bytes(record["image"]), str(path), label)]
     return []
-
-
-def image_bytes(image_field) -> bytes | None:
-    return image_field.get("bytes") if isinstance(image_field, dict) else image_field
 
 
 @dataclass(frozen=True)
@@ -266,10 +246,8 @@ def read_items(path: str | Path) -> list[QAItem]:
     path = Path(path)
     if path.is_dir():
         return [item for shard in shard_files(path) for item in read_items(shard)]
-    from . import clear  # CLEAR builds on this module
-
-    if clear.is_clear_file(path):  # a CLEAR config's shard (no ID column): its rows as plain questions
-        return clear.read_items(path)
+    if clear_rows.is_clear_file(path):  # a CLEAR config's shard (no ID column): its rows as plain questions
+        return clear_rows.read_items(path)
     return expand_items(read_records(path), path)
 
 

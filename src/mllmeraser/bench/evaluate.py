@@ -21,7 +21,7 @@ import torch
 
 from ..core import fitting
 from ..core.eraser import Eraser
-from ..core.inputs import QAItem
+from .items import QAItem
 from ..core.models import answer_items
 from ..errors import UserInputError
 from . import data, facts, prompts, protocols

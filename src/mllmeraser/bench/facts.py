@@ -27,7 +27,7 @@ import math
 import re
 from typing import Sequence
 
-from ..core.inputs import QAItem
+from .items import QAItem
 from . import prompts
 
 BLANK = "__"

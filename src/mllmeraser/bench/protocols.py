@@ -2,7 +2,7 @@
 
 - `testbed` (the default): every question through the checkpoint's own chat template with MLLMU-Bench's
   instruction (`prompts.py`), no few-shot examples, every Test_Set image, answers capped per task
-  (`models.MAX_NEW_TOKENS`), the first letter or digit of a classification answer.
+  (`items.MAX_NEW_TOKENS`), the first letter or digit of a classification answer.
 - `mllmu`: MLLMU-Bench's own evaluation script (its repository's `eval.py`), as docs/mllmu_protocol.md
   sets out line by line: its raw LLaVA-1.5 prompt strings, its few-shot examples for classification and cloze
   (whole profiles drawn from the evaluated split, taken from Full_Set and left out of the scoring), one
@@ -30,9 +30,10 @@ import torch
 from tqdm import tqdm
 
 from ..core import models
-from ..core.inputs import EncodedImage, QAItem
+from ..core.inputs import EncodedImage
 from ..errors import UserInputError
 from . import data, prompts
+from .items import QAItem
 
 PROTOCOLS = ("testbed", "mllmu", "paper")
 

@@ -81,7 +81,7 @@ def run_compare(args) -> int:
 
 def run_demo(args) -> int:
     from ..bench import compare
-    from ..testbed.build import build
+    from ..testbed.preset_build import build
 
     started = time.perf_counter()
     directory = build(seed=args.seed, preset=args.preset)

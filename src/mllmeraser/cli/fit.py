@@ -110,7 +110,7 @@ def fit_settings(args: argparse.Namespace):
 def run_fit(args) -> int:
     from ..bench import clear, data
     from ..core import cache, distributed
-    from ..core.eraser import Eraser
+    from ..core.eraser_fitter import fit_eraser
 
     args.device = distributed.init_from_env(args.device, args.device_map)  # torchrun: join the group, a GPU per rank
     settings = fit_settings(args)
@@ -136,7 +136,7 @@ def run_fit(args) -> int:
     shared = cache.shared_statistics(model, processor, retain=retain, erasure=erasure, calibration=calibration,
                                      settings=settings, layers_path=args.layers_path, cache_dir=cache_dir(args))
     timings = {f"model cache ({shared.status})": shared.seconds}
-    eraser = Eraser.fit(model, processor, forget=forget, settings=settings, layers_path=args.layers_path,
+    eraser = fit_eraser(model, processor, forget=forget, settings=settings, layers_path=args.layers_path,
                         request=str(args.forget), shared=shared, timings=timings)
     if distributed.world()[0] != 0:
         return 0  # torchrun: every rank fitted the same eraser; rank 0 writes it and reports

@@ -42,7 +42,7 @@ def add_parsers(commands) -> None:
 
 
 def run_build(args) -> int:
-    from ..testbed.build import build
+    from ..testbed.preset_build import build
     directory = build(out=args.out, seed=args.seed, preset=args.preset, force=args.force)
     print(f"testbed ready: {directory}\n  model: {directory / 'model'}\n  data:  {directory / 'data'}")
     return 0

@@ -45,10 +45,11 @@ import torch
 from torch import Tensor
 
 from ..errors import UserInputError, atomic_write_bytes
-from . import distributed, hooks, steering
+from ..version import __version__
+from . import distributed, fitting, hooks, steering
 from .artifact import Checker, read_artifact
 from .compat import model_fingerprint
-from .inputs import EncodedImage, QAItem
+from .inputs import EncodedImage, PromptLike
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +73,12 @@ def default_cache_dir() -> Path:
     return cache_root() / "fits"
 
 
-def item_digest(items: Sequence[QAItem]) -> str:
-    """sha256 over every item's prompt-shaping fields and image bytes, in order. An EncodedImage hashes its file
-    bytes without decoding; a PIL image its mode, size and pixels."""
+def item_digest(items: Sequence[PromptLike]) -> str:
+    """sha256 over every item's prompt-shaping fields (its `cache_fields()`) and image bytes, in order. An
+    EncodedImage hashes its file bytes without decoding; a PIL image its mode, size and pixels."""
     digest = hashlib.sha256()
     for item in items:
-        fields = [item.subject_id, item.task, item.modality, item.question, item.answer, item.options,
-                  item.verbatim, [list(turn) for turn in item.history], item.prefill]
-        digest.update(json.dumps(fields, sort_keys=True).encode())
+        digest.update(json.dumps(item.cache_fields(), sort_keys=True).encode())
         image = item.image_source
         if isinstance(image, EncodedImage):
             digest.update(b"encoded:" + hashlib.sha256(image.data).digest())
@@ -97,8 +96,6 @@ def processing_identity(model, processor) -> dict[str, Any]:
     size and padding side, and the attention implementation; and the library versions, in the clear (so
     `mllmeraser cache` can show them)."""
     import transformers
-
-    from .. import __version__
 
     tokenizer = getattr(processor, "tokenizer", processor)
     described = {
@@ -192,14 +189,12 @@ def entry_path(cache_dir: Path, key: str) -> Path:
     return Path(cache_dir) / f"shared-{key}.safetensors"
 
 
-def shared_statistics(model, processor, *, retain: Sequence[QAItem], erasure: Sequence[QAItem],
-                      calibration: Sequence[QAItem] | None, settings: FitSettings, layers_path: str | None = None,
+def shared_statistics(model, processor, *, retain: Sequence[PromptLike], erasure: Sequence[PromptLike],
+                      calibration: Sequence[PromptLike] | None, settings: FitSettings, layers_path: str | None = None,
                       cache_dir: str | os.PathLike | None = None, progress: bool = True) -> SharedStatistics:
     """The shared statistics of `model` on these retain, erasure and calibration items under `settings`:
     read from `cache_dir` where an entry with their key is there, else computed (the forwards of fitting.py)
     and, with a `cache_dir`, written there. cache_dir None: computed, never written."""
-    from . import fitting  # fitting imports this module (Eraser.fit builds through it)
-
     names, layers = hooks.find_decoder_layers(model, layers_path)
     path = names[0].rsplit(".", 1)[0]
     settings = settings.at_depth(len(layers))  # keyed by the layer a fraction names: one entry for both spellings

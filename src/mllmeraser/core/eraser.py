@@ -1,5 +1,6 @@
-"""The eraser: a frozen set of steering terms, fitted by `Eraser.fit`, with its model fingerprint and its
-safetensors artifact (`save`, `load`), attached to a model by `attach`.
+"""The eraser: a frozen set of steering terms, fitted by `eraser_fitter.EraserFitter` (this module knows nothing of
+fitting), with its model fingerprint and its safetensors artifact (`save`, `load`), attached to a model by `attach`.
+Erasers compose one way: `Eraser.concat([...])` stacks their terms.
 
 An Eraser holds K deletion requests (terms) over L steered layers: directions r [K, L, d] float32 and one of
 two gates. Block `layer_indices[l]` of the decoder list at `layers_path` gets
@@ -25,11 +26,10 @@ import dataclasses
 import json
 import math
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -40,11 +40,7 @@ from .artifact import FORMAT_VERSION, METADATA_KEY, read_eraser_file
 from .compat import check_compatible, fingerprint_mismatch, model_fingerprint
 from .gating import PromptGate
 from .hooks import STEERING_MODES, SteeringHandle, attach_prompt_steering, attach_steering
-from .inputs import PlainInput, QAItem, as_items
 
-if TYPE_CHECKING:
-    from .cache import SharedStatistics
-    from .fitting import FitSettings
 
 def _per_term(values: float | Sequence[float] | Tensor, num_terms: int, name: str) -> tuple[float, ...]:
     """A scalar broadcast to K terms, or exactly K values, as a tuple of floats."""
@@ -141,50 +137,11 @@ class Eraser:
         per_term = self.metadata.get("requests") or [{} for _ in range(self.num_terms)]
         return [{**shared, **request} for request in per_term]
 
-    # ---- fitting --------------------------------------------------------------------------------
-
-    @classmethod
-    def fit(cls, model: nn.Module, processor, *, forget: Sequence[QAItem | PlainInput],
-            retain: Sequence[QAItem | PlainInput] | None = None, erasure: Sequence[QAItem | PlainInput] | None = None,
-            calibration: Sequence[QAItem | PlainInput] | None = None, settings: FitSettings | None = None,
-            layers_path: str | None = None, request: str = "forget", progress: bool = True,
-            shared: SharedStatistics | None = None, timings: dict[str, float] | None = None) -> Eraser:
-        """Fit one deletion request on `model` (see `fitting.py`; the model is never modified).
-
-        forget: questions whose knowledge is to go; retain: questions the eraser must leave alone; erasure:
-        questions the model refuses (the direction steers towards their activations); calibration: held-out
-        questions about people outside forget and retain, on which the prompt gate's threshold lets at most
-        settings.max_fpr through (None: the retain questions, each left out of the gate's bank in turn). Each
-        element is a QAItem or a plain `(PIL image or None, question, answer)` tuple (asked verbatim, see
-        `inputs.as_items`). settings: a `fitting.FitSettings` (default FitSettings()); layers_path: the
-        decoder-layer list, if not the family's; request: the name recorded in the eraser's metadata.
-        shared: the model's shared statistics (`cache.shared_statistics`: retain, erasure and calibration,
-        computed once per model and kept on disk), in place of retain, erasure and calibration: then only the
-        forget set runs through the model. timings: a dict that gets the seconds of each stage.
-        """
-        from . import fitting  # fitting builds Erasers, so it imports this module: imported here
-
-        forget = as_items(forget)
-        if not forget:
-            raise UserInputError(None, "fitting needs a non-empty forget set")
-        if shared is None:  # fit_statistics checks that retain and erasure are not empty
-            retain, erasure = as_items(retain or ()), as_items(erasure or ())
-            calibration = as_items(calibration) if calibration is not None else None
-        settings = settings if settings is not None else fitting.FitSettings()
-        timings = {} if timings is None else timings
-        stats, path, features = fitting.fit_statistics(model, processor, forget=forget, retain=retain, erasure=erasure,
-                                                       settings=settings, calibration=calibration,
-                                                       layers_path=layers_path, progress=progress, shared=shared,
-                                                       timings=timings)
-        started = time.perf_counter()
-        eraser = fitting.solve_eraser(stats, settings, path, model_fingerprint(model), request, features)
-        timings["solve"] = time.perf_counter() - started
-        return eraser
-
     # ---- applying -------------------------------------------------------------------------------
 
     def attach(self, model: nn.Module, check_fingerprint: bool = True) -> SteeringHandle:
-        """Hook the model's decoder layers; returns the handle (also a context manager).
+        """Hook the model's decoder layers; returns the handle, which detaches with `handle.remove()` or as a
+        context manager (`with eraser.attach(model): ...` detaches on leaving the block).
 
         Validates hidden size, layer count and (unless check_fingerprint=False) the model fingerprint
         (compat.check_compatible); a mismatch is a UserInputError saying what differs.
@@ -204,21 +161,19 @@ class Eraser:
         """The same eraser with new strengths (a scalar applies to every term)."""
         return dataclasses.replace(self, alpha=_per_term(alpha, self.num_terms, "alpha"))
 
-    def combine(self, other: Eraser) -> Eraser:
-        """Both erasers' terms stacked (self's first): two deletion requests compose without refitting."""
-        return Eraser.concat([self, other])
-
     @classmethod
     def concat(cls, erasers: Sequence[Eraser]) -> Eraser:
-        """Every eraser's terms stacked in order, with one concatenation per tensor (a reduce over `+` would
-        copy the growing stack at every step: quadratic in the number of erasers). The same checks and result as
-        e_1 + e_2 + ... + e_n: same layers, width and mode, fingerprints agreeing on their shared keys, one kind
-        of gate; prompt gates concatenate with one copy of a shared retain bank (gating.PromptGate.concat)."""
+        """Every eraser's terms stacked in order (the one way erasers compose: two deletion requests without
+        refitting), with one concatenation per tensor (a pairwise reduce would copy the growing stack at every
+        step: quadratic in the number of erasers). The erasers must have the same layers, width and mode,
+        fingerprints agreeing on their shared keys (the earlier eraser's value kept for a key only one holds) and
+        one kind of gate; prompt gates concatenate with one copy of a shared retain bank (gating.PromptGate.concat).
+        One eraser is returned as it is. Associative: concat([concat([a, b]), c]) == concat([a, b, c])."""
         erasers = list(erasers)
         if not erasers:
             raise ValueError("concat needs at least one eraser")
         first = erasers[0]
-        fingerprint: dict[str, Any] = {}  # the earlier eraser's value wins, as in (a + b) + c
+        fingerprint: dict[str, Any] = {}  # the earlier eraser's value wins, as in concat([concat([a, b]), c])
         for index, other in enumerate(erasers):
             for name in ("layers_path", "layer_indices", "hidden_size", "mode"):
                 if getattr(first, name) != getattr(other, name):
@@ -248,9 +203,6 @@ class Eraser:
             cap=tuple(c for e in erasers for c in e.cap),
             metadata=metadata,
         )
-
-    def __add__(self, other: Eraser) -> Eraser:
-        return self.combine(other)
 
     def drop(self, k: int) -> Eraser:
         """The eraser without term k (a deletion request withdrawn); the others are unchanged."""

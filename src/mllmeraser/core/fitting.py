@@ -14,8 +14,9 @@
    validation hold-out), so that at most `max_fpr` of them pass. Those forwards stop at the decision layer.
    `gate="paper"`: the paper's per-layer null-space gate on the last token (`steering.solve_gate_paper`),
    from the Grams of the steered layers' last-token outputs of forget (clean and PGD) and retain questions.
-The equations are in steering.py and gating.py; this module only gathers their inputs. The one call that runs
-it all is `Eraser.fit`.
+The equations are in steering.py and gating.py; this module only gathers their inputs and packs the result as an
+Eraser. What runs it all is `eraser_fitter.EraserFitter` (the shared part through the model cache, cache.py, which
+calls `shared_inputs` here; this module reads a cache entry, never the cache itself).
 """
 
 from __future__ import annotations
@@ -27,17 +28,20 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.utils.checkpoint
 from tqdm import tqdm
 
 from ..errors import UserInputError
-from . import cache, gating, hooks, models, steering
+from . import gating, hooks, models, steering
 from . import distributed  # torchrun: sharded batches, all-reduced statistics
 from .eraser import Eraser
-from .inputs import QAItem, occluded_copies
+from .inputs import PromptLike, occluded_copies
+
+if TYPE_CHECKING:
+    from .cache import SharedStatistics
 
 GATES = ("knn", "ridge", "paper")
 
@@ -183,13 +187,13 @@ class PGDResult:
     clean_pooled: torch.Tensor | None = None
 
 
-def pgd_images(model, processor, items: Sequence[QAItem], settings: PGDSettings) -> torch.Tensor:
+def pgd_images(model, processor, items: Sequence[PromptLike], settings: PGDSettings) -> torch.Tensor:
     """Adversarially perturbed pixel values (normalised, as the model takes them) that maximise the
     likelihood of each item's ground-truth answer (see pgd_recall)."""
     return pgd_recall(model, processor, items, settings).images
 
 
-def pgd_recall(model, processor, items: Sequence[QAItem], settings: PGDSettings,
+def pgd_recall(model, processor, items: Sequence[PromptLike], settings: PGDSettings,
                read: RecallRead | None = None) -> PGDResult:
     """PGD on the images of `items` and, with `read`, the activations the fit needs, read from PGD's own forwards.
 
@@ -392,13 +396,13 @@ def activation_checkpointing(model, enabled: bool = True) -> Iterator[int]:
 _CHECKPOINT_FLAGS = ("gradient_checkpointing", "_gradient_checkpointing_func", "training")
 
 
-def collect(model, processor, layers, items: Sequence[QAItem], stats: steering.SteeringStats | None,
+def collect(model, processor, layers, items: Sequence[PromptLike], stats: steering.SteeringStats | None,
             groups: Sequence[str], batch_size: int, desc: str, pgd: PGDSettings | None = None, progress: bool = True,
             pooled_layer: int | None = None, pooling: str = "mean", clean_groups: Sequence[str] = (),
             ) -> torch.Tensor | None:
     """Feed the last-prompt-token block outputs of `items` at `layers` into `stats` under each of `groups`;
     with `pooled_layer`, also return the pooled prompt features of that entry of `layers` [N, d] (segments:
-    [N, S, d], gating.concat_features) in the order of `models.batches`, grouped by modality and task.
+    [N, S, d], gating.concat_features) in the order of `models.batches`, grouped by modality and answer cap.
 
     With `pgd`, image questions are first perturbed (the knowledge-recall inputs), and the activations come from
     PGD's own forwards (pgd_recall): `groups` get those at each item's final image, `clean_groups` those at its
@@ -438,10 +442,10 @@ def collect(model, processor, layers, items: Sequence[QAItem], stats: steering.S
     return gating.concat_features(pooled) if pooled else None
 
 
-def fit_statistics(model, processor, *, forget: Sequence[QAItem], retain: Sequence[QAItem] | None = None,
-                   erasure: Sequence[QAItem] | None = None, settings: FitSettings,
-                   calibration: Sequence[QAItem] | None = None, layers_path: str | None = None, progress: bool = True,
-                   shared: cache.SharedStatistics | None = None, timings: dict[str, float] | None = None,
+def fit_statistics(model, processor, *, forget: Sequence[PromptLike], retain: Sequence[PromptLike] | None = None,
+                   erasure: Sequence[PromptLike] | None = None, settings: FitSettings,
+                   calibration: Sequence[PromptLike] | None = None, layers_path: str | None = None,
+                   progress: bool = True, shared: SharedStatistics | None = None, timings: dict[str, float] | None = None,
                    ) -> tuple[steering.SteeringStats, str, dict[str, torch.Tensor]]:
     """The activations part: the contrast sets through the model into one SteeringStats (recall and erasure
     sums; forget and retain Grams for the paper gate), and, for a prompt gate, the pooled features of the
@@ -484,7 +488,7 @@ def _decoder(model, settings: FitSettings, layers_path: str | None
     return layers, stats, settings
 
 
-def _pooled(model, processor, layers, items: Sequence[QAItem], settings: FitSettings, desc: str,
+def _pooled(model, processor, layers, items: Sequence[PromptLike], settings: FitSettings, desc: str,
             progress: bool) -> torch.Tensor:
     """Pooled prompt features of `items` at the decision layer; the forwards stop there."""
     upto = layers[: settings.decision_layer + 1]
@@ -492,7 +496,7 @@ def _pooled(model, processor, layers, items: Sequence[QAItem], settings: FitSett
                    settings.decision_layer, settings.pooling)
 
 
-def _pool_occluded(model, processor, layers, items: Sequence[QAItem], group: str, settings: FitSettings,
+def _pool_occluded(model, processor, layers, items: Sequence[PromptLike], group: str, settings: FitSettings,
                    features: dict[str, torch.Tensor], progress: bool) -> bool:
     """features[group + "_occluded"]: the pooled features of `items`' photos with each edge covered
     (FitSettings.occlusion; the forwards stop at the decision layer). False where there are none to add."""
@@ -509,8 +513,8 @@ def _with_occluded(features: dict[str, torch.Tensor], group: str) -> torch.Tenso
     return features[group] if copies is None else gating.concat_features([features[group], copies])
 
 
-def shared_inputs(model, processor, *, retain: Sequence[QAItem], erasure: Sequence[QAItem],
-                  calibration: Sequence[QAItem] | None, settings: FitSettings, layers_path: str | None = None,
+def shared_inputs(model, processor, *, retain: Sequence[PromptLike], erasure: Sequence[PromptLike],
+                  calibration: Sequence[PromptLike] | None, settings: FitSettings, layers_path: str | None = None,
                   progress: bool = True) -> tuple[steering.SteeringStats, dict[str, torch.Tensor]]:
     """What every request on the model shares (cache.py): retain statistics (paper: Grams at the steered layers)
     or pooled features (prompt gates), erasure sums, calibration features."""
@@ -529,7 +533,7 @@ def shared_inputs(model, processor, *, retain: Sequence[QAItem], erasure: Sequen
     return stats, features
 
 
-def request_inputs(model, processor, *, forget: Sequence[QAItem], settings: FitSettings,
+def request_inputs(model, processor, *, forget: Sequence[PromptLike], settings: FitSettings,
                    layers_path: str | None = None, progress: bool = True, timings: dict[str, float] | None = None,
                    ) -> tuple[steering.SteeringStats, dict[str, torch.Tensor]]:
     """What one deletion request adds: its forget questions' recall statistics (PGD images), and the forget
@@ -640,7 +644,7 @@ def solve_eraser(stats: steering.SteeringStats, settings: FitSettings, layers_pa
                   metadata={"fingerprint": fingerprint, "requests": [request_meta]}, **common)
 
 
-def gate_scores(model, processor, eraser: Eraser, items: Sequence[QAItem], batch_size: int = 64) -> torch.Tensor:
+def gate_scores(model, processor, eraser: Eraser, items: Sequence[PromptLike], batch_size: int = 64) -> torch.Tensor:
     """What the eraser's gate reads for each of `items`, [N, K] in item order, with nothing attached: a prompt
     gate's scores s_k (it fires where s_k > threshold_k), or a per-layer gate's value h_last . u_k at its first
     steered layer. Forwards stop at the layer the gate reads."""

@@ -1,7 +1,7 @@
 """One gate structure over every active deletion request: `RequestIndex`, mutable, request by request.
 
 A provider answering under thousands of deletion requests needs every answer to honour all of them. Stacked
-Erasers (`+`, `Eraser.concat`) do, but each change copies every request (O(total)), and every term would
+Erasers (`Eraser.concat`) do, but each change copies every request (O(total)), and every term would
 carry its own copy of the retain bank. The index holds, for knn prompt gates fitted on one model, one set of
 steered layers and one retain corpus:
 

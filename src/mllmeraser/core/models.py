@@ -20,10 +20,7 @@ from tqdm import tqdm
 
 from ..errors import UserInputError
 from .families import FAMILIES, LOADABLE, image_only_processor_class
-from .inputs import PlainInput, QAItem, as_items
-
-MAX_NEW_TOKENS = {"classification": 5, "cloze": 20, "generation": 50}
-"""How many tokens an answer may take, by task (MLLMU-Bench's protocol: a letter, a blank, a sentence)."""
+from .inputs import PlainInput, PromptLike, as_items
 
 
 @contextmanager
@@ -181,13 +178,13 @@ def answer_prefix(processor) -> str:
     return finished[len(prompt): finished.index(_ANSWER_PROBE, len(prompt))]
 
 
-def encode_prompts(processor, items: Sequence[QAItem], images: Sequence | None = None) -> dict[str, torch.Tensor]:
+def encode_prompts(processor, items: Sequence[PromptLike], images: Sequence | None = None) -> dict[str, torch.Tensor]:
     """A left-padded batch of chat prompts. All items of a batch share one modality (see `batches`).
     `images` overrides the items' own images (PGD feeds perturbed pixels this way)."""
     with_image = items[0].modality == "image"
     if any((item.modality == "image") != with_image for item in items):
         raise ValueError("a batch mixes image and text-only questions; group them with batches()")
-    texts = [chat_text(processor, item.prompt, with_image, item.history, item.prefill) for item in items]
+    texts = [chat_text(processor, item.text, with_image, item.history, item.prefill) for item in items]
     if with_image:
         return dict(processor(text=texts, images=list(images or [item.image for item in items]),
                               padding=True, return_tensors="pt"))
@@ -198,7 +195,8 @@ IGNORE_INDEX = -100
 """The label of a position no loss reads (the prompt, padding), as transformers' losses take it."""
 
 
-def encode_with_answers(processor, items: Sequence[QAItem], images: Sequence | None = None) -> dict[str, torch.Tensor]:
+def encode_with_answers(processor, items: Sequence[PromptLike], images: Sequence | None = None
+                        ) -> dict[str, torch.Tensor]:
     """Teacher-forcing inputs: each row is [left padding][chat prompt][answer_prefix + answer, eos][right padding].
 
     `labels` is -100 everywhere except on the answer tokens and the final eos, so a causal LM loss on it is the
@@ -264,7 +262,7 @@ def answer_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
 
 
 @torch.no_grad()
-def answer_nlls(model, processor, items: Sequence[QAItem], batch_size: int = 32) -> list[float]:
+def answer_nlls(model, processor, items: Sequence[PromptLike], batch_size: int = 32) -> list[float]:
     """Each item's mean answer-token NLL (its answer and the eos after it, given its prompt), in item order:
     exp(-value) is the per-token probability that likelihood-based metrics (CLEAR's, TOFU's) compare."""
     out = [0.0] * len(items)
@@ -276,11 +274,12 @@ def answer_nlls(model, processor, items: Sequence[QAItem], batch_size: int = 32)
     return out
 
 
-def batches(items: Sequence[QAItem], batch_size: int) -> list[list[int]]:
-    """Indices of `items` grouped by modality (and task, so a batch shares a generation length)."""
-    groups: dict[tuple[str, str], list[int]] = {}
+def batches(items: Sequence[PromptLike], batch_size: int) -> list[list[int]]:
+    """Indices of `items` grouped by modality and answer cap (max_new_tokens: a batch shares a generation length;
+    for MLLMU-Bench items, whose caps differ by task, the groups are their tasks), in order of first appearance."""
+    groups: dict[tuple[str, int], list[int]] = {}
     for index, item in enumerate(items):
-        groups.setdefault((item.modality, item.task), []).append(index)
+        groups.setdefault((item.modality, item.max_new_tokens), []).append(index)
     return [indices[i: i + batch_size] for indices in groups.values() for i in range(0, len(indices), batch_size)]
 
 
@@ -291,7 +290,7 @@ def to_device(batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def generate(model, processor, items: Sequence[QAItem], max_new_tokens: int) -> list[str]:
+def generate(model, processor, items: Sequence[PromptLike], max_new_tokens: int) -> list[str]:
     """Greedy answers for one batch (left-padded), decoded without the prompt."""
     batch = to_device(encode_prompts(processor, items), model)
     output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
@@ -300,17 +299,17 @@ def generate(model, processor, items: Sequence[QAItem], max_new_tokens: int) -> 
     return [text.strip() for text in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def answer_items(model, processor, items: Sequence[QAItem | PlainInput], batch_size: int = 64,
+def answer_items(model, processor, items: Sequence[PromptLike | PlainInput], batch_size: int = 64,
                  progress: bool = True, desc: str = "answer") -> list[str]:
-    """Greedy answers to `items` (QAItems or plain (image or None, question, answer) tuples, see
-    `inputs.as_items`), in their order: batched by modality and task, each task's answer capped at
-    MAX_NEW_TOKENS."""
+    """Greedy answers to `items` (prompts, e.g. QAItems, or plain (image or None, question, answer) tuples, see
+    `inputs.as_items`), in their order: batched by modality and answer cap, each answer capped at its item's
+    max_new_tokens."""
     items = as_items(items)
     answers: list[str] = [""] * len(items)
     groups = batches(items, batch_size)
     for indices in tqdm(groups, desc=desc, disable=not progress, unit="batch", leave=False):
         chunk = [items[i] for i in indices]
-        for index, answer in zip(indices, generate(model, processor, chunk, MAX_NEW_TOKENS[chunk[0].task])):
+        for index, answer in zip(indices, generate(model, processor, chunk, chunk[0].max_new_tokens)):
             answers[index] = answer
     return answers
 

@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..core.eraser import Eraser
-from ..core.inputs import QAItem, as_items, fold_system
+from ..core.inputs import Prompt, as_items, fold_system
 from ..errors import UserInputError
 from .audit import canonical_digest, forget_digest, short_digest
 from .engine import Engine, Job
@@ -114,7 +114,7 @@ def _message_parts(message: dict, index: int, limits: Limits) -> tuple[str, list
     return "\n".join(texts), images
 
 
-def parse_messages(messages: Any, limits: Limits) -> QAItem:
+def parse_messages(messages: Any, limits: Limits) -> Prompt:
     """OpenAI messages -> one prompt item: system text leads the first user turn, earlier (user, assistant) turns
     become the chat history, the last message must be the user's; at most one image, placed in the first user
     turn (where the model's chat template puts it)."""
@@ -257,7 +257,7 @@ def create_app(model, processor, registry: Registry, settings: ServeSettings = S
             raise PolicyError(400, "'top_p' must be in (0, 1]", "invalid_value", "top_p")
         seed = body.seed
         item = parse_messages(body.messages, limits)
-        tokens = len(processor.tokenizer(models.chat_text(processor, item.prompt, False, item.history))["input_ids"])
+        tokens = len(processor.tokenizer(models.chat_text(processor, item.text, False, item.history))["input_ids"])
         if tokens > limits.max_prompt_tokens:
             raise PolicyError(400, f"the prompt is {tokens} tokens, over the limit of {limits.max_prompt_tokens}",
                               "prompt_too_long", "messages")

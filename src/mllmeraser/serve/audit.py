@@ -54,7 +54,10 @@ def forget_digest(items: Sequence[Any]) -> str:
             digest = hashlib.sha256(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
             digest.update(image.tobytes())
             pixels = digest.hexdigest()
-        entries.append({"question": item.question, "answer": item.answer, "image_sha256": pixels})
+        # A benchmark's item is named by its question as written (before its benchmark's instruction), a plain
+        # prompt by its text: the question it was given as, so digests recorded before prompts were neutral hold.
+        question = item.question if hasattr(item, "question") else item.text
+        entries.append({"question": question, "answer": item.answer, "image_sha256": pixels})
     return canonical_digest(entries)
 
 

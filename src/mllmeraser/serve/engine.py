@@ -31,16 +31,16 @@ from transformers.generation.streamers import BaseStreamer
 from ..core import models
 from ..core.eraser import Eraser
 from ..core.index import RequestIndex
-from ..core.inputs import QAItem
+from ..core.inputs import Prompt
 from .policy import Registry, Snapshot
 
 
 @dataclass
 class Job:
-    """One chat completion: the prompt (a QAItem, asked verbatim), its eraser names and sampling settings.
+    """One chat completion: the prompt (asked verbatim), its eraser names and sampling settings.
     `emit` receives ("delta", text), then ("done", info) or ("error", message), from the batcher thread."""
 
-    item: QAItem
+    item: Prompt
     erasers: tuple[str, ...]
     max_tokens: int
     emit: Callable[[tuple[str, Any]], None]

@@ -21,8 +21,9 @@ from PIL import Image
 from ..bench import data
 from ..core import cache
 from ..core.eraser import Eraser
+from ..core.eraser_fitter import fit_eraser
 from ..core.fitting import FitSettings
-from ..core.inputs import QAItem, as_items
+from ..core.inputs import PromptLike, as_items
 from ..errors import UserInputError
 from .policy import PolicyError
 
@@ -56,7 +57,7 @@ class RequestFitter:
         return cls(model, processor, shared, settings, Path(data_dir), forget_ratio,
                    None if save_dir is None else Path(save_dir))
 
-    def items(self, forget: Any, decode_image: Callable[[str, str], Image.Image]) -> list[QAItem]:
+    def items(self, forget: Any, decode_image: Callable[[str, str], Image.Image]) -> list[PromptLike]:
         """A request body's `forget`: a split name or server-side path (what `mllmeraser fit --forget` takes),
         or a list of {"question", "answer", "image"?: data URL} (asked verbatim; `decode_image(url, param)`
         reads the images). A problem is a 400 naming the field."""
@@ -86,12 +87,12 @@ class RequestFitter:
             raise PolicyError(400, f"forget {forget!r} holds no questions", "invalid_forget", "forget")
         return items
 
-    def fit(self, name: str, items: Sequence[QAItem]) -> tuple[Eraser, dict[str, Any]]:
+    def fit(self, name: str, items: Sequence[PromptLike]) -> tuple[Eraser, dict[str, Any]]:
         """The request's eraser and a record of its fit: seconds, per stage, and the model cache's status. Run
         it on the model's own thread (Engine.call)."""
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        eraser = Eraser.fit(self.model, self.processor, forget=items, settings=self.settings, shared=self.shared,
+        eraser = fit_eraser(self.model, self.processor, forget=items, settings=self.settings, shared=self.shared,
                             request=name, progress=False, timings=timings)
         record: dict[str, Any] = {"fit_seconds": round(time.perf_counter() - started, 4),
                                   "stages": {stage: round(value, 4) for stage, value in timings.items()},

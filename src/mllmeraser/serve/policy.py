@@ -69,7 +69,7 @@ def read_tenants(path: Path, names: Iterable[str] | None = None) -> dict[str, li
 
 
 def combine(erasers: Iterable[Eraser]) -> Eraser | None:
-    """Every eraser stacked (as with `+`, in one concatenation: Eraser.concat), or None for none. Raises
+    """Every eraser stacked in one concatenation (Eraser.concat), or None for none. Raises
     ValueError where they cannot share one attachment (a prompt gate with the paper's per-layer gate, other
     layers, another steering mode)."""
     erasers = list(erasers)

@@ -222,12 +222,11 @@ def train_model(model, w: world.World, examples: list[train.Example], spec: Pres
 
 def build(out: Path | None = None, seed: int = 0, preset: str = "full", progress: bool = True,
           force: bool = False) -> Path:
-    """Build (or reuse) the testbed at `out`; returns its directory. `preset` is a key of PRESETS, or "pretrained"
-    (SmolLM2-135M-Instruct as the decoder: `pretrained_build`, with its own version and cache directory)."""
-    if preset == PRETRAINED_PRESET:
-        from . import pretrained_build  # it builds on this module
-
-        return pretrained_build.build(out, seed, progress, force)
+    """Build (or reuse) the testbed of a tiny preset (a key of PRESETS) at `out`; returns its directory. The
+    pretrained preset has its own builder, which builds on this module: preset_build.build chooses between them."""
+    if preset not in PRESETS:
+        raise ValueError(f"build.py builds the presets {sorted(PRESETS)}, not {preset!r} (preset_build.build "
+                         f"builds {PRETRAINED_PRESET!r})")
     directory = Path(out) if out is not None else default_build_dir(seed, preset)
     if not force and is_current(directory, seed, preset, BUILD_VERSION):
         return directory

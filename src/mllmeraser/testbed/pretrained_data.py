@@ -20,7 +20,8 @@ import numpy as np
 
 from ..bench import prompts
 from ..bench.data import expand_items
-from ..core.inputs import QAItem, fold_system
+from ..bench.items import QAItem
+from ..core.inputs import fold_system
 from . import world
 
 # Per attribute, question wordings with {who} (a name, or "this person"); the LAST one is held out of training.

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from ..core import models
-from ..core.inputs import QAItem
+from ..bench.items import QAItem
 from . import model as tm
 from . import render
 
