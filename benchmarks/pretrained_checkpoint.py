@@ -20,9 +20,8 @@ from mllmeraser.testbed import pretrained, pretrained_build, pretrained_train, w
 def checkpoint_model(seed: int):
     """The preset's composed model with the build's pretrained tower and the newest checkpoint's trained weights
     (the embeddings are the composition's own: frozen during fine-tuning)."""
-    directory = pretrained_build.default_build_dir(seed)
-    work = directory.with_name(f".{directory.name}.work")
-    checkpoint = pretrained_train._checkpoints(work / "checkpoints")[-1]
+    work = pretrained_build.work_dir(pretrained_build.default_build_dir(seed))
+    checkpoint = pretrained_train.checkpoints(work / "checkpoints")[-1]
     spec = pretrained_build.PRESETS[pretrained_build.PRESET]
     model, processor = pretrained.compose(seed, spec.vision_size)
     model.model.vision_tower.load_state_dict(load_file(work / "vision_tower.safetensors"))

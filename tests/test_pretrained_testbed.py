@@ -154,13 +154,13 @@ def test_interrupted_fine_tune_resumes_bit_for_bit(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         pretrained_train.train(model, examples, settings, seed=0, pad_id=tm.PAD_ID, work=tmp_path, progress=False)
     monkeypatch.setattr(pretrained_train, "save_checkpoint", saved)
-    assert [p.name for p in pretrained_train._checkpoints(tmp_path)] == ["step-000002"]
+    assert [p.name for p in pretrained_train.checkpoints(tmp_path)] == ["step-000002"]
 
     model.load_state_dict(initial)  # a rerun starts from a fresh model: the checkpoint carries the progress
     resumed = pretrained_train.train(model, examples, settings, seed=0, pad_id=tm.PAD_ID, work=tmp_path, progress=False)
     assert resumed == straight
     assert all(torch.equal(model.state_dict()[k], expected[k]) for k in expected)
-    assert [p.name for p in pretrained_train._checkpoints(tmp_path)] == ["step-000004"]
+    assert [p.name for p in pretrained_train.checkpoints(tmp_path)] == ["step-000004"]
     # another run's checkpoint (other settings) is never resumed: a new run starts from step 0
     other = pretrained_train.PretrainedTrainSettings(steps=1, batch_size=2, warmup=1, lr=1e-3)
     model.load_state_dict(initial)

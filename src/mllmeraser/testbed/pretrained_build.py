@@ -73,6 +73,11 @@ def default_build_dir(seed: int) -> Path:
     return cache_root() / f"testbed-{PRESET}-v{BUILD_VERSION}-{pretrained.WEIGHTS_KEY}-seed{seed}"
 
 
+def work_dir(directory: Path) -> Path:
+    """Where an unfinished build of `directory` keeps its data, tower and checkpoints (removed once it is built)."""
+    return directory.with_name(f".{directory.name}.work")
+
+
 def extra_examples(w: world.World, splits: dict[str, list[dict]], processor, mix: DataMix, seed: int,
                    rehearsal: list | None = None) -> list[train.Example]:
     """The rewordings, chats, prefixes and shuffled options of every known person of the trained splits, and the
@@ -189,7 +194,7 @@ def build(out: Path | None = None, seed: int = 0, progress: bool = True, force: 
     spec = spec or PRESETS[PRESET]
     pretrained.smollm2_dir()  # first: a missing weights package is a one-line error before any work
     started = time.perf_counter()
-    work = directory.with_name(f".{directory.name}.work")
+    work = work_dir(directory)
     work.mkdir(parents=True, exist_ok=True)
     w = world.build_world(seed, spec.world)
     splits = make_splits(w, seed, spec.real_candidates)

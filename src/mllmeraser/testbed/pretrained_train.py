@@ -104,7 +104,8 @@ def lr_factor(step: int, settings: PretrainedTrainSettings) -> float:
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------
 
-def _checkpoints(work: Path) -> list[Path]:
+def checkpoints(work: Path) -> list[Path]:
+    """The finished checkpoints in `work`, oldest first."""
     if not work.is_dir():
         return []
     return sorted(p for p in work.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
@@ -134,7 +135,7 @@ def save_checkpoint(work: Path, step: int, parameters: dict[str, torch.nn.Parame
         "numpy_rng": rng.bit_generator.state}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for older in _checkpoints(work):
+    for older in checkpoints(work):
         if older != final:
             shutil.rmtree(older, ignore_errors=True)
     return final
@@ -144,7 +145,7 @@ def load_checkpoint(work: Path, key: str, parameters: dict[str, torch.nn.Paramet
                     optimiser: torch.optim.Optimizer, rng: np.random.Generator) -> dict | None:
     """Restore the newest checkpoint whose key is `key` into the parameters, the optimiser and the RNGs;
     returns its state.json (step, losses, order), or None where there is none."""
-    for directory in reversed(_checkpoints(work)):
+    for directory in reversed(checkpoints(work)):
         state = json.loads((directory / "state.json").read_text())
         if state.get("key") != key:
             continue
