@@ -35,7 +35,7 @@ from tqdm import tqdm
 from ..core import models
 from ..errors import UserInputError
 from . import data
-from .clear_rows import CAPTION_QUESTIONS, NAME_QUESTION, row_image
+from .clear_rows import CAPTION_QUESTIONS, NAME_QUESTION, read_items, row_image
 from .items import QAItem
 
 FORGET_RATIOS = (1, 5, 10)  # forget01, forget05, forget10
@@ -95,12 +95,45 @@ def is_clear_layout(data_dir: str | Path) -> bool:
                for name in CLEAR_MARKERS)
 
 
-def read_config(data_dir: str | Path, config: str, columns: Sequence[str]) -> list[tuple[Path, int, dict]]:
-    """(shard, row number, row) of every row of a config, every shard in order, checked for `columns`."""
+def detect(data_dir: str | Path, benchmark: str = "auto") -> str:
+    """Which benchmark `data_dir` holds, "clear" or "mllmu": `benchmark` where it names one, else CLEAR where the
+    directory holds any of CLEAR's configs (the `--benchmark` option of eval, compare and attack)."""
+    if benchmark != "auto":
+        return benchmark
+    return "clear" if is_clear_layout(data_dir) else "mllmu"
+
+
+def refuse_protocol(protocol: str) -> None:
+    """CLEAR is asked one way: `--protocol` (MLLMU-Bench's choice of evaluation) is an error on CLEAR data."""
+    raise UserInputError(None, f"--protocol {protocol} is for MLLMU-Bench data; CLEAR is scored one way, its "
+                               f"authors' (docs/clear_protocol.md)")
+
+
+def config_shards(data_dir: str | Path, config: str) -> list[Path]:
+    """A config's shards in order, or the one-line error naming the file a one-shard config would be."""
     shards = data.split_shards(data_dir, config)
     if shards is None:
         raise UserInputError(data.split_location(data_dir, config) / data.PARQUET_NAME,
                              f"no such parquet file: the CLEAR config {config!r} is missing")
+    return shards
+
+
+def config_items(data_dir: str | Path, config: str) -> list[QAItem]:
+    """A person config's rows as the questions a fit reads (clear_rows.read_items), every shard in order; the
+    config is checked for its columns first (one line naming the file)."""
+    read_config(data_dir, config, PERSON_COLUMNS)
+    return [item for shard in config_shards(data_dir, config) for item in read_items(shard)]
+
+
+def forget_names(data_dir: str | Path, forget_ratio: int) -> list[str]:
+    """The people of the request's forget config, in row order (the `prompt` reference method names them)."""
+    rows = read_config(data_dir, forget_config(forget_ratio), ("name",))
+    return list(dict.fromkeys(_text(shard, number, row, "name") for shard, number, row in rows))
+
+
+def read_config(data_dir: str | Path, config: str, columns: Sequence[str]) -> list[tuple[Path, int, dict]]:
+    """(shard, row number, row) of every row of a config, every shard in order, checked for `columns`."""
+    shards = config_shards(data_dir, config)
     rows = []
     for shard in shards:
         table = data.read_table(shard)

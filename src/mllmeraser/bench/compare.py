@@ -13,13 +13,15 @@ validation people are left out of the reported retain and real splits under `--p
 baselines train LoRA adapters on the one loaded model and take them out again after each trial, so the base
 weights every method starts from are the same, bit for bit. Every method row also carries Open-MMUnlearning's
 forget quality and model utility (omu.py). Several request sizes (`forget_ratios`) run on the one loaded model,
-each measured as a run of its own (`run_compare_ratios`).
+each measured as a run of its own (`run_compare_ratios`). On CLEAR data (detected, or `benchmark="clear"`) the
+same methods run on clear_harness.ClearHarness: CLEAR's configs, metrics and validation hold-out.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Sequence
@@ -32,7 +34,8 @@ from ..core.eraser_fitter import EraserFitter
 from ..core.fitting import FitSettings
 from .items import QAItem
 from ..errors import UserInputError, atomic_write_bytes
-from . import answering, attacks, baselines, data, evaluate, facts, measure, omu, protocols, report
+from . import answering, attacks, baselines, clear, clear_harness, data, evaluate, facts, measure, omu, protocols, \
+    report
 from .data import REPORT_SPLITS, VALIDATION_SPLIT
 
 ERASER_METHODS = ("eraser", "eraser-paper")
@@ -60,7 +63,8 @@ class CompareSettings:
     mmunlearner_thresholds: tuple[float, ...] = (0.5, 1.0, 2.0)
     curve_scales: tuple[float, ...] = CURVE_SCALES
     seed: int = 0
-    protocol: str = "testbed"  # or "mllmu": MLLMU-Bench's own evaluation script (protocols.py)
+    protocol: str = "testbed"  # or "mllmu": MLLMU-Bench's own evaluation script (protocols.py); CLEAR: testbed only
+    benchmark: str = "auto"  # "mllmu" or "clear"; auto: CLEAR where the data holds its configs (clear.detect)
     erasure: str | None = None  # the erasers' erasure inputs, a data.resolve_spec SPEC (default: Unknown_Train)
     device: str | None = None  # models.load_model's placement: default cuda + bfloat16 where there is a GPU
     dtype: str | None = None
@@ -100,7 +104,15 @@ def rouge_l(metrics: dict[str, float]) -> float:
 
 
 class Harness:
-    """The model, its processor and the fixed question sets every method is measured on."""
+    """The model, its processor and the fixed question sets every method is measured on (MLLMU-Bench's; CLEAR's
+    harness, clear_harness.ClearHarness, answers the same calls)."""
+
+    benchmark = "mllmu"
+    report_splits = REPORT_SPLITS
+    validation_rule = {"metric": "validation classification accuracy",
+                       "people": "held-out retain and real people, never reported"}
+    attack_scoring = attacks.MLLMU_SCORING
+    skipped_attacks: dict[str, str] = {}  # every attack applies
 
     def __init__(self, model_dir: Path, data_dir: Path, settings: CompareSettings, progress: bool,
                  erasure: list[QAItem] | None = None, loaded: tuple | None = None):
@@ -142,6 +154,20 @@ class Harness:
         evaluate.add_fact_metrics(results, split_fact, answers, self.vanilla_stated)
         return results
 
+    def validation_score(self, metrics: dict[str, float]) -> float:
+        """What a setting must keep of vanilla's on the validation people: classification accuracy."""
+        return classification(metrics)
+
+    def omu_scores(self, results: dict[str, dict[str, float]]) -> dict[str, float]:
+        return omu.scores(results)
+
+    def system_prompt(self) -> str:
+        """The `prompt` method's system text: the forget split's people by name."""
+        return answering.forget_system_prompt(self.data_dir, self.settings.forget_ratio)
+
+    def score_attacks(self, model, attacked) -> dict:
+        return attacks.score_attacks(model, self.processor, attacked, self.settings.batch_size, self.progress,
+                                     self.attack_scoring)
 
 
 def gate_diagnostics(h: Harness, eraser: Eraser) -> dict:
@@ -185,12 +211,12 @@ def run_eraser(h: Harness, name: str, settings: FitSettings, vanilla_val: float)
         with candidate.attach(h.model):
             point = h.evaluate(splits=("forget", "retain", VALIDATION_SPLIT))
         curve.append({"x": base_alpha * scale, **point})
-        if classification(point[VALIDATION_SPLIT]) >= RETAIN_KEEP * vanilla_val:
+        if h.validation_score(point[VALIDATION_SPLIT]) >= RETAIN_KEEP * vanilla_val:
             chosen_alpha = base_alpha * scale  # strengths ascend: the last one that keeps utility wins
     chosen_alpha = chosen_alpha if chosen_alpha is not None else base_alpha * min(h.settings.curve_scales)
     chosen = eraser.with_alpha(chosen_alpha)
     with chosen.attach(h.model):
-        results = h.evaluate(splits=REPORT_SPLITS)
+        results = h.evaluate(splits=h.report_splits)
     cost_record = {"model_cache": shared.status, "model_cache_seconds": round(shared.seconds, 3),
                    "fit_stages": {stage: round(value, 3) for stage, value in timings.items()}}
     return MethodResult(name, results, cost.seconds, cost.peak_extra_mib,
@@ -210,7 +236,7 @@ def run_refuse(h: Harness, methods: list[MethodResult], settings: FitSettings) -
         seconds, peak = cost.seconds, cost.peak_extra_mib
     refusing = answering.Refusing(eraser, h.processor)
     with refusing.attached(h.model):
-        results = h.evaluate(splits=REPORT_SPLITS)
+        results = h.evaluate(splits=h.report_splits)
     return MethodResult("refuse", results, seconds, peak,
                         {"refusal": answering.REFUSAL, "gate_from": "eraser" if fitted else "fitted here"},
                         answering=refusing)
@@ -218,8 +244,8 @@ def run_refuse(h: Harness, methods: list[MethodResult], settings: FitSettings) -
 
 def run_prompt(h: Harness) -> MethodResult:
     """No eraser: a system prompt naming the forget people leads every question's first user turn."""
-    prompting = answering.SystemPrompted(answering.forget_system_prompt(h.data_dir, h.settings.forget_ratio))
-    results = h.evaluate(splits=REPORT_SPLITS, ask=prompting.ask)
+    prompting = answering.SystemPrompted(h.system_prompt())
+    results = h.evaluate(splits=h.report_splits, ask=prompting.ask)
     return MethodResult("prompt", results, settings={"system_prompt": prompting.text}, answering=prompting)
 
 
@@ -247,7 +273,7 @@ def examples(h: Harness, methods: list[MethodResult], out_dir: Path, people: int
             if item.task != "generation" or item.modality != "image" or item.subject_id in seen:
                 continue
             seen.append(item.subject_id)
-            picture = Path("examples") / f"{item.subject_id}.png"
+            picture = Path("examples") / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', item.subject_id)}.png"
             buffer = io.BytesIO()
             item.image.save(buffer, format="PNG")
             atomic_write_bytes(out_dir / picture, buffer.getvalue())
@@ -311,7 +337,8 @@ def run_baseline(h: Harness, method: str, vanilla_val: float) -> MethodResult:
         total_seconds += cost.seconds
         peak = max(peak, cost.peak_extra_mib)
         trials.append({**point, "epochs": epochs, "settings": asdict(baseline_settings), **mask})
-    keepers = [p for t in trials for p in t["epochs"] if classification(p[VALIDATION_SPLIT]) >= RETAIN_KEEP * vanilla_val]
+    keepers = [p for t in trials for p in t["epochs"]
+               if h.validation_score(p[VALIDATION_SPLIT]) >= RETAIN_KEEP * vanilla_val]
     pool = keepers or [min((p for t in trials for p in t["epochs"]), key=lambda p: p["forget_nll"])]
     best = max(pool, key=lambda p: p["forget_nll"])
     # Retrain the chosen setting for the chosen number of epochs and measure that fit alone (MMUnlearner's
@@ -319,7 +346,7 @@ def run_baseline(h: Harness, method: str, vanilla_val: float) -> MethodResult:
     chosen_point = {key: best[key] for key in baseline_grid(h, method)[0]}
     chosen_settings = baselines.BaselineSettings(method=method, epochs=best["x"], seed=h.settings.seed, **chosen_point)
     chosen_mask: dict = {}
-    results, cost = baseline_trial(h, chosen_settings, splits=REPORT_SPLITS, on_mask=chosen_mask.update)
+    results, cost = baseline_trial(h, chosen_settings, splits=h.report_splits, on_mask=chosen_mask.update)
     curve = [p for t in trials for p in t["epochs"]]  # every grid point: one line per learning rate (and threshold)
     grid = [{**{k: v for k, v in t.items() if k not in ("epochs", "settings")}, "epochs": len(t["epochs"])}
             for t in trials]
@@ -334,30 +361,41 @@ def attack(h: Harness, name: str, model=None, ask=None) -> None:
     `ask` rewrites the attacked questions first (a method's system prompt)."""
     if h.attacked is not None:
         attacked = h.attacked if ask is None else attacks.asked(h.attacked, ask)
-        h.attack_results[name] = attacks.score_attacks(model or h.model, h.processor, attacked,
-                                                       h.settings.batch_size, h.progress)
+        h.attack_results[name] = h.score_attacks(model or h.model, attacked)
 
 
-def check_settings(settings: CompareSettings) -> None:
+def check_settings(settings: CompareSettings, data_dir: Path, forget_ratios: Sequence[int] = ()) -> str:
+    """The methods, the protocol and every request size checked against the benchmark `data_dir` holds (one
+    line each, before the model loads); returns that benchmark."""
     unknown = [m for m in settings.methods if m not in ALL_METHODS]
     if unknown:
         raise UserInputError(None, f"unknown method(s) {unknown}; choose from {list(ALL_METHODS)}")
     protocols.check_protocol(settings.protocol)
+    benchmark = clear.detect(data_dir, settings.benchmark)
+    for ratio in forget_ratios or (settings.forget_ratio,):
+        if benchmark == "clear":
+            clear.forget_config(ratio)
+        else:
+            data.split_dir_name("forget", ratio)
+    if benchmark == "clear" and settings.protocol != "testbed":
+        clear.refuse_protocol(settings.protocol)
+    return benchmark
 
 
 def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: CompareSettings,
                 progress: bool = True, eraser_settings: FitSettings | None = None, loaded: tuple | None = None) -> dict:
     """Every method on one request (settings.forget_ratio); the report in out_dir. `loaded`: (model, processor)
     already loaded from model_dir (several request sizes share them)."""
-    check_settings(settings)
+    benchmark = check_settings(settings, data_dir)
     # The erasure inputs first: a data set without them (the real MLLMU-Bench has no Unknown_Train) is an
     # error before the model loads, not after the vanilla evaluation.
     erasure = (data.erasure_items(settings.erasure, data_dir, settings.forget_ratio)
                if any(m in ERASER_METHODS + ("refuse",) for m in settings.methods) else None)
     torch.manual_seed(settings.seed)
-    h = Harness(Path(model_dir), Path(data_dir), settings, progress, erasure, loaded)
-    vanilla = MethodResult("vanilla", h.evaluate(splits=REPORT_SPLITS + (VALIDATION_SPLIT,), reference=True))
-    vanilla_val = classification(vanilla.results.pop(VALIDATION_SPLIT))
+    harness = clear_harness.ClearHarness if benchmark == "clear" else Harness
+    h = harness(Path(model_dir), Path(data_dir), settings, progress, erasure, loaded)
+    vanilla = MethodResult("vanilla", h.evaluate(splits=h.report_splits + (VALIDATION_SPLIT,), reference=True))
+    vanilla_val = h.validation_score(vanilla.results.pop(VALIDATION_SPLIT))
     methods: list[MethodResult] = [vanilla]
     attack(h, "vanilla")
     eraser_settings = eraser_settings or FitSettings()
@@ -374,19 +412,21 @@ def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: Compar
         elif name in BASELINE_METHODS:
             methods.append(run_baseline(h, name, vanilla_val))
     for m in methods:
-        m.omu = omu.scores(m.results)
+        m.omu = h.omu_scores(m.results)
         if m.answering is not None:
             with m.answering.attached(h.model):
                 attack(h, m.name, ask=m.answering.ask)
     out_dir = Path(out_dir)
     summary = {"model": str(model_dir), "data": str(data_dir), "forget_ratio": settings.forget_ratio,
-               "protocol": settings.protocol,
-               "retain_keep": RETAIN_KEEP, "vanilla_validation_classification": vanilla_val,
+               "protocol": settings.protocol, "benchmark": h.benchmark, "splits": list(h.report_splits),
+               "retain_keep": RETAIN_KEEP, "vanilla_validation": vanilla_val, "validation_rule": h.validation_rule,
                "examples": examples(h, methods, out_dir),
                "methods": [{f.name: getattr(m, f.name) for f in fields(m) if f.name != "answering"} for m in methods]}
     summary["request_fit"] = request_fit(methods)
     if h.attack_results:
-        summary["attacks"] = attacks.judge(h.attack_results)
+        summary["attacks"] = attacks.judge(h.attack_results, h.attack_scoring)
+        if h.skipped_attacks:
+            summary["attacks"]["skipped"] = dict(h.skipped_attacks)
     report.write_report(summary, Path(out_dir))
     return summary
 
@@ -402,12 +442,13 @@ def run_compare_ratios(model_dir: Path, data_dir: Path, out_dir: Path, settings:
     if len(ratios) == 1:
         return run_compare(model_dir, data_dir, out_dir, replace(settings, forget_ratio=ratios[0]), progress=progress,
                            eraser_settings=eraser_settings)
-    check_settings(settings)
+    benchmark = check_settings(settings, data_dir, ratios)
     loaded = models.load_model(Path(model_dir), **settings.model_options())
     runs = [run_compare(model_dir, data_dir, Path(out_dir) / report.ratio_dir(ratio), replace(settings, forget_ratio=ratio),
                         progress=progress, eraser_settings=eraser_settings, loaded=loaded)
             for ratio in ratios]
-    combined = {"model": str(model_dir), "data": str(data_dir), "forget_ratios": ratios, "runs": runs}
+    combined = {"model": str(model_dir), "data": str(data_dir), "benchmark": benchmark, "forget_ratios": ratios,
+                "runs": runs}
     report.write_ratio_report(combined, Path(out_dir))
     return combined
 

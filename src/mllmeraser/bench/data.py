@@ -267,9 +267,15 @@ def validation_split(items: Sequence[QAItem], split: str = "retain") -> tuple[li
     return rest, held_out
 
 
-def _is_validation_subject(subject_id: str, fraction: float) -> bool:
+def validation_rank(subject_id: str) -> float:
+    """A subject's place in [0, 1) in the hash order the validation hold-out draws from (below the fraction:
+    held out)."""
     digest = hashlib.sha256(f"mllmeraser-validation:{subject_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _is_validation_subject(subject_id: str, fraction: float) -> bool:
+    return validation_rank(subject_id) < fraction
 
 
 def validation_items(data_dir: str | Path, forget_ratio: int = 10) -> list[QAItem]:

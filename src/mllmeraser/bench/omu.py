@@ -14,6 +14,11 @@ accuracy and generation ROUGE-L, each on image+text and on text-only questions. 
 our `retain` and `real` leave out the validation people (they choose settings; under `--protocol mllmu` too),
 their evaluation runs MLLMU-Bench's few-shot prompts (ours: `--protocol mllmu` does, `testbed` does not), and the
 testbed's people and model are not LLaVA-7B's, so the reference values below place a run, they do not bound it.
+
+On CLEAR (`clear_scores`) their CLEAREvaluator reports CLEAR's own two scores instead: model utility, the harmonic
+mean of Prob., ROUGE-L recall and truth ratio on retain, retain face recognition, real faces and real world (no
+chrF++, as here: clear.score's `utility`), and forget quality, a KS test between this model's forget truth ratios
+and those of a model trained without the forget people. There is no such model here, so FQ (and HM) are NaN.
 """
 
 from __future__ import annotations
@@ -60,3 +65,10 @@ def scores(results: dict[str, dict[str, float]]) -> dict[str, float]:
     """{"forget_quality", "model_utility", "hm"} of one method's {split: metrics}."""
     fq, mu = forget_quality(results), model_utility(results)
     return {"forget_quality": fq, "model_utility": mu, "hm": harmonic_mean(fq, mu)}
+
+
+def clear_scores(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """On CLEAR: model utility is CLEAR's (clear.score's `utility` split); forget quality needs a reference model
+    trained without the forget people (a KS test against its truth ratios), which there is not: NaN, as the HM."""
+    mu = (results.get("utility") or {}).get("model_utility", math.nan)
+    return {"forget_quality": math.nan, "model_utility": mu, "hm": math.nan}

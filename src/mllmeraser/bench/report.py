@@ -1,11 +1,13 @@
 """The comparison report: results.json, results.md, PNG plots and one report.html that embeds them (laid out by
-the jinja2 templates in templates/, shipped as package data)."""
+the jinja2 templates in templates/, shipped as package data). What the table and the plots show depends on the
+benchmark the run measured (`View`: MLLMU-Bench's metrics, or CLEAR's)."""
 
 from __future__ import annotations
 
 import functools
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import atomic_write_bytes, atomic_write_text
@@ -21,11 +23,64 @@ COLUMNS = [  # (header, split, metric key or aggregate)
     ("real leak", "real", "fact_leak"),  # leak: facts.py (of vanilla's answers that state the fact, the share kept)
     ("general cls", "general", "classification"), ("unknown refusal", "unknown", "refusal_rate"),
 ]
+CLEAR_TASKS = (("forget", ""), ("forget", "facerec_"), ("retain", ""), ("retain", "facerec_"), ("real_faces", ""),
+               ("real_world", ""))  # (split, metric prefix): each of CLEAR's six tasks (bench/clear.py)
+CLEAR_COLUMNS = [(f"{split.replace('_', ' ')} {'name ' if prefix else ''}{short}", split, prefix + key)
+                 for split, prefix in CLEAR_TASKS
+                 for key, short in (("rougeL_recall", "R-L"), ("prob", "prob"), ("truth_ratio", "TR"))]
+CLEAR_COLUMNS.append(("utility", "utility", "model_utility"))  # CLEAR's model utility (clear.score)
 PLOTS = ("tradeoff_classification.png", "tradeoff_rougeL.png", "splits.png", "gate_scores.png", "omu.png")
 OMU_COLUMNS = (("OMU FQ", "forget_quality"), ("OMU MU", "model_utility"), ("OMU HM", "hm"))  # omu.py's scores
 RATIO_PLOT = "forget_ratios.png"  # a several-size run: every method over the request sizes
-GATE_SPLITS = REPORT_SPLITS + (VALIDATION_SPLIT,)  # the gate table's columns and the gate plot's rows, in order
 LEGEND = {"loc": "upper left", "bbox_to_anchor": (1.01, 1), "borderaxespad": 0, "fontsize": 6}  # outside the axes
+
+
+@dataclass(frozen=True)
+class View:
+    """What a benchmark's report shows: the table's (header, split, metric) columns; the trade-off plots, forget
+    against retain, as (metric, label, file); the per-split bar plot's (metric, label); whether the OMU plot has
+    points to show; the plot over request sizes' (title, split or "omu", metric) panels."""
+
+    columns: tuple
+    tradeoffs: tuple
+    bars: tuple
+    omu_plot: bool
+    ratio_panels: tuple
+
+
+VIEWS = {
+    "mllmu": View(tuple(COLUMNS),
+                  (("classification", "classification accuracy", PLOTS[0]), ("rougeL", "ROUGE-L", PLOTS[1])),
+                  ("classification", "classification accuracy (image and text averaged)"), True,
+                  (("forget classification", "forget", "classification"),
+                   ("retain classification", "retain", "classification"),
+                   ("OMU forget quality", "omu", "forget_quality"), ("OMU model utility", "omu", "model_utility"))),
+    # CLEAR: its own metrics; Open-MMUnlearning's CLEAR forget quality needs a retrained model (omu.clear_scores)
+    "clear": View(tuple(CLEAR_COLUMNS),
+                  (("facerec_rougeL_recall", "name ROUGE-L recall", "tradeoff_facerec_rougeL_recall.png"),
+                   ("rougeL_recall", "caption ROUGE-L recall", "tradeoff_rougeL_recall.png")),
+                  ("rougeL_recall", "caption ROUGE-L recall"), False,
+                  (("forget name ROUGE-L recall", "forget", "facerec_rougeL_recall"),
+                   ("retain name ROUGE-L recall", "retain", "facerec_rougeL_recall"),
+                   ("forget caption ROUGE-L recall", "forget", "rougeL_recall"),
+                   ("CLEAR model utility", "utility", "model_utility"))),
+}
+
+
+def view(summary: dict) -> View:
+    """The view of a run's benchmark (MLLMU-Bench's for a summary that names none)."""
+    return VIEWS[summary.get("benchmark", "mllmu")]
+
+
+def plots(summary: dict) -> tuple[str, ...]:
+    """The plot files a run's report holds, in order (PLOTS on MLLMU-Bench)."""
+    shown = view(summary)
+    return tuple(f for _, _, f in shown.tradeoffs) + PLOTS[2:4] + (PLOTS[4:] if shown.omu_plot else ())
+
+
+def gate_splits(summary: dict) -> tuple[str, ...]:
+    """The gate table's columns and the gate plot's rows, in order: the report splits and the validation people."""
+    return tuple(summary.get("splits", REPORT_SPLITS)) + (VALIDATION_SPLIT,)
 
 
 def metric(metrics: dict[str, float] | None, key: str) -> float:
@@ -47,10 +102,11 @@ def _finite(values) -> list[float]:
 
 
 def table_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["method"] + [c[0] for c in COLUMNS] + [c[0] for c in OMU_COLUMNS] + ["fit s", "peak MiB"]
+    columns = view(summary).columns
+    header = ["method"] + [c[0] for c in columns] + [c[0] for c in OMU_COLUMNS] + ["fit s", "peak MiB"]
     rows = []
     for m in summary["methods"]:
-        cells = [m["name"]] + [_fmt(metric(m["results"].get(split), key)) for _, split, key in COLUMNS]
+        cells = [m["name"]] + [_fmt(metric(m["results"].get(split), key)) for _, split, key in columns]
         cells += [_fmt((m.get("omu") or {}).get(key)) for _, key in OMU_COLUMNS]
         cells += [_fmt(m.get("fit_seconds"), 1), _fmt(m.get("peak_extra_mib"), 0)]
         rows.append(cells)
@@ -71,13 +127,14 @@ def gated_methods(summary: dict) -> list[dict]:
 
 def gate_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     """One row per eraser: held-out AUROC, the fraction of prompts the gate turns on per split, the threshold."""
-    header = ["method", "held-out AUROC"] + [f"fires on {s}" for s in GATE_SPLITS] + ["threshold"]
+    splits = gate_splits(summary)
+    header = ["method", "held-out AUROC"] + [f"fires on {s}" for s in splits] + ["threshold"]
     rows = []
     for m in gated_methods(summary):
         gate = m["gate"]
         fire = gate.get("fire_rate") or {}
         threshold = gate.get("threshold")
-        cells = [m["name"], _fmt(gate.get("auroc"))] + [_fmt(fire.get(s)) for s in GATE_SPLITS]
+        cells = [m["name"], _fmt(gate.get("auroc"))] + [_fmt(fire.get(s)) for s in splits]
         cells.append("-" if threshold is None else ", ".join(f"{t:.4g}" for t in threshold))
         rows.append(cells)
     return header, rows
@@ -144,18 +201,20 @@ def _plot_omu(summary: dict, path: Path) -> None:
 
 def _plot_splits(summary: dict, path: Path) -> None:
     plt = _pyplot()
-    splits = [s for s in REPORT_SPLITS[:-1] if any(s in m["results"] for m in summary["methods"])]
+    key, label = view(summary).bars
     methods = summary["methods"]
+    splits = [s for s in summary.get("splits", REPORT_SPLITS)
+              if any(math.isfinite(metric(m["results"].get(s), key)) for m in methods)]
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(9, 4.2), dpi=110)
     for index, m in enumerate(methods):
-        values = [metric(m["results"].get(s), "classification") for s in splits]
+        values = [metric(m["results"].get(s), key) for s in splits]
         ax.bar([i + index * width for i in range(len(splits))], [0 if math.isnan(v) else v for v in values],
                width, label=m["name"])
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(splits))], splits)
-    ax.set_ylabel("classification accuracy")
+    ax.set_ylabel(label.split(" (")[0])
     ax.set_ylim(0, 1.05)
-    ax.set_title("Per-split classification accuracy (image and text averaged)")
+    ax.set_title(f"Per-split {label}")
     ax.legend(**{**LEGEND, "fontsize": 7})
     _save(fig, path)
 
@@ -171,13 +230,14 @@ def _plot_gate(summary: dict, path: Path) -> None:
         ax.text(0.5, 0.5, "no eraser in this run: no gate to show", ha="center", va="center")
         _save(fig, path)
         return
-    fig, axes = plt.subplots(len(methods), 1, figsize=(9, 0.45 * len(GATE_SPLITS) * len(methods) + 1.0),
+    ordered = gate_splits(summary)
+    fig, axes = plt.subplots(len(methods), 1, figsize=(9, 0.45 * len(ordered) * len(methods) + 1.0),
                              dpi=110, squeeze=False)
     for ax, m in zip(axes[:, 0], methods):
         gate = m["gate"]
         scores = gate.get("scores") or {}
         fire = gate.get("fire_rate") or {}
-        splits = [s for s in GATE_SPLITS if s in scores] + [s for s in scores if s not in GATE_SPLITS]
+        splits = [s for s in ordered if s in scores] + [s for s in scores if s not in ordered]
         data = [_finite(scores[s]) for s in splits]
         rows = list(range(len(splits)))[::-1]  # the first split on top
         shown = [(d, r) for d, r in zip(data, rows) if d]
@@ -212,21 +272,28 @@ def _plot_gate(summary: dict, path: Path) -> None:
 ATTACK_PLOT = "attacks.png"
 
 
+def attack_headline(suite: dict) -> tuple[str, str]:
+    """(metric, label) the attack bars read: classification on MLLMU-Bench, the name's ROUGE-L recall on CLEAR."""
+    return suite.get("headline", "classification"), suite.get("label", "cls")
+
+
 def attack_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
-    """The attack table: per attack, each method's recovered forget classification and retain classification
-    (vanilla first); attacks vanilla no longer answers under are marked, as they do not count."""
+    """The attack table: per attack, each method's recovered forget headline (classification; CLEAR: the name's
+    ROUGE-L recall) and its retain headline (vanilla first); attacks vanilla no longer answers under are marked,
+    as they do not count."""
     suite = summary.get("attacks")
     if not suite:
         return [], []
+    key, label = attack_headline(suite)
     results = suite["attacks"]
     methods = list(results)
-    header = ["attack"] + [f"{m} {k}" for m in methods for k in ("forget cls", "retain cls")]
+    header = ["attack"] + [f"{m} {split} {label}" for m in methods for split in ("forget", "retain")]
     rows = []
     for name, vanilla in results["vanilla"].items():
-        counted = vanilla["forget"].get("classification", 0.0) >= attacks.COUNTED_FROM
+        counted = vanilla["forget"].get(key, 0.0) >= attacks.COUNTED_FROM
         row = [name + ("" if counted else " (not counted)")]
         for m in methods:
-            row += [_fmt(results[m][name][s].get("classification")) for s in ("forget", "retain")]
+            row += [_fmt(results[m][name][s].get(key)) for s in ("forget", "retain")]
         rows.append(row)
     return header, rows
 
@@ -253,18 +320,19 @@ def mixed_people_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
 def _plot_attacks(summary: dict, path: Path) -> None:
     plt = _pyplot()
     results = summary["attacks"]["attacks"]
+    key, label = attack_headline(summary["attacks"])
     names, methods = list(results["vanilla"]), list(results)
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(12, 4.2), dpi=110)
     for index, m in enumerate(methods):
-        values = [results[m][n]["forget"].get("classification", math.nan) for n in names]
+        values = [results[m][n]["forget"].get(key, math.nan) for n in names]
         ax.bar([i + index * width for i in range(len(names))], [0 if math.isnan(v) else v for v in values],
                width, label=m)
     ax.axhline(attacks.FORGET_BAR, color="k", lw=0.8, ls="--")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("forget classification under attack")
+    ax.set_ylabel(f"forget {label} under attack")
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"Recovered forget classification per attack (dashed: the {attacks.FORGET_BAR:.2f} bar)")
+    ax.set_title(f"Recovered forget {label} per attack (dashed: the {attacks.FORGET_BAR:.2f} bar)")
     ax.legend(**{**LEGEND, "fontsize": 7})
     _save(fig, path)
 
@@ -290,9 +358,10 @@ def _templates():
                               undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
-def _omu_context() -> dict:
+def _omu_context(summary: dict) -> dict:
     references = "; ".join(f"{name} {fq:.3f} / {mu:.3f}" for name, (fq, mu) in omu.REFERENCE.items())
-    return {"forget_ratio": omu.REFERENCE_FORGET_RATIO, "references": references}
+    return {"forget_ratio": omu.REFERENCE_FORGET_RATIO, "references": references,
+            "clear": summary.get("benchmark") == "clear"}
 
 
 def _answer_names(summary: dict) -> list[str]:
@@ -321,9 +390,11 @@ def _gate_context(summary: dict) -> dict:
 def _attacks_context(summary: dict) -> dict:
     header, rows = attack_rows(summary)
     mixed_header, mixed_rows = mixed_people_rows(summary)
+    suite = summary.get("attacks") or {}
+    skipped = "; ".join(f"{name} ({reason})" for name, reason in (suite.get("skipped") or {}).items())
     return {"header": header, "rows": rows, "mixed_header": mixed_header, "mixed_rows": mixed_rows,
-            "plot": ATTACK_PLOT, "counted_from": f"{attacks.COUNTED_FROM:.2f}",
-            "forget_bar": f"{attacks.FORGET_BAR:.2f}", "retain_bar": f"{attacks.RETAIN_BAR:.2f}"}
+            "plot": ATTACK_PLOT, "counted_from": f"{attacks.COUNTED_FROM:.2f}", "metric": attack_headline(suite)[1],
+            "forget_bar": f"{attacks.FORGET_BAR:.2f}", "retain_bar": f"{attacks.RETAIN_BAR:.2f}", "skipped": skipped}
 
 
 def render_html(summary: dict) -> str:
@@ -331,8 +402,8 @@ def render_html(summary: dict) -> str:
     chosen = [(m["name"], json.dumps(_short_settings(m))) for m in summary["methods"] if m.get("settings")]
     return _templates().get_template("report.html.j2").render(
         summary=summary, header=header, rows=rows, selection=_selection_text(summary),
-        request_fit=request_fit_line(summary), omu=_omu_context(), examples=_examples_context(summary),
-        gate=_gate_context(summary), attacks=_attacks_context(summary), plots=PLOTS, chosen=chosen)
+        request_fit=request_fit_line(summary), omu=_omu_context(summary), examples=_examples_context(summary),
+        gate=_gate_context(summary), attacks=_attacks_context(summary), plots=plots(summary), chosen=chosen)
 
 
 def request_fit_line(summary: dict) -> str | None:
@@ -347,10 +418,12 @@ def request_fit_line(summary: dict) -> str | None:
 
 
 def _selection_text(summary: dict) -> str:
-    return (f"Every method's setting was chosen by one rule, on the validation people only (held-out retain and real "
-            f"people, never reported): the strongest setting whose validation classification accuracy stays at or "
-            f"above {summary['retain_keep']:.2f} x vanilla's ({summary['vanilla_validation_classification']:.3f}); "
-            f"the erasers' prompt gates are calibrated on the same people.")
+    rule = summary.get("validation_rule") or {"metric": "validation classification accuracy",
+                                              "people": "held-out retain and real people, never reported"}
+    vanilla = summary.get("vanilla_validation", summary.get("vanilla_validation_classification"))
+    return (f"Every method's setting was chosen by one rule, on the validation people only ({rule['people']}): the "
+            f"strongest setting whose {rule['metric']} stays at or above {summary['retain_keep']:.2f} x vanilla's "
+            f"({vanilla:.3f}); the erasers' prompt gates are calibrated on the same people.")
 
 
 def _short_settings(m: dict) -> dict:
@@ -365,11 +438,13 @@ def write_report(summary: dict, out_dir: Path) -> Path:
     atomic_write_text(out_dir / "results.json", json.dumps(summary, indent=2))
     line = request_fit_line(summary)
     atomic_write_text(out_dir / "results.md", markdown_table(summary) + "\n" + (f"\n{line}\n" if line else ""))
-    _plot_tradeoff(summary, "classification", "classification accuracy", out_dir / PLOTS[0])
-    _plot_tradeoff(summary, "rougeL", "ROUGE-L", out_dir / PLOTS[1])
+    shown = view(summary)
+    for key, label, name in shown.tradeoffs:
+        _plot_tradeoff(summary, key, label, out_dir / name)
     _plot_splits(summary, out_dir / PLOTS[2])
     _plot_gate(summary, out_dir / PLOTS[3])
-    _plot_omu(summary, out_dir / PLOTS[4])
+    if shown.omu_plot:
+        _plot_omu(summary, out_dir / PLOTS[4])
     if summary.get("attacks"):
         _plot_attacks(summary, out_dir / ATTACK_PLOT)
     atomic_write_text(out_dir / "report.html", render_html(summary))
@@ -392,23 +467,25 @@ def ratio_markdown(combined: dict) -> str:
     return "\n".join(parts)
 
 
-RATIO_PANELS = (("forget classification", lambda m: metric(m["results"].get("forget"), "classification")),
-                ("retain classification", lambda m: metric(m["results"].get("retain"), "classification")),
-                ("OMU forget quality", lambda m: (m.get("omu") or {}).get("forget_quality", math.nan)),
-                ("OMU model utility", lambda m: (m.get("omu") or {}).get("model_utility", math.nan)))
+def panel_value(m: dict, split: str, key: str) -> float:
+    """A method's value in a ratio panel: a split's metric, or (split "omu") one of its OMU scores."""
+    return (m.get("omu") or {}).get(key, math.nan) if split == "omu" else metric(m["results"].get(split), key)
 
 
 def _plot_ratios(combined: dict, path: Path) -> None:
-    """Every method over the request sizes: forget and retain classification, OMU forget quality and utility."""
+    """Every method over the request sizes, in the benchmark's panels (MLLMU-Bench: forget and retain
+    classification, OMU forget quality and utility; CLEAR: the name's and the caption's ROUGE-L recall, its model
+    utility)."""
+    panels = view(combined).ratio_panels
     plt = _pyplot()
     names: list[str] = []
     for run in combined["runs"]:
         names += [m["name"] for m in run["methods"] if m["name"] not in names]
-    fig, axes = plt.subplots(1, len(RATIO_PANELS), figsize=(4.0 * len(RATIO_PANELS), 3.6), dpi=110, squeeze=False)
-    for ax, (title, value) in zip(axes[0], RATIO_PANELS):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6), dpi=110, squeeze=False)
+    for ax, (title, split, key) in zip(axes[0], panels):
         for index, name in enumerate(names):
-            points = [(run["forget_ratio"], value(m)) for run in combined["runs"] for m in run["methods"]
-                      if m["name"] == name]
+            points = [(run["forget_ratio"], panel_value(m, split, key)) for run in combined["runs"]
+                      for m in run["methods"] if m["name"] == name]
             ax.plot([x for x, _ in points], [y for _, y in points], marker="o", ms=4, color=f"C{index % 10}",
                     label=name)
         ax.set_title(title, fontsize=9)
@@ -429,7 +506,7 @@ def render_ratio_html(combined: dict) -> str:
                      "request_fit": request_fit_line(run)})
     return _templates().get_template("ratio_report.html.j2").render(
         combined=combined, ratios=", ".join(f"{r}%" for r in combined["forget_ratios"]), plot=RATIO_PLOT,
-        runs=runs, omu=_omu_context())
+        runs=runs, omu=_omu_context(combined))
 
 
 def write_ratio_report(combined: dict, out_dir: Path) -> Path:

@@ -1,12 +1,13 @@
 """`mllmeraser attack`: the attack suite, vanilla and an eraser (and the references that train nothing) under
-each attack."""
+each attack, on MLLMU-Bench or CLEAR data."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..errors import UserInputError
-from .options import add_eraser_args, add_forget_ratio_arg, add_model_arg, load_eraser, load_model, write_results
+from .options import add_benchmark_arg, add_eraser_args, add_forget_ratio_arg, add_model_arg, benchmark, load_eraser, \
+    load_model, write_results
 
 TASKS = ("classification", "cloze", "generation")
 
@@ -16,7 +17,9 @@ def add_parsers(commands) -> None:
 
     attack = commands.add_parser("attack", help="the attack suite: vanilla and an eraser under each attack")
     add_model_arg(attack)
-    attack.add_argument("--data", required=True, help="MLLMU-Bench directory")
+    attack.add_argument("--data", required=True, help="MLLMU-Bench directory, or CLEAR directory (the attacks that "
+                        "apply to its caption and name questions, scored by its ROUGE-L recall; docs/clear_protocol.md)")
+    add_benchmark_arg(attack)
     add_forget_ratio_arg(attack)
     add_eraser_args(attack)
     attack.add_argument("--attacks", default=None, help="comma-separated subset of "
@@ -47,8 +50,10 @@ def add_parsers(commands) -> None:
 
 
 def run_attack(args) -> int:
-    from ..bench import attacks
+    from ..bench import answering, attacks
 
+    if benchmark(args) == "clear":
+        return run_clear(args)
     names = tuple(args.attacks.split(",")) if args.attacks else None
     unknown = [n for n in names or () if n not in attacks.BY_NAME]
     if unknown:
@@ -61,7 +66,8 @@ def run_attack(args) -> int:
     if args.adaptive:
         return run_adaptive(args, eraser, tasks)
     model, processor = load_model(args)
-    references = reference_methods(eraser, processor, args.data, args.forget_ratio) if args.references else None
+    references = (reference_methods(eraser, processor, answering.forget_system_prompt(args.data, args.forget_ratio))
+                  if args.references else None)
     summary = attacks.run_suite(model, processor, args.data, args.forget_ratio,
                                 {"eraser": eraser} if eraser is not None else None, names,
                                 args.retain_people or None, args.batch_size, args.white_box, paraphrases,
@@ -87,9 +93,42 @@ def run_adaptive(args, eraser, tasks: tuple[str, ...] | None) -> int:
     return 0
 
 
-def reference_methods(eraser, processor, data_dir, forget_ratio: int) -> dict:
-    """{name: answering method}: refuse where there is a prompt-gated eraser to take the gate from, and prompt."""
+# What the suite cannot do on CLEAR, and why (each a one-line error where asked for).
+CLEAR_REFUSED = {
+    "white_box": "--white-box reads classification option letters (the probe) and never-seen people (membership "
+                 "inference, Unknown_Set); CLEAR has neither",
+    "tasks": "--tasks picks MLLMU-Bench's classification, cloze and generation questions; CLEAR asks generation "
+             "questions only (captions and names)",
+    "adaptive": "--adaptive searches MLLMU-Bench's forget prompts; it is not implemented on CLEAR",
+}
+
+
+def run_clear(args) -> int:
+    """The attack suite on CLEAR (bench/clear_attacks.py): its configs read and the attacks checked before the model
+    loads; the attacks that do not apply are listed with their reasons."""
+    from ..bench import answering, attacks, clear, clear_attacks
+
+    for option, reason in CLEAR_REFUSED.items():
+        if getattr(args, option):
+            raise UserInputError(None, f"not on CLEAR data: {reason}")
+    names = tuple(args.attacks.split(",")) if args.attacks else None
+    paraphrases = attacks.read_paraphrases(args.paraphrases) if args.paraphrases else None
+    eraser = load_eraser(args.eraser, args.alpha)
+    attacked = clear_attacks.attack_set(args.data, args.forget_ratio, names, args.retain_people or None, paraphrases)
+    prompt = answering.system_prompt(clear.forget_names(args.data, args.forget_ratio))
+    model, processor = load_model(args)
+    references = reference_methods(eraser, processor, prompt) if args.references else None
+    summary = attacks.run_attacked(model, processor, attacked, {"eraser": eraser} if eraser is not None else None,
+                                   references, args.batch_size, scoring=clear_attacks.SCORING)
+    summary["skipped"] = {} if names else dict(clear_attacks.SKIPPED)  # named attacks: the user's choice
+    write_results(summary, attacks.format_summary(summary), args.json)
+    return 0
+
+
+def reference_methods(eraser, processor, system_prompt: str) -> dict:
+    """{name: answering method}: refuse where there is a prompt-gated eraser to take the gate from, and prompt
+    (`system_prompt` leading every question)."""
     from ..bench import answering
     refuse = ({"refuse": answering.Refusing(eraser, processor)}
               if eraser is not None and eraser.prompt_gate is not None else {})
-    return {**refuse, "prompt": answering.SystemPrompted(answering.forget_system_prompt(data_dir, forget_ratio))}
+    return {**refuse, "prompt": answering.SystemPrompted(system_prompt)}

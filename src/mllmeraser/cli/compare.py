@@ -1,13 +1,13 @@
-"""`mllmeraser compare` (every method side by side on one model, with the report) and `mllmeraser demo` (the
-main job: the testbed built or reused, then compare on it)."""
+"""`mllmeraser compare` (every method side by side on one model, with the report; on MLLMU-Bench or CLEAR data) and
+`mllmeraser demo` (the main job: the testbed built or reused, then compare on it)."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from .options import add_cache_args, add_erasure_arg, add_forget_ratios_arg, add_model_arg, add_protocol_arg, \
-    cache_dir, model_options
+from .options import add_benchmark_arg, add_cache_args, add_erasure_arg, add_forget_ratios_arg, add_model_arg, \
+    add_protocol_arg, benchmark, cache_dir, check_clear_protocol, model_options
 from .testbed import add_preset_arg
 
 
@@ -17,7 +17,9 @@ def add_parsers(commands) -> None:
     compare_cmd = commands.add_parser("compare", help="vanilla, eraser (default and paper), refuse and prompt (no "
                                       "training) and the LoRA baselines, side by side")
     add_model_arg(compare_cmd)
-    compare_cmd.add_argument("--data", required=True)
+    compare_cmd.add_argument("--data", required=True, help="MLLMU-Bench directory, or CLEAR directory (its configs: "
+                             "fitted on forgetNN and retainNN, scored on its own splits; docs/clear_protocol.md)")
+    add_benchmark_arg(compare_cmd)
     add_forget_ratios_arg(compare_cmd)
     methods = ALL_METHODS[1:]
     compare_cmd.add_argument("--methods", default=",".join(methods), help=f"comma-separated subset of {','.join(methods)}")
@@ -25,7 +27,7 @@ def add_parsers(commands) -> None:
     compare_cmd.add_argument("--baseline-epochs", type=int, default=CompareSettings.baseline_epochs)
     compare_cmd.add_argument("--baseline-lrs", default=",".join(str(x) for x in CompareSettings.baseline_lrs))
     compare_cmd.add_argument("--batch-size", type=int, default=64)
-    add_protocol_arg(compare_cmd)
+    add_protocol_arg(compare_cmd, default=None)
     add_erasure_arg(compare_cmd)
     compare_cmd.add_argument("--attacks", dest="attack_suite", action="store_true",
                              help="also run the attack suite on vanilla and every method (report: Attacks)")
@@ -66,11 +68,14 @@ def print_summary(summary: dict, out_dir: Path) -> None:
 def run_compare(args) -> int:
     from ..bench import attacks, compare
 
+    chosen = benchmark(args)
+    if chosen == "clear":
+        check_clear_protocol(args)
     settings = compare.CompareSettings(forget_ratio=args.forget_ratio[0], methods=methods(args.methods),
                                        batch_size=args.batch_size, baseline_epochs=args.baseline_epochs,
                                        baseline_lrs=tuple(float(x) for x in args.baseline_lrs.split(",")),
-                                       protocol=args.protocol, erasure=args.erasure, attacks=args.attack_suite,
-                                       cache_dir=cache_dir(args), **model_options(args))
+                                       protocol=args.protocol or "testbed", benchmark=chosen, erasure=args.erasure,
+                                       attacks=args.attack_suite, cache_dir=cache_dir(args), **model_options(args))
     summary = compare.run_compare_ratios(Path(args.model), Path(args.data), args.out, settings, args.forget_ratio)
     print_summary(summary, args.out)
     for run in summary.get("runs", [summary]):

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UserInputError
-from .options import add_eraser_args, add_forget_ratio_arg, add_model_arg, add_protocol_arg, attached, load_eraser, \
-    load_model, write_results
+from .options import add_benchmark_arg, add_eraser_args, add_forget_ratio_arg, add_model_arg, add_protocol_arg, \
+    attached, benchmark, check_clear_protocol, load_eraser, load_model, write_results
 
 
 def add_parsers(commands) -> None:
@@ -17,10 +16,7 @@ def add_parsers(commands) -> None:
     add_model_arg(evaluate_cmd)
     evaluate_cmd.add_argument("--data", required=True, help="MLLMU-Bench directory (forget_10/, retain_90/, Test_Set/, "
                               "...) or CLEAR directory (forget10_perturbed/, retain_perturbed/, real_faces/, ...)")
-    evaluate_cmd.add_argument("--benchmark", default="auto", choices=("auto", "mllmu", "clear"),
-                              help="which benchmark --data holds (default: CLEAR where its config directories "
-                              "are there, else MLLMU-Bench); CLEAR is scored with its own metrics "
-                              "(docs/clear_protocol.md)")
+    add_benchmark_arg(evaluate_cmd)
     add_forget_ratio_arg(evaluate_cmd)
     evaluate_cmd.add_argument("--batch-size", type=int, default=64)
     add_eraser_args(evaluate_cmd)
@@ -32,16 +28,8 @@ def add_parsers(commands) -> None:
     evaluate_cmd.set_defaults(handler=run_eval)
 
 
-def _benchmark(args) -> str:
-    from ..bench import clear
-
-    if args.benchmark != "auto":
-        return args.benchmark
-    return "clear" if clear.is_clear_layout(args.data) else "mllmu"
-
-
 def run_eval(args) -> int:
-    if _benchmark(args) == "clear":
+    if benchmark(args) == "clear":
         return _eval_clear(args)
     from ..bench import evaluate
     from ..bench.data import REPORT_SPLITS
@@ -72,9 +60,7 @@ def _eval_clear(args) -> int:
     """eval on CLEAR data: its configs read and checked first, then its own metrics (bench/clear.py)."""
     from ..bench import clear, evaluate
 
-    if args.protocol is not None:
-        raise UserInputError(None, f"--protocol {args.protocol} is for MLLMU-Bench data; CLEAR is scored one way, "
-                                   f"its authors' (docs/clear_protocol.md)")
+    check_clear_protocol(args)
     splits = tuple(args.splits.split(",")) if args.splits else clear.REPORT_SPLITS
     eraser = load_eraser(args.eraser, args.alpha)
     tasks = clear.report_tasks(args.data, args.forget_ratio, splits)

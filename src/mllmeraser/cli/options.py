@@ -1,5 +1,5 @@
-"""Options several subcommands share (model placement, request sizes, an eraser file, protocol, erasure inputs,
-the model cache) and the helpers that read them back.
+"""Options several subcommands share (model placement, the benchmark, request sizes, an eraser file, protocol,
+erasure inputs, the model cache) and the helpers that read them back.
 
 Only the standard library at import: the parser is built for every command, `--help` included, so what an option
 needs (a benchmark's request sizes, the dtypes) is imported where the option is added, and none of it imports a
@@ -41,6 +41,27 @@ def load_model(args):
     return models.load_model(args.model, **model_options(args))
 
 
+def add_benchmark_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--benchmark", default="auto", choices=("auto", "mllmu", "clear"),
+                        help="which benchmark --data holds (default: CLEAR where its config directories are there, "
+                        "else MLLMU-Bench); CLEAR is scored with its own metrics (docs/clear_protocol.md)")
+
+
+def benchmark(args) -> str:
+    """"clear" or "mllmu": --benchmark, or what --data holds (bench.clear.detect)."""
+    from ..bench import clear
+
+    return clear.detect(args.data, args.benchmark)
+
+
+def check_clear_protocol(args) -> None:
+    """On CLEAR data a --protocol given is a one-line error (CLEAR is asked one way); the caller's default is None."""
+    from ..bench import clear
+
+    if args.protocol is not None:
+        clear.refuse_protocol(args.protocol)
+
+
 def add_forget_ratio_arg(parser: argparse.ArgumentParser) -> None:
     from ..bench import clear, data
 
@@ -50,24 +71,26 @@ def add_forget_ratio_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def forget_ratios(text: str) -> tuple[int, ...]:
-    """--forget-ratio for compare and demo: one request size or several, comma-separated ("5,10,15")."""
-    from ..bench.data import FORGET_RATIOS
+    """--forget-ratio for compare and demo: one request size or several, comma-separated ("5,10,15"), each one of
+    MLLMU-Bench's or CLEAR's (the benchmark's reader refuses the other's)."""
+    from ..bench import clear, data
 
+    sizes = tuple(sorted(set(data.FORGET_RATIOS) | set(clear.FORGET_RATIOS)))
     try:
         ratios = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected sizes from {FORGET_RATIOS}, comma-separated; got {text!r}")
-    if not ratios or any(r not in FORGET_RATIOS for r in ratios):
-        raise argparse.ArgumentTypeError(f"expected sizes from {FORGET_RATIOS}, comma-separated; got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected sizes from {sizes}, comma-separated; got {text!r}")
+    if not ratios or any(r not in sizes for r in ratios):
+        raise argparse.ArgumentTypeError(f"expected sizes from {sizes}, comma-separated; got {text!r}")
     return ratios
 
 
 def add_forget_ratios_arg(parser: argparse.ArgumentParser, default: int = 10) -> None:
-    from ..bench.data import FORGET_RATIOS
+    from ..bench import clear, data
 
     parser.add_argument("--forget-ratio", type=forget_ratios, default=(default,), metavar="5,10,15",
-                        help=f"request size(s) from {FORGET_RATIOS}: several run on one loaded model, a table per "
-                        f"size, plotted together (default: {default})")
+                        help=f"request size(s), MLLMU-Bench's {data.FORGET_RATIOS} or CLEAR's {clear.FORGET_RATIOS}: "
+                        f"several run on one loaded model, a table per size, plotted together (default: {default})")
 
 
 def add_eraser_args(parser: argparse.ArgumentParser) -> None:
