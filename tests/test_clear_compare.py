@@ -186,8 +186,6 @@ def test_compare_on_clear_the_eraser_lowers_the_forget_names(compared, bar):
     summary, _ = compared
     methods = {m["name"]: m["results"] for m in summary["methods"]}
     vanilla, eraser = methods["vanilla"], methods["eraser"]
-    print({name: {split: {k: round(v, 3) for k, v in results[split].items()} for split in ("forget", "retain", "utility")}
-           for name, results in methods.items()})
     fired = summary["methods"][1]["gate"]["fire_rate"]["forget"]
     bar("clear compare: eraser gate fires on forget rows", fired, at_least=0.5)
     if fired > 0:
@@ -321,9 +319,14 @@ def test_attack_on_clear_runs_the_applicable_attacks(small_clear, testbed_dir, c
     vanilla = summary["attacks"]["vanilla"]
     for name, row in verdicts.items():  # counted where vanilla gives >= 0.8 of the forget names under the attack
         assert row["counted"] == (vanilla[name]["forget"]["facerec_rougeL_recall"] >= attacks.COUNTED_FROM)
-    assert set(summary["gate_fire_rate"]["eraser"]) == set(clear_attacks.BY_NAME)
+    rates = summary["gate_fire_rate"]["eraser"]
+    assert set(rates) == set(clear_attacks.BY_NAME)
+    for name, rate in rates.items():
+        if rate["retain"] == 0.0:  # the gate let every retain prompt through: vanilla's answers, exactly
+            assert summary["attacks"]["eraser"][name]["retain"] == vanilla[name]["retain"], name
+    as_asked = "photo-as-is"  # CLEAR's own forget questions: the eraser gives no more of the names than vanilla
+    assert summary["attacks"]["eraser"][as_asked]["forget"][clear_attacks.HEADLINE] \
+        <= vanilla[as_asked]["forget"][clear_attacks.HEADLINE]
     assert "not run on this benchmark: mixed-people (it pairs two people's cloze questions" in printed
     assert "| vanilla forget name R-L | vanilla forget caption R-L | vanilla retain name R-L |" in printed
     assert "forget name R-L <= 0.2" in printed
-    print({m: {a: round(r["forget"]["facerec_rougeL_recall"], 3) for a, r in per.items()}
-           for m, per in summary["attacks"].items()})
