@@ -66,10 +66,11 @@ class PretrainedPreset:
     vision: vision.VisionSettings = field(default_factory=vision.VisionSettings)
     mix: tiny.TrainingMix = field(default_factory=lambda: tiny.TrainingMix(real=1, classification=1, cloze=1, image=1))
     data: DataMix = field(default_factory=DataMix)
-    # v5: a projector stage, then the upper 15 of SmolLM2's 30 layers (pretrained_train's docstring): ~2/3 of a
-    # full step's cost, so 900 steps where v4 fitted 650.
+    # v5: a projector stage (150 steps, 1.9 s each), then the upper 15 of SmolLM2's 30 layers (pretrained_train's
+    # docstring): 2.8-3.0 s a step alone at 2 threads against v4's 5.4-7.1 s for all layers, so 1,300 steps fit
+    # where v4 fitted 650.
     train: pretrained_train.PretrainedTrainSettings = field(default_factory=lambda: pretrained_train.PretrainedTrainSettings(
-        steps=900, decoder_from_layer=15, projector_steps=150))
+        steps=1300, decoder_from_layer=15, projector_steps=150))
     real_candidates: int = len(pretrained_data.CAPITALS)  # the first N capitals are measured on the base model
 
 
