@@ -41,7 +41,7 @@ import torch
 from mllmeraser.core import gating
 from mllmeraser.core.compat import model_fingerprint
 from mllmeraser.core.eraser import Eraser
-from mllmeraser.core.hooks import FixedPromptTerms, capture, find_decoder_layers
+from mllmeraser.core.attachment import FixedPromptTerms, capture, find_decoder_layers
 from mllmeraser.core.index import RequestIndex
 from overhead import wide_llava  # the same model as overhead.py's wide case (benchmarks/ is on sys.path)
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from mllmeraser.core.hooks import attach_steering, capture, find_decoder_layers
+from mllmeraser.core.attachment import attach_steering, capture, find_decoder_layers
 from test_hooks import PROMPT_A, PROMPT_B, attach_random, random_terms
 from tiny_families import random_llava
 

@@ -26,7 +26,7 @@ from transformers import (
 from mllmeraser.errors import UserInputError
 from tiny_families import random_llava
 from mllmeraser.core.families import FAMILIES
-from mllmeraser.core.hooks import (
+from mllmeraser.core.attachment import (
     ATTACHED_MARKER,
     attach_steering,
     capture_last_token,

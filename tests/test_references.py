@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mllmeraser.bench import answering, attacks, data, evaluate, protocols
-from mllmeraser.core import hooks, models
+from mllmeraser.core import attachment, models
 from mllmeraser.bench.items import QAItem
 
 
@@ -53,7 +53,7 @@ def test_refuse_answers_the_refusal_where_the_gate_fires_and_vanilla_where_not(t
     refusing = answering.Refusing(default_eraser, processor)
     with refusing.attached(model):
         refused = models.answer_items(model, processor, items, progress=False)
-    assert "generate" not in model.__dict__ and not hasattr(model, hooks.ATTACHED_MARKER)  # detached cleanly
+    assert "generate" not in model.__dict__ and not hasattr(model, attachment.ATTACHED_MARKER)  # detached cleanly
     assert fires.any() and not fires.all(), fires  # forget photos fire, retain people do not
     for item, fired, before, after in zip(items, fires.tolist(), vanilla, refused):
         assert after == (answering.REFUSAL if fired else before), (item, fired, before, after)

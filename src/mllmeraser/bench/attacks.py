@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
-from ..core import gating, hooks, models
+from ..core import gating, attachment, models
 from .items import QAItem
 from . import data, evaluate, prompts
 
@@ -490,12 +490,12 @@ def format_table(results: dict[str, dict]) -> str:
 def last_token_features(model, processor, items: Sequence[QAItem], layer_indices: Sequence[int],
                         batch_size: int = 64) -> torch.Tensor:
     """[N, len(layer_indices), d]: block outputs at the last prompt token (after any attached eraser's hooks)."""
-    _, layers = hooks.find_decoder_layers(model)
+    _, layers = attachment.find_decoder_layers(model)
     chosen = [layers[i] for i in layer_indices]
     out = [None] * len(items)
     for indices in models.batches(items, batch_size):
         batch = models.to_device(models.encode_prompts(processor, [items[i] for i in indices]), model)
-        feats = hooks.capture_last_token(model, chosen, **batch)
+        feats = attachment.capture_last_token(model, chosen, **batch)
         for row, index in enumerate(indices):
             out[index] = feats[row]
     return torch.stack(out)
@@ -523,7 +523,7 @@ def probe_attack(model, processor, forget: Sequence[QAItem], retain: Sequence[QA
     letters = {letter: i for i, letter in enumerate(prompts.OPTION_LETTERS)}
     train = [i for i in retain if i.task == "classification"]
     test = [i for i in forget if i.task == "classification"]
-    _, layers = hooks.find_decoder_layers(model)
+    _, layers = attachment.find_decoder_layers(model)
     layer_indices = list(layer_indices or (0, len(layers) // 2, len(layers) - 1))
     with eraser.attach(model) if eraser is not None else nullcontext():
         xs = last_token_features(model, processor, train, layer_indices, batch_size)

@@ -29,7 +29,7 @@ import torch
 from ..core import cache, gating, models
 from ..core.eraser import Eraser
 from ..core.eraser_fitter import EraserFitter
-from ..core.fitting import FitSettings
+from ..core.collection import FitSettings
 from .items import QAItem
 from ..errors import UserInputError, atomic_write_bytes
 from . import answering, attacks, baselines, data, evaluate, facts, measure, omu, protocols, report

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..errors import UserInputError
 from . import gating
-from .hooks import STEERING_MODES
+from .attachment import STEERING_MODES
 
 FORMAT_VERSION = 3  # 3: shared retain rows (owner -1); 1..3 are read
 METADATA_KEY = "mllmeraser"

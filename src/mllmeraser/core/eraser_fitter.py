@@ -23,9 +23,9 @@ import time
 from collections.abc import Iterable
 
 from ..errors import UserInputError
-from . import cache, fitting
+from . import cache, collection
 from .eraser import Eraser, model_fingerprint
-from .fitting import FitSettings
+from .collection import FitSettings
 from .inputs import PlainInput, PromptLike, as_items
 
 Inputs = Iterable[PromptLike | PlainInput]
@@ -109,11 +109,11 @@ class EraserFitter:
         timings = {} if timings is None else timings
         if self._shared is None:
             timings[f"model cache ({self.shared.status})"] = self.shared.seconds
-        stats, path, features = fitting.fit_statistics(self.model, self.processor, forget=forget,
+        stats, path, features = collection.fit_statistics(self.model, self.processor, forget=forget,
                                                        settings=self.settings, layers_path=self.layers_path,
                                                        progress=self.progress, shared=self.shared, timings=timings)
         started = time.perf_counter()
-        eraser = fitting.solve_eraser(stats, self.settings, path, model_fingerprint(self.model), request, features)
+        eraser = collection.solve_eraser(stats, self.settings, path, model_fingerprint(self.model), request, features)
         timings["solve"] = time.perf_counter() - started
         return eraser
 

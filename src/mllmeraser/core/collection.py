@@ -35,7 +35,7 @@ import torch.utils.checkpoint
 from tqdm import tqdm
 
 from ..errors import UserInputError
-from . import gating, hooks, models, steering
+from . import attachment, gating, models, steering
 from . import distributed  # torchrun: sharded batches, all-reduced statistics
 from .eraser import Eraser
 from .inputs import PromptLike, occluded_copies
@@ -162,13 +162,13 @@ class FitSettings:
 
     def for_model(self, model, layers_path: str | None = None) -> FitSettings:
         """`at_depth` for `model`'s decoder (its layer list at `layers_path`, or the family's)."""
-        _, layers = hooks.find_decoder_layers(model, layers_path)
+        _, layers = attachment.find_decoder_layers(model, layers_path)
         return self.at_depth(len(layers))
 
 
 @dataclass(frozen=True)
 class RecallRead:
-    """What PGD's forwards also read, so no other forward is needed (hooks.reading_prompt): the block outputs at
+    """What PGD's forwards also read, so no other forward is needed (attachment.reading_prompt): the block outputs at
     `layers` of each item's last prompt token, and the pooled prompt feature of `layers[pooled_layer]`."""
     layers: Sequence[torch.nn.Module]
     pooled_layer: int | None = None
@@ -203,7 +203,7 @@ def pgd_recall(model, processor, items: Sequence[PromptLike], settings: PGDSetti
 
     Every forward is teacher-forced (prompt, then answer): its logits give the answer's NLL, which the early
     stop reads, and under causal attention its prompt positions are a forward of the prompt alone (up to float
-    rounding), which is where the fit's activations are read (hooks.reading_prompt). So the first forward, at
+    rounding), which is where the fit's activations are read (attachment.reading_prompt). So the first forward, at
     the clean images, gives the clean activations and pooled features; a forward after each step gives the
     activations at the new images, kept for the items that stop there; the last step's forward gives the rest.
     Without an early stop only the first and the last of these run; without `read` and without an early stop,
@@ -293,7 +293,7 @@ def _answer_forward(model, pixel_values: torch.Tensor, labels: torch.Tensor, inp
     values, lasts, pooled = [], [], []
     for rows, pixels, part in _micro_batches(inputs, batch, offsets, size, ids):
         with contextlib.ExitStack() as stack:
-            reading = None if read is None else stack.enter_context(hooks.reading_prompt(
+            reading = None if read is None else stack.enter_context(attachment.reading_prompt(
                 read.layers, part.get("attention_mask"), read.pooled_layer, read.pooling, columns))
             sums, counts = _answer_nll_sums(model, part, pixel_values[pixels].to(param_dtype), labels[rows])
         if reading is not None:
@@ -427,7 +427,7 @@ def collect(model, processor, layers, items: Sequence[PromptLike], stats: steeri
             acts, clean, features = recall.recall, recall.clean, recall.clean_pooled
         else:
             batch = models.forward_inputs(model, models.encode_prompts(processor, chunk))
-            acts, features = hooks.capture(model, layers, pooled_layer, pooling, **batch)
+            acts, features = attachment.capture(model, layers, pooled_layer, pooling, **batch)
             clean = acts
         for group in groups:
             into.update(group, acts)
@@ -455,7 +455,7 @@ def fit_statistics(model, processor, *, forget: Sequence[PromptLike], retain: Se
     `shared` (then retain, erasure and calibration are not read) or it is computed here. `timings` (a dict)
     gets the seconds of each stage."""
     timings = {} if timings is None else timings
-    names, layers = hooks.find_decoder_layers(model, layers_path)
+    names, layers = attachment.find_decoder_layers(model, layers_path)
     path = names[0].rsplit(".", 1)[0]
     settings = settings.at_depth(len(layers))
     if shared is not None:
@@ -481,7 +481,7 @@ def _decoder(model, settings: FitSettings, layers_path: str | None
              ) -> tuple[list, steering.SteeringStats, FitSettings]:
     """The decoder layers, empty statistics of the steered ones (the closed forms of one layer read that
     layer's statistics alone) on the statistics device, and `settings` resolved at the decoder's depth."""
-    _, layers = hooks.find_decoder_layers(model, layers_path)
+    _, layers = attachment.find_decoder_layers(model, layers_path)
     settings = settings.at_depth(len(layers))
     stats = steering.SteeringStats(len(layers), model.config.get_text_config().hidden_size,
                                    steered_layers(settings, len(layers)), statistics_device(model))
@@ -648,12 +648,12 @@ def gate_scores(model, processor, eraser: Eraser, items: Sequence[PromptLike], b
     """What the eraser's gate reads for each of `items`, [N, K] in item order, with nothing attached: a prompt
     gate's scores s_k (it fires where s_k > threshold_k), or a per-layer gate's value h_last . u_k at its first
     steered layer. Forwards stop at the layer the gate reads."""
-    names, layers = hooks.find_decoder_layers(model, eraser.layers_path)
+    names, layers = attachment.find_decoder_layers(model, eraser.layers_path)
     gate = eraser.prompt_gate
     read = gate.layer if gate is not None else eraser.layer_indices[0]
     out = torch.empty(len(items), eraser.num_terms)
     for indices in models.batches(items, batch_size):
         batch = models.forward_inputs(model, models.encode_prompts(processor, [items[i] for i in indices]))
-        last, pooled = hooks.capture(model, layers[: read + 1], read, gate.pooling if gate else "last", **batch)
+        last, pooled = attachment.capture(model, layers[: read + 1], read, gate.pooling if gate else "last", **batch)
         out[indices] = (gate.scores(pooled) if gate is not None else last[:, read] @ eraser.u[:, 0].T).cpu()
     return out

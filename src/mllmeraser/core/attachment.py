@@ -366,7 +366,7 @@ class SteeringHandle:
     def prompt_features(self, decision_layer: nn.Module, pooling: str) -> Tensor:
         """The pooled prompt feature [B, d] at `decision_layer` from generate()'s whole input, by one forward
         that stops there: the decision of a prompt whose first forward holds only part of it (chunked prefill)."""
-        from . import models  # models does not import hooks; imported here to keep hooks light at import
+        from . import models  # models does not import attachment; imported here to keep attachment light at import
 
         generation = self._generation
         if generation is None:
