@@ -7,7 +7,7 @@ Llama decoder of width 4096 (MLP 11008, 32 heads, vocabulary 32064), but only a 
 336x336 image and a ~40-token question per prompt, plus a short answer for PGD. Phases, as `fit_eraser` runs
 them (core/collection.py):
 
-  pgd          `collection.pgd_images`, one step per item (every step costs the same), without and with activation
+  pgd          `pgd.pgd_images`, one step per item (every step costs the same), without and with activation
                checkpointing, at micro-batch sizes 1 and 2 (`PGDSettings.batch_size`, `.checkpointing`);
   knn stats    the default gate's forwards: last-token block outputs of the steered layers 1..L-1 into
                `SteeringStats` sums, and the pooled prompt feature at the decision layer (`collection.collect`);
@@ -185,7 +185,10 @@ def gpu_phase(fn: Callable[[], Any]) -> tuple[Any, float, float]:
 
 def run_phases(decoder_layers: int, vision_layers: int, dtype: torch.dtype, device: str, pgd_cases: list,
                stats_items: int, solve_layers: int, phase: Callable) -> dict:
-    from mllmeraser.core import collection, attachment, models, steering
+    from mllmeraser.core import models, pgd
+    from mllmeraser.core.decoder_layers import find_decoder_layers
+    from mllmeraser.core.capture import capture
+    from mllmeraser.core.settings import PGDSettings
     from mllmeraser.core.compat import model_fingerprint
 
     result: dict[str, Any] = {"decoder_layers": decoder_layers, "vision_layers": vision_layers}
@@ -199,17 +202,17 @@ def run_phases(decoder_layers: int, vision_layers: int, dtype: torch.dtype, devi
 
     fingerprint, _, wall = phase(lambda: model_fingerprint(model))
     result["fingerprint"] = {"s": wall, "tensors": sum(1 for _ in model.parameters())}
-    _, layers = attachment.find_decoder_layers(model)
+    _, layers = find_decoder_layers(model)
     with torch.no_grad():  # warm-up (one-off kernel set-up), outside every measured phase
-        attachment.capture(model, layers, **models.forward_inputs(model, models.encode_prompts(processor, make_items(1))))
+        capture(model, layers, **models.forward_inputs(model, models.encode_prompts(processor, make_items(1))))
     if stats_items:
         statistics_phases(model, processor, layers, stats_items, solve_layers, phase, result)
 
     result["pgd"] = []
     for checkpointing, micro, items in pgd_cases:
-        settings = collection.PGDSettings(steps=1, batch_size=micro, checkpointing=checkpointing)
+        settings = PGDSettings(steps=1, batch_size=micro, checkpointing=checkpointing)
         batch = make_items(items)
-        out, peak, wall = phase(lambda: collection.pgd_images(model, processor, batch, settings))
+        out, peak, wall = phase(lambda: pgd.pgd_images(model, processor, batch, settings))
         result["pgd"].append({"checkpointing": checkpointing, "micro": micro, "items": items, "peak_mib": peak,
                               "s_per_item": wall / items, "oom": isinstance(out, str)})
         print(f"  [{decoder_layers} layers] PGD checkpointing={checkpointing} micro-batch {micro} x {items} items: "

@@ -25,8 +25,9 @@ from PIL import Image
 
 from mllmeraser import FitSettings, build_testbed, load_model
 from mllmeraser.bench import data, evaluate
-from mllmeraser.core import gating, attachment, models
-from mllmeraser.core.collection import fit_prompt_gate
+from mllmeraser.core import capture, gating, models
+from mllmeraser.core.decoder_layers import find_decoder_layers, hidden_states
+from mllmeraser.core.calibration import fit_prompt_gate
 from mllmeraser.bench.items import QAItem
 
 # Benign padding in this script's own words (not the suite's BENIGN_PREFIX, ROLE_PLAY or multi-turn wording).
@@ -92,16 +93,16 @@ def block_outputs(model, processor, items, layers, wanted: list[int], batch_size
         def keep(index):
             def hook(module, args, output):
                 if index in wanted:
-                    seen[index] = attachment._hidden_states(output).detach().float().cpu()
+                    seen[index] = hidden_states(output).detach().float().cpu()
                 if index == max(wanted):
-                    raise attachment._StopForward
+                    raise capture.StopForward
             return hook
 
         handles = [layers[i].register_forward_hook(keep(i)) for i in range(max(wanted) + 1)]
         try:
             with torch.no_grad():
                 model(**{**batch, "use_cache": False})
-        except attachment._StopForward:
+        except capture.StopForward:
             pass
         finally:
             for handle in handles:
@@ -137,7 +138,7 @@ def main() -> int:
     directory = build_testbed(seed=args.seed, preset=args.preset)
     data_dir = directory / "data"
     model, processor = load_model(directory / "model")
-    _, layers = attachment.find_decoder_layers(model)
+    _, layers = find_decoder_layers(model)
     ratio = args.forget_ratio
     sets = {"forget": data.load_split_items(data_dir, "forget", ratio), "retain": data.retained_inputs(data_dir, ratio),
             "validation": data.validation_items(data_dir, ratio)}

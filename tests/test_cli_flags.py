@@ -14,7 +14,7 @@ from mllmeraser import cli
 from mllmeraser.cli import fit as fit_command
 from mllmeraser.cli import serve as serve_command
 from mllmeraser.cli.flags import Flag, add_settings_flags, settings_from_args, unknown_entries
-from mllmeraser.core.collection import FitSettings, PGDSettings
+from mllmeraser.core.settings import FitSettings, PGDSettings
 from mllmeraser.errors import UserInputError
 from mllmeraser.serve.settings import Limits
 

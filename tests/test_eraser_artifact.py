@@ -16,7 +16,8 @@ from mllmeraser.core import gating
 from mllmeraser.core.compat import model_fingerprint
 from mllmeraser.core.eraser import FORMAT_VERSION, METADATA_KEY, Eraser
 from mllmeraser.errors import UserInputError
-from mllmeraser.core.attachment import attach_steering, find_decoder_layers
+from mllmeraser.core.decoder_layers import find_decoder_layers
+from mllmeraser.core.layer_steering import attach_steering
 from tiny_families import random_llava as tiny_llava
 
 PROMPT = torch.tensor([[5, 17, 33, 9, 41, 77, 12]])

@@ -14,10 +14,10 @@ import safetensors.torch
 import torch
 
 from mllmeraser.bench import data
-from mllmeraser.core import cache, collection, models, steering
+from mllmeraser.core import cache, models, pgd, steering
 from mllmeraser.core.eraser import Eraser
 from mllmeraser.core.eraser_fitter import EraserFitter, fit_eraser
-from mllmeraser.core.collection import FitSettings, PGDSettings
+from mllmeraser.core.settings import FitSettings, PGDSettings
 from mllmeraser.errors import UserInputError
 
 
@@ -215,14 +215,14 @@ def test_pgd_early_stop_moves_only_the_items_not_yet_recalled(testbed_model, set
     model, processor = testbed_model
     items = [item for item in sets["forget"] if item.modality == "image"][:12]
     clean = models.encode_prompts(processor, items)["pixel_values"].float()
-    full = collection.pgd_images(model, processor, items, PGDSettings(stop_nll=None))
+    full = pgd.pgd_images(model, processor, items, PGDSettings(stop_nll=None))
     inputs = models.encode_with_answers(processor, items)
     labels = inputs.pop("labels")
     inputs = models.forward_inputs(model, inputs)
-    nll = collection._answer_nll(model, inputs.pop("pixel_values").float(), labels, inputs, len(items),
+    nll = pgd._answer_nll(model, inputs.pop("pixel_values").float(), labels, inputs, len(items),
                               list(range(len(items) + 1)), range(len(items)), len(items), torch.float32)
     threshold = float(nll.median())  # half the items count as recalled at their clean image
-    stopped = collection.pgd_images(model, processor, items, PGDSettings(stop_nll=threshold))
+    stopped = pgd.pgd_images(model, processor, items, PGDSettings(stop_nll=threshold))
     for i, value in enumerate(nll.tolist()):
         if value <= threshold:
             assert torch.equal(stopped[i], clean[i]), f"item {i} (NLL {value:.4f}) moved"
@@ -231,10 +231,10 @@ def test_pgd_early_stop_moves_only_the_items_not_yet_recalled(testbed_model, set
     # the first step of a moving item is the full PGD's first step: both images lie in the same eps ball
     assert float((stopped - clean).abs().max()) <= float((full - clean).abs().max()) + 1e-6
     # micro-batches of one item give the same images (each item's stop and steps are its own)
-    single = collection.pgd_images(model, processor, items, PGDSettings(stop_nll=threshold, batch_size=1))
+    single = pgd.pgd_images(model, processor, items, PGDSettings(stop_nll=threshold, batch_size=1))
     assert float((single - stopped).abs().gt(1e-5).float().mean()) < 1e-3
     # stop_nll 0 never stops: the paper's PGD
-    assert torch.equal(collection.pgd_images(model, processor, items, PGDSettings(stop_nll=0.0)), full)
+    assert torch.equal(pgd.pgd_images(model, processor, items, PGDSettings(stop_nll=0.0)), full)
 
 
 # ---- the processing and the libraries are part of the key (a tiny random llava: no testbed needed) ----------

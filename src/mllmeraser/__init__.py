@@ -5,7 +5,7 @@ from .bench.items import QAItem  # the MLLMU-Bench item: light (no pyarrow)
 from .core.cache import SharedStatistics, shared_statistics
 from .core.eraser import Eraser
 from .core.eraser_fitter import EraserFitter, fit_eraser
-from .core.collection import FitSettings, PGDSettings
+from .core.settings import FitSettings, PGDSettings
 from .core.inputs import Prompt
 from .core.index import RequestIndex
 from .core.models import answer_items, load_model

@@ -30,8 +30,8 @@ def decision_layer_arg(value: str | int | float) -> int | float:
 def fit_flags() -> dict[str, Flag]:
     """What FitSettings' fields do not say about their flags, by argument dest. A function, not a constant: the
     choices are read from the core, which the parser imports only when it is built."""
-    from ..core.collection import GATES, FitSettings, PGDSettings
     from ..core.attachment import STEERING_MODES
+    from ..core.settings import GATES, FitSettings, PGDSettings
 
     return {
         "gate": Flag(choices=GATES, help="knn (default) or ridge: one decision per prompt; paper: the paper's "
@@ -74,7 +74,7 @@ def fit_flags() -> dict[str, Flag]:
 
 def add_parsers(commands) -> None:
     from ..bench.data import ERASURE_SPLIT
-    from ..core.collection import FitSettings
+    from ..core.settings import FitSettings
 
     fit = commands.add_parser("fit", help="fit an eraser for a forget request")
     add_model_arg(fit)
@@ -102,7 +102,7 @@ def add_parsers(commands) -> None:
 
 def fit_settings(args: argparse.Namespace):
     """The FitSettings the fit flags name."""
-    from ..core.collection import FitSettings
+    from ..core.settings import FitSettings
 
     return settings_from_args(FitSettings, args, fit_flags())
 

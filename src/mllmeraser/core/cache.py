@@ -38,7 +38,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -46,15 +46,14 @@ from torch import Tensor
 
 from ..errors import UserInputError, atomic_write_bytes
 from ..version import __version__
-from . import attachment, collection, distributed, steering
+from . import collection, distributed, steering
 from .artifact import Checker, read_artifact
 from .compat import model_fingerprint
+from .decoder_layers import find_decoder_layers
 from .inputs import EncodedImage, PromptLike
+from .settings import FitSettings, steered_layers
 
 log = logging.getLogger(__name__)
-
-if TYPE_CHECKING:
-    from .collection import FitSettings
 
 CACHE_VERSION = 1
 CACHE_ENV = "MLLMERASER_CACHE"  # the per-user cache root (the testbed's builds live there too)
@@ -195,10 +194,10 @@ def shared_statistics(model, processor, *, retain: Sequence[PromptLike], erasure
     """The shared statistics of `model` on these retain, erasure and calibration items under `settings`:
     read from `cache_dir` where an entry with their key is there, else computed (the forwards of collection.py)
     and, with a `cache_dir`, written there. cache_dir None: computed, never written."""
-    names, layers = attachment.find_decoder_layers(model, layers_path)
+    names, layers = find_decoder_layers(model, layers_path)
     path = names[0].rsplit(".", 1)[0]
     settings = settings.at_depth(len(layers))  # keyed by the layer a fraction names: one entry for both spellings
-    steered = collection.steered_layers(settings, len(layers))
+    steered = steered_layers(settings, len(layers))
     parameter = next(model.parameters())
     identity = {
         "cache_version": CACHE_VERSION,

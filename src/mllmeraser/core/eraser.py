@@ -39,7 +39,9 @@ from ..errors import UserInputError, atomic_write_bytes
 from .artifact import FORMAT_VERSION, METADATA_KEY, read_eraser_file
 from .compat import check_compatible, fingerprint_mismatch, model_fingerprint
 from .gating import PromptGate
-from .attachment import STEERING_MODES, SteeringHandle, attach_prompt_steering, attach_steering
+from .attachment import STEERING_MODES, SteeringHandle
+from .layer_steering import attach_steering
+from .prompt_steering import attach_prompt_steering
 
 
 def _per_term(values: float | Sequence[float] | Tensor, num_terms: int, name: str) -> tuple[float, ...]:

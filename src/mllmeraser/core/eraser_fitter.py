@@ -23,9 +23,9 @@ import time
 from collections.abc import Iterable
 
 from ..errors import UserInputError
-from . import cache, collection
+from . import cache, collection, solve
 from .eraser import Eraser, model_fingerprint
-from .collection import FitSettings
+from .settings import FitSettings
 from .inputs import PlainInput, PromptLike, as_items
 
 Inputs = Iterable[PromptLike | PlainInput]
@@ -113,7 +113,7 @@ class EraserFitter:
                                                        settings=self.settings, layers_path=self.layers_path,
                                                        progress=self.progress, shared=self.shared, timings=timings)
         started = time.perf_counter()
-        eraser = collection.solve_eraser(stats, self.settings, path, model_fingerprint(self.model), request, features)
+        eraser = solve.solve_eraser(stats, self.settings, path, model_fingerprint(self.model), request, features)
         timings["solve"] = time.perf_counter() - started
         return eraser
 
