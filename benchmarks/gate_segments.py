@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mllmeraser import FitSettings, build_testbed, load_model
+from mllmeraser import FitSettings, KnnGate, build_testbed, load_model
 from mllmeraser.bench import data, evaluate
 from mllmeraser.core import capture, gating, models
 from mllmeraser.core.decoder_layers import find_decoder_layers, hidden_states
@@ -165,7 +165,7 @@ def main() -> int:
         for pooling in args.poolings.split(","):
             feats = {key: features(outputs[key], len(probe[key]), layer, pooling) for key in probe}
             for neighbours in [int(n) for n in args.neighbours.split(",")]:
-                settings = FitSettings(pooling=pooling, decision_layer=layer, neighbours=neighbours)
+                settings = FitSettings(gate=KnnGate(neighbours=neighbours), pooling=pooling, decision_layer=layer)
                 gate, record = fit_prompt_gate({"forget": feats[("forget", "plain")], "retain": feats[("retain", "plain")],
                                                 "calibration": feats[("validation", "plain")]}, settings)
                 tau = gate.threshold[0]

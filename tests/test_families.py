@@ -17,7 +17,7 @@ from mllmeraser.bench import evaluate, prompts
 from mllmeraser.core import attachment, families, micro_batches, models, pgd
 from mllmeraser.core.decoder_layers import find_decoder_layers
 from mllmeraser.core.capture import capture, capture_last_token
-from mllmeraser.core.settings import FitSettings, PGDSettings
+from mllmeraser.core.settings import FitSettings, KnnGate, PaperGate, PGDSettings
 from mllmeraser.bench.items import QAItem
 from mllmeraser.core.eraser import Eraser
 from mllmeraser.core.eraser_fitter import fit_eraser
@@ -340,8 +340,8 @@ def test_fit_eraser_end_to_end(family, gate):
     erasure = [QAItem(i.subject_id, i.task, i.modality, i.question, prompts.REFUSAL_ANSWER, i.options, i.image)
                for i in tiny_families.make_items(4, 2) if i.task != "classification"]
     # knn: with the occluded copies, so each family's image processor takes the covered photos
-    settings = FitSettings(gate=gate, pgd=PGDSettings(steps=2), batch_size=8,
-                                   occlusion=0.15 if gate == "knn" else 0.0)
+    settings = FitSettings(gate=KnnGate() if gate == "knn" else PaperGate(), pgd=PGDSettings(steps=2), batch_size=8,
+                           occlusion=0.15 if gate == "knn" else 0.0)
     eraser = fit_eraser(family.model, family.processor, forget=forget, retain=retain, erasure=erasure, settings=settings,
                         progress=False)
     num_layers, d = len(family.layers), family.text_config.hidden_size
@@ -362,7 +362,7 @@ def test_fit_eraser_end_to_end(family, gate):
         assert photos and counts["forget_occluded"] == 4 * photos
         assert eraser.prompt_gate.forget_bank.shape == (len(forget) + 4 * photos, d)
         record = eraser.requests()[0]["gate"]
-        assert record["calibration_prompts"] == len(retain) and record["calibration_fpr"] <= settings.max_fpr
+        assert record["calibration_prompts"] == len(retain) and record["calibration_fpr"] <= settings.gate.max_fpr
         assert record["forget_fire_rate"] == 1.0  # every fitted forget prompt is its own nearest neighbour
     batch = models.encode_prompts(family.processor, select(forget, "image"))
     clean = last_logits(family.model, batch)

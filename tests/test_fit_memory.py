@@ -17,7 +17,7 @@ from mllmeraser.bench import prompts
 from mllmeraser.core import collection, models, solve, steering
 from mllmeraser.core.decoder_layers import find_decoder_layers
 from mllmeraser.core.pgd import pgd_images
-from mllmeraser.core.settings import FitSettings, PGDSettings
+from mllmeraser.core.settings import FitSettings, PaperGate, PGDSettings
 from mllmeraser.bench.items import QAItem
 from mllmeraser.errors import UserInputError
 
@@ -149,7 +149,7 @@ def test_statistics_of_the_steered_layers_give_the_eraser_of_every_layer(family)
     names, layers = find_decoder_layers(model)
     d = model.config.get_text_config().hidden_size
     steered = tuple(range(len(layers) - 1, 0, -1))  # the default 1..L-1, given in decreasing order
-    settings = FitSettings(gate="paper", pgd=PGDSettings(steps=1), batch_size=8, layers=steered)
+    settings = FitSettings(gate=PaperGate(), pgd=PGDSettings(steps=1), batch_size=8, layers=steered)
     stats, path, _ = collection.fit_statistics(model, processor, forget=forget, retain=retain, erasure=erasure,
                                             settings=settings, progress=False)
     assert stats.layers == tuple(range(1, len(layers)))  # held in increasing order; layer 0 is not held
@@ -166,7 +166,7 @@ def test_statistics_of_the_steered_layers_give_the_eraser_of_every_layer(family)
     assert torch.equal(fitted.u, reference.u) and torch.equal(fitted.r, reference.r)
     with pytest.raises(UserInputError, match="distinct decoder layers"):
         collection.fit_statistics(model, processor, forget=forget, retain=retain, erasure=erasure, progress=False,
-                               settings=FitSettings(gate="paper", layers=(1, 1)))
+                               settings=FitSettings(gate=PaperGate(), layers=(1, 1)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -212,10 +212,10 @@ def test_without_calibration_prompts_the_threshold_ignores_the_occluded_retain_c
     """Left out of the bank, a retain prompt's own occluded copies would stand in for it (the copies are near it),
     and its score would read low: the threshold is calibrated on the clean retain rows alone."""
     from mllmeraser.core.calibration import fit_prompt_gate
-    from mllmeraser.core.settings import FitSettings
+    from mllmeraser.core.settings import FitSettings, KnnGate
     forget, retain = features(6, seed=6, shift=0.5), features(40, seed=7)
     copies = retain + 0.01 * features(40, seed=8)
-    settings = FitSettings(max_fpr=0.1, min_ratio=1.0)
+    settings = FitSettings(gate=KnnGate(max_fpr=0.1, min_ratio=1.0))
     with_copies, record = fit_prompt_gate({"forget": forget, "retain": retain, "retain_occluded": copies}, settings)
     _, clean_record = fit_prompt_gate({"forget": forget, "retain": retain}, settings)
     assert record["threshold"] == clean_record["threshold"]

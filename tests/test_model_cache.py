@@ -17,7 +17,7 @@ from mllmeraser.bench import data
 from mllmeraser.core import cache, models, pgd, steering
 from mllmeraser.core.eraser import Eraser
 from mllmeraser.core.eraser_fitter import EraserFitter, fit_eraser
-from mllmeraser.core.settings import FitSettings, PGDSettings
+from mllmeraser.core.settings import FitSettings, KnnGate, PaperGate, PGDSettings
 from mllmeraser.errors import UserInputError
 
 
@@ -48,7 +48,7 @@ def same_eraser(a: Eraser, b: Eraser) -> None:
 @pytest.mark.parametrize("gate", ["knn", "paper"])
 def test_a_warm_cache_gives_the_eraser_fitted_without_one(testbed_model, sets, gate, tmp_path):
     model, processor = testbed_model
-    settings = FitSettings(gate=gate)
+    settings = FitSettings(gate={"knn": KnnGate(), "paper": PaperGate()}[gate])
     direct = fit_eraser(model, processor, **sets, settings=settings, progress=False)
     built = shared(model, processor, sets, settings, tmp_path)
     assert built.status == "built" and built.path == cache.entry_path(tmp_path, built.key) and len(list(tmp_path.iterdir())) == 1
@@ -117,7 +117,8 @@ def test_the_key_follows_the_data_the_settings_and_the_weights(testbed_model, se
     key = shared(model, processor, sets, settings, tmp_path).key
     assert shared(model, processor, sets, settings, tmp_path).key == key  # the same inputs: the same entry
     # Settings that act on the closed forms only (strength, threshold budget) share the entry
-    assert shared(model, processor, sets, dataclasses.replace(settings, alpha=2.0, max_fpr=0.05), tmp_path).key == key
+    closed_forms_only = dataclasses.replace(settings, alpha=2.0, gate=KnnGate(max_fpr=0.05))
+    assert shared(model, processor, sets, closed_forms_only, tmp_path).key == key
     changed_item = dataclasses.replace(sets["retain"][3], question=sets["retain"][3].question + " Really?")
     other_retain = {**sets, "retain": sets["retain"][:3] + [changed_item] + sets["retain"][4:]}
     keys = {key,

@@ -29,7 +29,7 @@ import torch
 from ..core import cache, gating, models
 from ..core.eraser import Eraser
 from ..core.eraser_fitter import EraserFitter
-from ..core.settings import FitSettings
+from ..core.settings import FitSettings, PaperGate
 from .items import QAItem
 from ..errors import UserInputError, atomic_write_bytes
 from . import answering, attack_scoring, attack_set, baselines, data, evaluate, facts, measure, omu, protocols, report
@@ -42,8 +42,8 @@ ALL_METHODS = ("vanilla",) + ERASER_METHODS + REFERENCE_METHODS + BASELINE_METHO
 RETAIN_KEEP = 0.97
 CURVE_SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # eraser strengths, as multiples of the fitted alpha
 # The paper's LLaVA-1.5 settings: hard null space, unshaped linear gate, per layer on the last token.
-PAPER_SETTINGS = {"gate": "paper", "ratio": 0.3, "gamma": 0.1, "alpha": 1.0, "floor": -math.inf, "cap": math.inf,
-                  "normalise_gate": False}
+PAPER_SETTINGS = {"gate": PaperGate(ratio=0.3, gamma=0.1, floor=-math.inf, cap=math.inf, normalise_gate=False),
+                  "alpha": 1.0}
 # Where the gate must stay off, against the forget people in new renderings (Test_Set): the gate's held-out AUROC.
 GATE_NEGATIVES = (VALIDATION_SPLIT, "real", "general", "unknown")
 EXAMPLE_SPLITS = ("forget", "retain", "real")  # the report's before/after answers: two people of each
@@ -195,7 +195,7 @@ def run_eraser(h: Harness, name: str, settings: FitSettings, vanilla_val: float)
     cost_record = {"model_cache": shared.status, "model_cache_seconds": round(shared.seconds, 3),
                    "fit_stages": {stage: round(value, 3) for stage, value in timings.items()}}
     return MethodResult(name, results, cost.seconds, cost.peak_extra_mib,
-                        {**asdict(settings), "alpha": chosen_alpha, "fitted_alpha": base_alpha, **cost_record}, curve,
+                        {**settings.record(), "alpha": chosen_alpha, "fitted_alpha": base_alpha, **cost_record}, curve,
                         gate=gate_diagnostics(h, chosen), answering=answering.Steered(chosen))
 
 

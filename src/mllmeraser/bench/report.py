@@ -354,9 +354,8 @@ def _selection_text(summary: dict) -> str:
 
 
 def _short_settings(m: dict) -> dict:
-    keep = ("gate", "pooling", "decision_layer", "neighbours", "max_fpr", "alpha", "fitted_alpha", "ratio", "gamma",
-            "beta", "lam", "method", "lr", "epochs", "grid_seconds", "saliency_threshold", "mask_kept", "refusal",
-            "gate_from", "system_prompt")
+    keep = ("gate", "pooling", "decision_layer", "alpha", "fitted_alpha", "method", "lr", "epochs", "grid_seconds",
+            "saliency_threshold", "mask_kept", "refusal", "gate_from", "system_prompt")
     return {k: v for k, v in m["settings"].items() if k in keep}
 
 

@@ -51,7 +51,7 @@ from .artifact import Checker, read_artifact
 from .compat import model_fingerprint
 from .decoder_layers import find_decoder_layers
 from .inputs import EncodedImage, PromptLike
-from .settings import FitSettings, steered_layers
+from .settings import FitSettings, PaperGate, steered_layers
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def processing_identity(model, processor) -> dict[str, Any]:
 def shape_settings(settings: FitSettings, layers_path: str, steered: Sequence[int]) -> dict[str, Any]:
     """The fit settings that change what a cache entry holds (the others act on the closed forms only), of
     settings resolved at the model's depth (FitSettings.at_depth: the decision layer an absolute index)."""
-    if settings.gate == "paper":
+    if isinstance(settings.gate, PaperGate):
         return {"family": "paper", "layers_path": layers_path, "steered": list(steered),
                 "batch_size": settings.batch_size}
     shape = {"family": "prompt", "layers_path": layers_path, "steered": list(steered),

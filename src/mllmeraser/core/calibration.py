@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 
 from . import gating
-from .settings import FitSettings
+from .settings import FitSettings, KnnGate
 
 
 def _with_occluded(features: dict[str, torch.Tensor], group: str) -> torch.Tensor:
@@ -22,31 +22,32 @@ def _with_occluded(features: dict[str, torch.Tensor], group: str) -> torch.Tenso
 
 
 def fit_prompt_gate(features: dict[str, torch.Tensor], settings: FitSettings) -> tuple[gating.PromptGate, dict]:
-    """The prompt gate from pooled features, its threshold calibrated (see gating.calibrate), and a record of
-    the calibration for the eraser's metadata."""
+    """The prompt gate (settings.gate: a KnnGate or a RidgeGate) from pooled features, its threshold calibrated
+    (see gating.calibrate), and a record of the calibration for the eraser's metadata."""
     forget, retain = features["forget"], features["retain"]
     forget_bank, retain_bank = _with_occluded(features, "forget"), _with_occluded(features, "retain")
-    if settings.gate == "knn":
-        gate = gating.fit_knn(forget_bank, retain_bank, settings.pooling, settings.decision_layer, settings.neighbours)
+    chosen, pooling, layer = settings.gate, settings.pooling, settings.decision_layer
+    knn = isinstance(chosen, KnnGate)
+    if knn:
+        gate = gating.fit_knn(forget_bank, retain_bank, pooling, layer, chosen.neighbours)
     else:
-        gate = gating.fit_ridge(forget_bank, retain_bank, settings.pooling, settings.decision_layer, settings.beta,
-                                settings.lam)
+        gate = gating.fit_ridge(forget_bank, retain_bank, pooling, layer, chosen.beta, chosen.lam)
     if "calibration" in features:
         scores, source = gate.scores(features["calibration"])[:, 0], "held-out calibration prompts"
-    elif settings.gate == "knn":
+    elif knn:
         # Left out of a bank without the occluded retain copies: a left-out prompt's own copies would stand in
         # for it. Fewer retain rows only raise a score, so the threshold errs high (fewer false positives).
-        clean = gating.fit_knn(forget_bank, retain, settings.pooling, settings.decision_layer, settings.neighbours)
+        clean = gating.fit_knn(forget_bank, retain, pooling, layer, chosen.neighbours)
         scores = gating.leave_one_out_retain_scores(clean, gating.segment_rows(retain)[1])
         source = "retain prompts, each left out of the bank"
     else:
         scores, source = gate.scores(retain)[:, 0], "retain prompts (in-sample)"
-    tau, fpr = gating.calibrate(scores, settings.max_fpr)
-    floor = math.log(settings.min_ratio) if settings.gate == "knn" else -math.inf
+    tau, fpr = gating.calibrate(scores, chosen.max_fpr)
+    floor = math.log(chosen.min_ratio) if knn else -math.inf
     if floor > tau:
         tau, fpr = floor, float((scores > floor).double().mean())
     record = {"threshold": tau, "threshold_floor": floor if math.isfinite(floor) else None,
-              "max_fpr": settings.max_fpr, "calibration_fpr": fpr,
+              "max_fpr": chosen.max_fpr, "calibration_fpr": fpr,
               "calibration_prompts": int(scores.numel()), "calibration_source": source,
               "forget_fire_rate": float((gate.scores(forget)[:, 0] > tau).double().mean())}
     return replace(gate, threshold=[tau], _device_cache={}), record

@@ -12,7 +12,7 @@
    clean forget questions (fire) and of the retained questions (stay off) make a knn (or ridge) scorer; its
    threshold is calibrated on held-out calibration prompts, people outside the fit (on a benchmark: its
    validation hold-out), so that at most `max_fpr` of them pass. Those forwards stop at the decision layer.
-   `gate="paper"`: the paper's per-layer null-space gate on the last token (`steering.solve_gate_paper`),
+   PaperGate: the paper's per-layer null-space gate on the last token (`steering.solve_gate_paper`),
    from the Grams of the steered layers' last-token outputs of forget (clean and PGD) and retain questions.
 The equations are in steering.py and gating.py; this module gathers their inputs (PGD's pass: pgd.py), the
 gate is made in calibration.py and the closed forms in solve.py. What runs it all is `eraser_fitter.EraserFitter`
@@ -35,7 +35,7 @@ from .capture import capture
 from .decoder_layers import find_decoder_layers
 from .inputs import PromptLike, occluded_copies
 from .pgd import RecallRead, pgd_recall
-from .settings import FitSettings, PGDSettings, steered_layers
+from .settings import FitSettings, PaperGate, PGDSettings, steered_layers
 
 if TYPE_CHECKING:
     from .cache import SharedStatistics
@@ -161,7 +161,7 @@ def shared_inputs(model, processor, *, retain: Sequence[PromptLike], erasure: Se
     held = [layers[i] for i in stats.layers]
     bs = settings.batch_size
     features: dict[str, torch.Tensor] = {}
-    if settings.gate == "paper":
+    if isinstance(settings.gate, PaperGate):
         collect(model, processor, held, retain, stats, ("retain",), bs, "retain", None, progress)
     else:
         features["retain"] = _pooled(model, processor, layers, retain, settings, "retain", progress)
@@ -183,7 +183,8 @@ def request_inputs(model, processor, *, forget: Sequence[PromptLike], settings: 
     bs = settings.batch_size
     started = time.perf_counter()
     features: dict[str, torch.Tensor] = {}
-    if settings.gate != "paper" and settings.decision_layer not in stats.layers:
+    paper = isinstance(settings.gate, PaperGate)
+    if not paper and settings.decision_layer not in stats.layers:
         # The decision layer is not steered (--layers leaves it out): the gate's features take their own forwards.
         collect(model, processor, held, forget, stats, ("recall",), bs, "recall (PGD)", settings.pgd, progress)
         timings["recall (PGD)"] = time.perf_counter() - started
@@ -193,16 +194,15 @@ def request_inputs(model, processor, *, forget: Sequence[PromptLike], settings: 
     else:
         # One pass over the forget set: PGD's own forwards give the recall statistics and the clean prompts' gate
         # features (prompt gates: pooled at the decision layer; paper: the forget Gram, of clean and PGD inputs).
-        pooled = None if settings.gate == "paper" else stats.layers.index(settings.decision_layer)
-        groups, clean_groups = (("recall", "forget"), ("forget",)) if settings.gate == "paper" else (("recall",), ())
+        pooled = None if paper else stats.layers.index(settings.decision_layer)
+        groups, clean_groups = (("recall", "forget"), ("forget",)) if paper else (("recall",), ())
         forget_features = collect(model, processor, held, forget, stats, groups, bs, "forget (PGD recall)",
                                   settings.pgd, progress, pooled, settings.pooling, clean_groups)
         if forget_features is not None:
             features["forget"] = forget_features
         timings["forget (PGD recall, gate features)"] = time.perf_counter() - started
     started = time.perf_counter()
-    if settings.gate != "paper" and _pool_occluded(model, processor, layers, forget, "forget", settings, features,
-                                                   progress):
+    if not paper and _pool_occluded(model, processor, layers, forget, "forget", settings, features, progress):
         timings["forget (occluded copies)"] = time.perf_counter() - started
     return stats, features
 

@@ -72,7 +72,8 @@ class EraserFitter:
 
     def add_calibration(self, inputs: Inputs) -> EraserFitter:
         """Held-out questions about people outside forget and retain: the prompt gate's threshold lets at most
-        settings.max_fpr of them through. None added: the retain questions, each left out of the gate's bank in turn."""
+        settings.gate.max_fpr of them through. None added: the retain questions, each left out of the gate's bank
+        in turn."""
         self.calibration += self._checked(inputs)
         return self
 

@@ -1,21 +1,86 @@
-"""A fit's settings: FitSettings, and PGDSettings it holds.
+"""A fit's settings: FitSettings, what every gate shares, holding the gate's own (one frozen dataclass per gate:
+KnnGate, RidgeGate, PaperGate) and PGD's (PGDSettings).
 
 Frozen dataclasses, checked when made (a bad value is a one-line UserInputError before any forward runs). The
 decision layer may be a fraction of the decoder's depth: a fit resolves it first (`FitSettings.at_depth`), so the
 model cache's key and the eraser's record hold the absolute layer. `steered_layers` says which decoder layers a
 fit steers under them.
+
+An eraser records the settings of each request's fit in its metadata (`FitSettings.record`: nested, the gate's
+fields under "gate" with its name). Records written before the gates had their own dataclasses (artifact format 3
+and before) are flat, every gate's fields beside the shared ones: `nested_record` reads them into the nested form.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, ClassVar
 
 from ..errors import UserInputError
 from . import gating
 from .decoder_layers import find_decoder_layers
 
-GATES = ("knn", "ridge", "paper")
+
+def _check_max_fpr(max_fpr: float) -> None:
+    if not 0.0 <= max_fpr < 1.0:
+        raise UserInputError(None, f"max_fpr must be in [0, 1), got {max_fpr}")
+
+
+@dataclass(frozen=True)
+class KnnGate:
+    """The default gate: a prompt gate whose score is a ratio test between the nearest forget and the nearest retained
+    prompts (gating.fit_knn), its threshold calibrated on held-out prompts. Defaults chosen on the testbed's
+    validation people only (README, "Selective erasure")."""
+
+    name: ClassVar[str] = "knn"
+    neighbours: int = 1  # similarities averaged over this many nearest forget (and retain) prompts
+    max_fpr: float = 0.01  # the fraction of calibration prompts the threshold lets through
+    # A floor under the calibrated threshold, tau >= log(min_ratio): the nearest forget prompt must be at least
+    # min_ratio times nearer than the nearest retained one. Why: calibration only sees the validation people; where
+    # all of them are far from the forget people (a small request: 3 people at 5% on the testbed), the quantile
+    # falls to ~0 and a look-alike outside the validation people passes (7.9% of real-people prompts there).
+    # 2 is the plain "twice as near" of a ratio test, set before measuring, not tuned.
+    min_ratio: float = 2.0
+
+    def __post_init__(self) -> None:
+        _check_max_fpr(self.max_fpr)
+        if self.min_ratio < 1.0:
+            raise UserInputError(None, f"min_ratio must be >= 1, got {self.min_ratio}")
+        if self.neighbours < 1:
+            raise UserInputError(None, f"neighbours must be >= 1, got {self.neighbours}")
+
+
+@dataclass(frozen=True)
+class RidgeGate:
+    """A linear prompt gate: ridge regression on the pooled prompt, forget towards 1 and retain towards 0
+    (gating.fit_ridge), its threshold calibrated on held-out prompts."""
+
+    name: ClassVar[str] = "ridge"
+    beta: float = 16.0  # retain weight per sample relative to forget
+    lam: float = 1e-5  # L2 penalty relative to the mean eigenvalue
+    max_fpr: float = 0.01  # the fraction of calibration prompts the threshold lets through
+
+    def __post_init__(self) -> None:
+        _check_max_fpr(self.max_fpr)
+
+
+@dataclass(frozen=True)
+class PaperGate:
+    """The paper's gate: per steered layer, g_l = h_last . u_l on the last prompt token's output, u_l solved in the
+    null space of the retain questions' activations (steering.solve_gate_paper) and shaped by floor and cap
+    (steering.shape_gate)."""
+
+    name: ClassVar[str] = "paper"
+    ratio: float = 0.3  # the fraction of retain eigen-directions kept as the null space
+    gamma: float = 0.1  # ridge on the projected system
+    floor: float = -math.inf  # below the floor the gate is 0
+    cap: float = math.inf  # above the cap it is clipped
+    normalise_gate: bool = False  # rescale u_l so the mean gate over forget inputs is 1
+
+
+GATE_TYPES: dict[str, type] = {gate.name: gate for gate in (KnnGate, RidgeGate, PaperGate)}
+GATES = tuple(GATE_TYPES)
 
 
 @dataclass(frozen=True)
@@ -67,8 +132,10 @@ AT_SCALE_WIDTH = 1024
 
 @dataclass(frozen=True)
 class FitSettings:
-    # Defaults chosen on the testbed's validation people only (README, "Selective erasure").
-    gate: str = "knn"  # "knn" (default), "ridge" (linear, on the pooled prompt), "paper" (per-layer, last token)
+    """What every gate shares, and the gate: KnnGate() (the default), RidgeGate() or PaperGate(), with its own
+    settings. Defaults chosen on the testbed's validation people only (README, "Selective erasure")."""
+
+    gate: KnnGate | RidgeGate | PaperGate = field(default_factory=KnnGate)
     # prompt gates: "mean" (attention-masked mean over the prompt), "last", or "windows:W" (the means of W-token
     # windows at stride W // 2, scored each, the max deciding: gating.py, "segments")
     pooling: str = "mean"
@@ -78,23 +145,8 @@ class FitSettings:
     # decoder (gating.DECISION_DEPTH says why). A fit resolves it first (`at_depth`): the model cache's key and the
     # eraser's record hold the absolute layer, so the default names the same entries as layer 1 on the testbed.
     decision_layer: int | float = gating.DECISION_DEPTH
-    neighbours: int = 1  # knn: similarities averaged over this many nearest forget (and retain) prompts
-    max_fpr: float = 0.01  # prompt gates: the fraction of calibration prompts the threshold lets through
-    # knn: a floor under the calibrated threshold, tau >= log(min_ratio): the nearest forget prompt must be at least
-    # min_ratio times nearer than the nearest retained one. Why: calibration only sees the validation people; where
-    # all of them are far from the forget people (a small request: 3 people at 5% on the testbed), the quantile
-    # falls to ~0 and a look-alike outside the validation people passes (7.9% of real-people prompts there).
-    # 2 is the plain "twice as near" of a ratio test, set before measuring, not tuned.
-    min_ratio: float = 2.0
-    ratio: float = 0.3  # paper: fraction of retain eigen-directions kept as the null space
-    gamma: float = 0.1  # paper: ridge on the projected system
-    beta: float = 16.0  # ridge: retain weight per sample relative to forget
-    lam: float = 1e-5  # ridge: L2 penalty relative to the mean eigenvalue
     alpha: float = 1.0  # steering strength (positive erases: r points from recall to erasure)
     layers: tuple[int, ...] | None = None  # steered decoder layers; None: decision layer..L-1 (paper: 1..L-1)
-    floor: float = -math.inf  # paper gate shaping (steering.shape_gate): below the floor 0, above the cap clipped
-    cap: float = math.inf
-    normalise_gate: bool = False  # paper: rescale u_l so the mean gate over forget inputs is 1
     # prompt gates: both banks also hold each photo four times, one edge covered by a white band of this fraction
     # of the side (inputs.occluded_copies; 0: off). Why: writing over a photo (a caption, a name: the typographic
     # attack) moves its pooled feature away from the clean photo's, and the knn ratio test then finds no forget
@@ -108,18 +160,15 @@ class FitSettings:
     batch_size: int = 32
 
     def __post_init__(self) -> None:
-        if self.gate not in GATES:
-            raise UserInputError(None, f"gate must be one of {GATES}, got {self.gate!r}")
+        if not isinstance(self.gate, tuple(GATE_TYPES.values())):
+            named = GATE_TYPES.get(self.gate) if isinstance(self.gate, str) else None
+            hint = f" (for {self.gate!r}: gate={named.__name__}())" if named is not None else ""
+            kinds = ", ".join(f"{gate.__name__}()" for gate in GATE_TYPES.values())
+            raise UserInputError(None, f"gate must be one of {kinds}, got {self.gate!r}{hint}")
         try:
             gating.window_width(self.pooling)
         except ValueError as error:
             raise UserInputError(None, str(error)) from None
-        if not 0.0 <= self.max_fpr < 1.0:
-            raise UserInputError(None, f"max_fpr must be in [0, 1), got {self.max_fpr}")
-        if self.min_ratio < 1.0:
-            raise UserInputError(None, f"min_ratio must be >= 1, got {self.min_ratio}")
-        if self.neighbours < 1:
-            raise UserInputError(None, f"neighbours must be >= 1, got {self.neighbours}")
         gating.check_decision_layer(self.decision_layer)
         if not 0.0 <= self.occlusion < 0.5:
             raise UserInputError(None, f"occlusion must be in [0, 0.5), got {self.occlusion}")
@@ -137,11 +186,46 @@ class FitSettings:
         _, layers = find_decoder_layers(model, layers_path)
         return self.at_depth(len(layers))
 
+    def record(self) -> dict[str, Any]:
+        """These settings as JSON-ready dicts, nested as the dataclasses are: the gate's fields under "gate", with
+        its name (an eraser's metadata, a comparison's results)."""
+        record = asdict(self)
+        record["gate"] = {"name": self.gate.name, **record["gate"]}
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> FitSettings:
+        """The settings a record holds: `record()`'s, or an older flat one (nested_record); a field it does not
+        hold (an eraser's record leaves out alpha and the paper gate's floor and cap, which its header holds per
+        term) takes its default."""
+        record = nested_record(record)
+        gate = dict(record["gate"])
+        kind = GATE_TYPES[gate.pop("name")]
+        shared = {f.name: record[f.name] for f in fields(cls) if f.name in record and f.name not in ("gate", "pgd")}
+        if shared.get("layers") is not None:
+            shared["layers"] = tuple(shared["layers"])
+        return cls(gate=kind(**{f.name: gate[f.name] for f in fields(kind) if f.name in gate}),
+                   pgd=PGDSettings(**record.get("pgd", {})), **shared)
+
+
+def nested_record(record: Any) -> Any:
+    """A fit record in this version's nested form. A flat one (artifact format 3 and before: the gate's name under
+    "gate", every gate's fields beside the shared ones) is nested: the named gate's fields under "gate" with its
+    name, the other gates' fields (which did not apply) left out. Anything else is returned as it is."""
+    if not isinstance(record, dict) or not isinstance(record.get("gate"), str) or record["gate"] not in GATE_TYPES:
+        return record
+    kind = GATE_TYPES[record["gate"]]
+    gate_fields = {f.name for gate in GATE_TYPES.values() for f in fields(gate)}
+    nested = {"gate": {"name": kind.name, **{f.name: record[f.name] for f in fields(kind) if f.name in record}}}
+    nested.update((key, value) for key, value in record.items() if key != "gate" and key not in gate_fields)
+    return nested
+
 
 def steered_layers(settings: FitSettings, num_layers: int) -> list[int]:
     """The decoder layers a fit steers, in the order given: settings.layers, or the decision layer..L-1 for a
     prompt gate, or the paper's 1..L-1."""
-    first = gating.decision_layer_index(settings.decision_layer, num_layers) if settings.gate != "paper" else 1
+    paper = isinstance(settings.gate, PaperGate)
+    first = 1 if paper else gating.decision_layer_index(settings.decision_layer, num_layers)
     steered = list(settings.layers) if settings.layers is not None else list(range(first, num_layers))
     if not steered or any(not first <= i < num_layers for i in steered) or len(set(steered)) != len(steered):
         raise UserInputError(None, f"--layers must name distinct decoder layers {first}..{num_layers - 1}, "
