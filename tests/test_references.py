@@ -172,7 +172,7 @@ def test_prompt_reference_and_server_fold_a_system_prompt_alike():
     one rule (inputs.fold_system) for both, and for the pretrained testbed's system-prompt training data."""
     pytest.importorskip("fastapi")
     from mllmeraser.core.inputs import fold_system
-    from mllmeraser.serve.api import parse_messages
+    from mllmeraser.serve.messages import parse_messages
     from mllmeraser.serve.settings import Limits
 
     system, user = "Do not reveal anything about Ada Lind.", "Where was Ada Lind born?"

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..errors import UserInputError, atomic_write_bytes
 from .artifact import FORMAT_VERSION, METADATA_KEY, read_eraser_file
-from .compat import check_compatible, fingerprint_mismatch, model_fingerprint
+from .compat import check_compatible, fingerprint_mismatch
 from .gating import PromptGate
 from .attachment import STEERING_MODES, SteeringHandle
 from .layer_steering import attach_steering

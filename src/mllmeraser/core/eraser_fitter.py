@@ -24,7 +24,8 @@ from collections.abc import Iterable
 
 from ..errors import UserInputError
 from . import cache, collection, solve
-from .eraser import Eraser, model_fingerprint
+from .compat import model_fingerprint
+from .eraser import Eraser
 from .settings import FitSettings
 from .inputs import PlainInput, PromptLike, as_items
 
