@@ -21,7 +21,7 @@ from mllmeraser import cli
 from mllmeraser.cli import main
 from mllmeraser.core import models
 from mllmeraser.core.eraser_fitter import fit_eraser
-from mllmeraser.core.fitting import FitSettings, PGDSettings
+from mllmeraser.core.settings import FitSettings, PGDSettings
 from mllmeraser.bench.items import QAItem
 from mllmeraser.errors import UserInputError
 from mllmeraser.testbed import build as tiny

@@ -47,7 +47,7 @@ def add_parsers(commands) -> None:
 
 
 def run_attack(args) -> int:
-    from ..bench import attacks
+    from ..bench import attack_set, attack_suite, attack_summary, attacks
 
     names = tuple(args.attacks.split(",")) if args.attacks else None
     unknown = [n for n in names or () if n not in attacks.BY_NAME]
@@ -56,17 +56,17 @@ def run_attack(args) -> int:
     tasks = tuple(args.tasks.split(",")) if args.tasks else None
     if tasks and set(tasks) - set(TASKS):
         raise UserInputError(None, f"--tasks takes classification, cloze and generation, got {args.tasks!r}")
-    paraphrases = attacks.read_paraphrases(args.paraphrases) if args.paraphrases else None
+    paraphrases = attack_set.read_paraphrases(args.paraphrases) if args.paraphrases else None
     eraser = load_eraser(args.eraser, args.alpha)
     if args.adaptive:
         return run_adaptive(args, eraser, tasks)
     model, processor = load_model(args)
     references = reference_methods(eraser, processor, args.data, args.forget_ratio) if args.references else None
-    summary = attacks.run_suite(model, processor, args.data, args.forget_ratio,
-                                {"eraser": eraser} if eraser is not None else None, names,
-                                args.retain_people or None, args.batch_size, args.white_box, paraphrases,
-                                references=references, tasks=tasks)
-    write_results(summary, attacks.format_summary(summary), args.json)
+    summary = attack_suite.run_suite(model, processor, args.data, args.forget_ratio,
+                                     {"eraser": eraser} if eraser is not None else None, names,
+                                     args.retain_people or None, args.batch_size, args.white_box, paraphrases,
+                                     references=references, tasks=tasks)
+    write_results(summary, attack_summary.format_summary(summary), args.json)
     return 0
 
 

@@ -64,7 +64,7 @@ def print_summary(summary: dict, out_dir: Path) -> None:
 
 
 def run_compare(args) -> int:
-    from ..bench import attacks, compare
+    from ..bench import attack_summary, compare
 
     settings = compare.CompareSettings(forget_ratio=args.forget_ratio[0], methods=methods(args.methods),
                                        batch_size=args.batch_size, baseline_epochs=args.baseline_epochs,
@@ -75,7 +75,7 @@ def run_compare(args) -> int:
     print_summary(summary, args.out)
     for run in summary.get("runs", [summary]):
         if "attacks" in run:
-            print(attacks.format_summary(run["attacks"]))
+            print(attack_summary.format_summary(run["attacks"]))
     return 0
 
 
