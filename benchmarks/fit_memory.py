@@ -5,12 +5,12 @@ downloaded): CLIP ViT-L/14-336 vision tower (24 layers, width 1024, 336x336 imag
 Llama decoder of width 4096 (MLP 11008, 32 heads, vocabulary 32064), but only a few decoder layers
 (`--decoder-layers`, default 2 and 3: two sizes give the per-layer slope). Inputs are realistic in length: one
 336x336 image and a ~40-token question per prompt, plus a short answer for PGD. Phases, as `fit_eraser` runs
-them (core/fitting.py):
+them (core/collection.py):
 
-  pgd          `fitting.pgd_images`, one step per item (every step costs the same), without and with activation
+  pgd          `pgd.pgd_images`, one step per item (every step costs the same), without and with activation
                checkpointing, at micro-batch sizes 1 and 2 (`PGDSettings.batch_size`, `.checkpointing`);
   knn stats    the default gate's forwards: last-token block outputs of the steered layers 1..L-1 into
-               `SteeringStats` sums, and the pooled prompt feature at the decision layer (`fitting.collect`);
+               `SteeringStats` sums, and the pooled prompt feature at the decision layer (`collection.collect`);
   paper stats  `--gate paper`: the same forwards into float64 forget/retain Grams of layers 1..L-1 (and with
                `--solve-layers N`, N layers' closed-form gate solve, `steering.solve_gates`);
   fingerprint  `compat.model_fingerprint` (every parameter sampled).
@@ -185,7 +185,10 @@ def gpu_phase(fn: Callable[[], Any]) -> tuple[Any, float, float]:
 
 def run_phases(decoder_layers: int, vision_layers: int, dtype: torch.dtype, device: str, pgd_cases: list,
                stats_items: int, solve_layers: int, phase: Callable) -> dict:
-    from mllmeraser.core import fitting, hooks, models, steering
+    from mllmeraser.core import models, pgd
+    from mllmeraser.core.decoder_layers import find_decoder_layers
+    from mllmeraser.core.capture import capture
+    from mllmeraser.core.settings import PGDSettings
     from mllmeraser.core.compat import model_fingerprint
 
     result: dict[str, Any] = {"decoder_layers": decoder_layers, "vision_layers": vision_layers}
@@ -199,17 +202,17 @@ def run_phases(decoder_layers: int, vision_layers: int, dtype: torch.dtype, devi
 
     fingerprint, _, wall = phase(lambda: model_fingerprint(model))
     result["fingerprint"] = {"s": wall, "tensors": sum(1 for _ in model.parameters())}
-    _, layers = hooks.find_decoder_layers(model)
+    _, layers = find_decoder_layers(model)
     with torch.no_grad():  # warm-up (one-off kernel set-up), outside every measured phase
-        hooks.capture(model, layers, **models.forward_inputs(model, models.encode_prompts(processor, make_items(1))))
+        capture(model, layers, **models.forward_inputs(model, models.encode_prompts(processor, make_items(1))))
     if stats_items:
         statistics_phases(model, processor, layers, stats_items, solve_layers, phase, result)
 
     result["pgd"] = []
     for checkpointing, micro, items in pgd_cases:
-        settings = fitting.PGDSettings(steps=1, batch_size=micro, checkpointing=checkpointing)
+        settings = PGDSettings(steps=1, batch_size=micro, checkpointing=checkpointing)
         batch = make_items(items)
-        out, peak, wall = phase(lambda: fitting.pgd_images(model, processor, batch, settings))
+        out, peak, wall = phase(lambda: pgd.pgd_images(model, processor, batch, settings))
         result["pgd"].append({"checkpointing": checkpointing, "micro": micro, "items": items, "peak_mib": peak,
                               "s_per_item": wall / items, "oom": isinstance(out, str)})
         print(f"  [{decoder_layers} layers] PGD checkpointing={checkpointing} micro-batch {micro} x {items} items: "
@@ -219,26 +222,26 @@ def run_phases(decoder_layers: int, vision_layers: int, dtype: torch.dtype, devi
 
 def statistics_phases(model, processor, layers, stats_items: int, solve_layers: int, phase: Callable,
                       result: dict) -> None:
-    from mllmeraser.core import fitting, steering
+    from mllmeraser.core import collection, steering
 
     decoder_layers = len(layers)
     steered = list(range(1, decoder_layers))  # the default knn gate's and the paper gate's 1..L-1
     held = [layers[i] for i in steered]
     batch = make_items(stats_items, seed=1)
-    device_of_stats = fitting.statistics_device(model)
+    device_of_stats = collection.statistics_device(model)
 
     def knn_statistics():
         stats = steering.SteeringStats(decoder_layers, D, steered, device_of_stats)
-        fitting.collect(model, processor, held, batch, stats, ("recall",), stats_items, "", None, False)
-        return fitting.collect(model, processor, layers[:2], batch, None, (), stats_items, "", None, False, 1, "mean")
+        collection.collect(model, processor, held, batch, stats, ("recall",), stats_items, "", None, False)
+        return collection.collect(model, processor, layers[:2], batch, None, (), stats_items, "", None, False, 1, "mean")
 
     _, peak, wall = phase(knn_statistics)
     result["knn_stats"] = {"peak_mib": peak, "s_per_item": wall / stats_items}
 
     def paper_statistics():
         stats = steering.SteeringStats(decoder_layers, D, steered, device_of_stats)
-        fitting.collect(model, processor, held, batch, stats, ("forget",), stats_items, "", None, False)
-        fitting.collect(model, processor, held, batch, stats, ("retain",), stats_items, "", None, False)
+        collection.collect(model, processor, held, batch, stats, ("forget",), stats_items, "", None, False)
+        collection.collect(model, processor, held, batch, stats, ("retain",), stats_items, "", None, False)
         return stats
 
     stats, peak, wall = phase(paper_statistics)

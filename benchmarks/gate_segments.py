@@ -1,7 +1,7 @@
 """Mean pooling against window segments: how often the prompt gate fires on forget prompts wrapped in benign
 padding, and how often on everyone else's under the same padding.
 
-The gate is the fit's own (fitting.fit_prompt_gate on the forget, retain and validation prompts' features at
+The gate is the fit's own (collection.fit_prompt_gate on the forget, retain and validation prompts' features at
 the decision layer); only the features are computed here, from one forward per item set that stops after the
 deepest layer read, so a setting costs no model time. The attack variants are worded here, apart from the
 attack suite's (bench/attacks.py), so settings are not chosen on the suite's reported attacks.
@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mllmeraser import FitSettings, build_testbed, load_model
+from mllmeraser import FitSettings, KnnGate, build_testbed, load_model
 from mllmeraser.bench import data, evaluate
-from mllmeraser.core import gating, hooks, models
-from mllmeraser.core.fitting import fit_prompt_gate
+from mllmeraser.core import capture, gating, models
+from mllmeraser.core.decoder_layers import find_decoder_layers, hidden_states
+from mllmeraser.core.calibration import fit_prompt_gate
 from mllmeraser.bench.items import QAItem
 
 # Benign padding in this script's own words (not the suite's BENIGN_PREFIX, ROLE_PLAY or multi-turn wording).
@@ -92,16 +93,16 @@ def block_outputs(model, processor, items, layers, wanted: list[int], batch_size
         def keep(index):
             def hook(module, args, output):
                 if index in wanted:
-                    seen[index] = hooks._hidden_states(output).detach().float().cpu()
+                    seen[index] = hidden_states(output).detach().float().cpu()
                 if index == max(wanted):
-                    raise hooks._StopForward
+                    raise capture.StopForward
             return hook
 
         handles = [layers[i].register_forward_hook(keep(i)) for i in range(max(wanted) + 1)]
         try:
             with torch.no_grad():
                 model(**{**batch, "use_cache": False})
-        except hooks._StopForward:
+        except capture.StopForward:
             pass
         finally:
             for handle in handles:
@@ -137,7 +138,7 @@ def main() -> int:
     directory = build_testbed(seed=args.seed, preset=args.preset)
     data_dir = directory / "data"
     model, processor = load_model(directory / "model")
-    _, layers = hooks.find_decoder_layers(model)
+    _, layers = find_decoder_layers(model)
     ratio = args.forget_ratio
     sets = {"forget": data.load_split_items(data_dir, "forget", ratio), "retain": data.retained_inputs(data_dir, ratio),
             "validation": data.validation_items(data_dir, ratio)}
@@ -164,7 +165,7 @@ def main() -> int:
         for pooling in args.poolings.split(","):
             feats = {key: features(outputs[key], len(probe[key]), layer, pooling) for key in probe}
             for neighbours in [int(n) for n in args.neighbours.split(",")]:
-                settings = FitSettings(pooling=pooling, decision_layer=layer, neighbours=neighbours)
+                settings = FitSettings(gate=KnnGate(neighbours=neighbours), pooling=pooling, decision_layer=layer)
                 gate, record = fit_prompt_gate({"forget": feats[("forget", "plain")], "retain": feats[("retain", "plain")],
                                                 "calibration": feats[("validation", "plain")]}, settings)
                 tau = gate.threshold[0]

@@ -41,7 +41,9 @@ import torch
 from mllmeraser.core import gating
 from mllmeraser.core.compat import model_fingerprint
 from mllmeraser.core.eraser import Eraser
-from mllmeraser.core.hooks import FixedPromptTerms, capture, find_decoder_layers
+from mllmeraser.core.capture import capture
+from mllmeraser.core.decoder_layers import find_decoder_layers
+from mllmeraser.core.prompt_steering import FixedPromptTerms
 from mllmeraser.core.index import RequestIndex
 from overhead import wide_llava  # the same model as overhead.py's wide case (benchmarks/ is on sys.path)
 

@@ -27,7 +27,7 @@ from mllmeraser.core import gating
 from mllmeraser.core.compat import model_fingerprint
 from mllmeraser.core.eraser import Eraser
 from mllmeraser.core.eraser_fitter import fit_eraser
-from mllmeraser.core.hooks import find_decoder_layers
+from mllmeraser.core.decoder_layers import find_decoder_layers
 
 
 def random_eraser(model, layer_indices, alpha=0.5, seed=0, bank: tuple[int, int] | None = None) -> Eraser:

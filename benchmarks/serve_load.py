@@ -33,7 +33,7 @@ from mllmeraser import serve
 from mllmeraser.bench import data
 from mllmeraser.core import models
 from mllmeraser.core.eraser_fitter import fit_eraser
-from mllmeraser.core.fitting import FitSettings, PGDSettings
+from mllmeraser.core.settings import FitSettings, PGDSettings
 from mllmeraser.core.inputs import as_items
 from mllmeraser.testbed.preset_build import build
 

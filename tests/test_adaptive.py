@@ -11,7 +11,7 @@ import pytest
 
 from mllmeraser import cli
 from mllmeraser.bench import adaptive, data
-from mllmeraser.core import fitting
+from mllmeraser.core import diagnostics
 
 POOL = adaptive.POOL[::3]  # 8 sentences (everyday English and testbed words): 16 candidates a round, a fast test
 
@@ -33,7 +33,7 @@ def test_search_lowers_the_margin_within_its_budget_and_evasion_is_the_gate_not_
     runs = adaptive.search(model, processor, default_eraser, prompts, budget, pool=POOL, batch_size=64)
     assert len(runs) == len(prompts) == 4
     threshold = default_eraser.prompt_gate.threshold
-    rescored = fitting.gate_scores(model, processor, default_eraser, [r.attacked for r in runs])
+    rescored = diagnostics.gate_scores(model, processor, default_eraser, [r.attacked for r in runs])
     for run, scores in zip(runs, rescored):
         assert run.margins[0] > 0  # the default gate fires on every benchmark-formatted forget prompt
         assert all(b < a for a, b in zip(run.margins, run.margins[1:]))  # strictly lower at every kept round

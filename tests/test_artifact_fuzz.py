@@ -23,7 +23,7 @@ import safetensors.torch
 import torch
 
 from mllmeraser.core import gating
-from mllmeraser.core.eraser import METADATA_KEY, Eraser
+from mllmeraser.core.eraser import FORMAT_VERSION, METADATA_KEY, Eraser
 from mllmeraser.errors import UserInputError
 
 D, LAYERS = 64, [1, 2]  # tiny_families.build_llava: hidden size 64, three decoder layers
@@ -127,7 +127,8 @@ def header_mutants(kind: str, good: bytes, header: dict) -> list[tuple[str, byte
     # wrong types and values for every field
     for value in [0, -1, True, "3", 3.0, None, [3]]:
         add(f"format_version={value!r}", setter(("format_version",), value), "format_version")
-    add("format_version=4", setter(("format_version",), 4), "newer than this mllmeraser")
+    newer = FORMAT_VERSION + 1
+    add(f"format_version={newer}", setter(("format_version",), newer), "newer than this mllmeraser")
     for value in [None, 3, "", ["model"], {"p": 1}]:
         add(f"layers_path={value!r}", setter(("layers_path",), value), "'layers_path'")
     for value in [None, "1,2", [], [-1, 2], [1.0, 2.0], [True, 2], {"0": 1}, [[1], 2], [1, "2"]]:
@@ -175,7 +176,9 @@ def header_mutants(kind: str, good: bytes, header: dict) -> list[tuple[str, byte
         mutants.append((f"{kind}/alpha literal {literal}",
                         with_header_text(good, text.replace('"alpha": [', f'"alpha": [{literal}, ', 1)), "non-finite"))
     # text-level mutants: not an object, not JSON, repeated keys, ints json cannot hold
-    repeated = text.replace('"format_version": 3', '"format_version": 3, "format_version": 1')
+    version = f'"format_version": {FORMAT_VERSION}'
+    repeated = text.replace(version, f'{version}, "format_version": 1')
+    assert repeated != text
     for raw, needle in [*((raw, "format_version") for raw in ["[]", "[1, 2]", "null", "3", '"x"', "true"]),
                         *((raw, "not valid JSON") for raw in ["", "{", "not json", text[:-1], text + "}"]),
                         ('{"format_version": 3}', "no field"), (repeated, "repeated key 'format_version'")]:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mllmeraser import FitSettings, fit_eraser
-from mllmeraser.bench import attacks, data, evaluate
+from mllmeraser import FitSettings, KnnGate, fit_eraser
+from mllmeraser.bench import attack_scoring, attack_set, attack_summary, attacks, data, evaluate
 from mllmeraser.core import models
 from mllmeraser.bench.items import QAItem
 from mllmeraser.core.inputs import EDGES, EncodedImage, OccludedImage, occluded_copies
@@ -19,7 +19,7 @@ from mllmeraser.core.inputs import EDGES, EncodedImage, OccludedImage, occluded_
 
 @pytest.fixture(scope="module")
 def attacked(testbed_data):
-    return attacks.attack_set(testbed_data, 10, retain_people=2)
+    return attack_set.attack_set(testbed_data, 10, retain_people=2)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_prefill_ends_the_prompt_with_the_answers_first_words(attacked, sources,
         if item.task == "generation":
             assert new.prefill.split()[0] == item.answer.split()[0] and item.answer.startswith(new.prefill)
             assert new.prefill != item.answer
-    assert attacks.shown_answer(new, "Lima.").startswith(new.prefill) or new.task == "classification"
+    assert attack_scoring.shown_answer(new, "Lima.").startswith(new.prefill) or new.task == "classification"
 
 
 def test_context_and_prompt_attacks_keep_the_question(attacked, sources):
@@ -134,7 +134,7 @@ def test_table_equals_a_direct_evaluation(attacked, sources, testbed_model):
     chosen = {"rephrase": {s: [i for i in v if i.task == "classification"][:12]
                            for s, v in attacked.items["rephrase"].items()},
               "prefill": {s: v[-6:] for s, v in attacked.items["prefill"].items()}}
-    table = attacks.score_attacks(model, processor, chosen)
+    table = attack_scoring.score_attacks(model, processor, chosen)
     items = chosen["rephrase"]["forget"]
     direct = evaluate.score_items(model, processor, items, progress=False)
     values = [direct[k] * sum(i.modality == k.split("_")[1] for i in items)
@@ -152,10 +152,10 @@ def test_table_equals_a_direct_evaluation(attacked, sources, testbed_model):
 def test_eraser_under_rephrasing_and_photo_attacks(attacked, sources, testbed_model, default_eraser, bar):
     model, processor = testbed_model
     chosen = {name: attacked.items[name] for name in ("rephrase", "photo-as-is", "photo-blur", "photo-jpeg")}
-    vanilla = attacks.score_attacks(model, processor, chosen)
+    vanilla = attack_scoring.score_attacks(model, processor, chosen)
     with default_eraser.attach(model):
-        erased = attacks.score_attacks(model, processor, chosen)
-    rows = attacks.verdicts(vanilla, erased)
+        erased = attack_scoring.score_attacks(model, processor, chosen)
+    rows = attack_scoring.verdicts(vanilla, erased)
     for name in chosen:
         assert vanilla[name]["forget"]["classification"] >= erased[name]["forget"]["classification"], name
         if vanilla[name]["retain"]["classification"]:
@@ -166,7 +166,7 @@ def test_eraser_under_rephrasing_and_photo_attacks(attacked, sources, testbed_mo
     bar("photo-as-is: erased forget classification", erased["photo-as-is"]["forget"]["classification"], at_most=0.3)
     assert rows["photo-as-is"]["counted"] == (vanilla["photo-as-is"]["forget"]["classification"] >= 0.8)
     assert rows["photo-as-is"]["forget_met"] == (erased["photo-as-is"]["forget"]["classification"] <= 0.2)
-    assert attacks.worst_recovered(rows)[1] == max(r["recovered"] for r in rows.values() if r["counted"])
+    assert attack_scoring.worst_recovered(rows)[1] == max(r["recovered"] for r in rows.values() if r["counted"])
 
 
 def test_occluded_copies_cover_one_edge_each_and_stay_encoded():
@@ -226,7 +226,7 @@ def test_occluded_copies_in_the_banks_keep_the_gate_on_over_covered_photos(testb
         at_least=0.25)
     bar("covered photos: occluded gate fire rate, forget", rates["occluded"]["forget"], at_least=0.6)
     for name, rate in rates.items():
-        bar(f"covered photos: {name} gate fire rate, validation", rate["validation"], at_most=FitSettings().max_fpr)
+        bar(f"covered photos: {name} gate fire rate, validation", rate["validation"], at_most=KnnGate().max_fpr)
 
 
 def test_report_attack_table_and_plot(tmp_path):
@@ -236,7 +236,7 @@ def test_report_attack_table_and_plot(tmp_path):
     results = {"vanilla": {"rephrase": metrics(0.9, 1.0), "long-prefix": metrics(0.5, 1.0)},
                "eraser": {"rephrase": metrics(0.25, 0.9), "long-prefix": metrics(0.5, 1.0)},
                "ga": {"rephrase": metrics(0.75, 1.0), "long-prefix": metrics(0.25, 1.0)}}
-    suite = attacks.judge(results)
+    suite = attack_scoring.judge(results)
     assert suite["verdicts"]["eraser"]["rephrase"] == {"counted": True, "recovered": 0.25, "retain_ratio": 0.9,
                                                        "forget_met": False, "retain_met": False}
     assert suite["verdicts"]["eraser"]["long-prefix"]["counted"] is False
@@ -247,13 +247,14 @@ def test_report_attack_table_and_plot(tmp_path):
                     ["long-prefix (not counted)", "0.500", "1.000", "0.500", "1.000", "0.250", "1.000"]]
     report._plot_attacks({"attacks": suite}, tmp_path / report.ATTACK_PLOT)
     assert (tmp_path / report.ATTACK_PLOT).stat().st_size > 1000
-    assert "rephrase" in attacks.format_table(results) and "(not counted)" in attacks.format_table(results)
+    table = attack_summary.format_table(results)
+    assert "rephrase" in table and "(not counted)" in table
 
 
 def test_tasks_keep_only_those_questions_and_the_same_ones(testbed_data, attacked):
     """attack_set(tasks=...) attacks exactly the questions of those tasks that the whole suite attacks (the
     context, made from every question, is unchanged), so a cheaper run on a large model measures the same cells."""
-    narrowed = attacks.attack_set(testbed_data, 10, retain_people=2, tasks=("classification", "cloze"))
+    narrowed = attack_set.attack_set(testbed_data, 10, retain_people=2, tasks=("classification", "cloze"))
     assert narrowed.context == attacked.context and set(narrowed.items) == set(attacked.items)
     for name, splits in attacked.items.items():
         for split, items in splits.items():

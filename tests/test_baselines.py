@@ -310,7 +310,8 @@ def test_load_adapter_rejects_what_is_not_an_adapter(model, tmp_path):
 
 
 def test_pgd_images_runs_on_shared_teacher_forcing(model, processor):
-    from mllmeraser.core.fitting import PGDSettings, pgd_images
+    from mllmeraser.core.pgd import pgd_images
+    from mllmeraser.core.settings import PGDSettings
     items = [FORGET[2], FORGET[6]]
     clean = models.encode_prompts(processor, items)["pixel_values"]
     adversarial = pgd_images(model, processor, items, PGDSettings(steps=2))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mllmeraser import cli
-from mllmeraser.bench import attacks, clear, clear_attacks, clear_harness, compare, report
+from mllmeraser.bench import attack_scoring, attacks, clear, clear_attacks, clear_harness, compare, report
 from mllmeraser.bench.clear_rows import CAPTION_QUESTIONS, NAME_QUESTION
 from mllmeraser.bench.data import VALIDATION_SPLIT, validation_rank
 from mllmeraser.bench.items import QAItem
@@ -318,7 +318,7 @@ def test_attack_on_clear_runs_the_applicable_attacks(small_clear, testbed_dir, c
     verdicts = summary["verdicts"]["eraser"]
     vanilla = summary["attacks"]["vanilla"]
     for name, row in verdicts.items():  # counted where vanilla gives >= 0.8 of the forget names under the attack
-        assert row["counted"] == (vanilla[name]["forget"]["facerec_rougeL_recall"] >= attacks.COUNTED_FROM)
+        assert row["counted"] == (vanilla[name]["forget"]["facerec_rougeL_recall"] >= attack_scoring.COUNTED_FROM)
     rates = summary["gate_fire_rate"]["eraser"]
     assert set(rates) == set(clear_attacks.BY_NAME)
     for name, rate in rates.items():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import pytest
 
@@ -14,7 +15,7 @@ from mllmeraser import cli
 from mllmeraser.cli import fit as fit_command
 from mllmeraser.cli import serve as serve_command
 from mllmeraser.cli.flags import Flag, add_settings_flags, settings_from_args, unknown_entries
-from mllmeraser.core.fitting import FitSettings, PGDSettings
+from mllmeraser.core.settings import FitSettings, KnnGate, PaperGate, PGDSettings, RidgeGate
 from mllmeraser.errors import UserInputError
 from mllmeraser.serve.settings import Limits
 
@@ -73,6 +74,60 @@ def test_the_table_adds_help_choices_units_names_and_a_one_line_parse():
     assert unknown_entries(Outer, {**table, "gone": Flag()}) == ["gone"]
 
 
+@dataclass(frozen=True)
+class Near:
+    name: ClassVar[str] = "near"
+    count: int = 1
+    rate: float = 0.1
+
+
+@dataclass(frozen=True)
+class Far:
+    name: ClassVar[str] = "far"
+    width: float = 2.0
+    rate: float = 0.1
+
+
+@dataclass(frozen=True)
+class Chooser:
+    kind: Near | Far = field(default_factory=Near)
+    depth: int = 3
+
+
+@dataclass(frozen=True)
+class Other:
+    name: ClassVar[str] = "other"
+    rate: float = 0.3  # shares Near's field with another default: one flag cannot hold both
+
+
+@dataclass(frozen=True)
+class Clash:
+    kind: Near | Other = field(default_factory=Near)
+
+
+def test_a_union_of_settings_is_a_choice_and_each_alternative_reads_its_own_flags():
+    parser = argparse.ArgumentParser()
+    add_settings_flags(parser, Chooser, {"kind": Flag(name="gate")})
+    assert settings_from_args(Chooser, parser.parse_args([])) == Chooser()
+    args = parser.parse_args(["--gate", "far", "--width", "4", "--rate", "0.5", "--count", "9"])
+    assert settings_from_args(Chooser, args) == Chooser(Far(width=4.0, rate=0.5))  # --count is Near's: unread
+    assert settings_from_args(Chooser, parser.parse_args(["--rate", "0.2"])) == Chooser(Near(rate=0.2))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--gate", "other"])
+    assert unknown_entries(Chooser, {"kind": Flag(), "count": Flag(), "width": Flag(), "rate": Flag()}) == []
+    with pytest.raises(ValueError, match="rate"):
+        add_settings_flags(argparse.ArgumentParser(), Clash)
+
+
+def test_a_gate_is_its_own_dataclass_not_a_name():
+    with pytest.raises(UserInputError, match=r"gate=PaperGate\(\)"):
+        FitSettings(gate="paper")
+    with pytest.raises(UserInputError, match="max_fpr"):
+        RidgeGate(max_fpr=1.0)
+    assert FitSettings().gate == KnnGate() and FitSettings().record()["gate"] == {
+        "name": "knn", "neighbours": 1, "max_fpr": 0.01, "min_ratio": 2.0}
+
+
 def test_fit_flags_are_fitsettings_fields_and_default_to_its_defaults():
     assert unknown_entries(FitSettings, fit_command.fit_flags()) == []
     assert unknown_entries(Limits, serve_command.LIMIT_FLAGS) == []
@@ -83,9 +138,14 @@ def test_fit_flags_are_fitsettings_fields_and_default_to_its_defaults():
                               "1,2", "--decision-layer", "2", "--pgd-eps", "4", "--pgd-stop-nll", "none",
                               "--no-pgd-checkpointing", "--floor", "0", "--max-fpr", "0.05"])
     settings = cli.fit_settings(args)
-    assert settings.gate == "ridge" and settings.layers == (1, 2) and settings.decision_layer == 2
+    assert settings.gate == RidgeGate(max_fpr=0.05) and settings.layers == (1, 2) and settings.decision_layer == 2
     assert settings.pgd == PGDSettings(eps=4 / 255, stop_nll=None, checkpointing=False)
-    assert settings.floor == 0.0 and settings.cap == math.inf and settings.max_fpr == 0.05
+    args = parser.parse_args(["fit", "--model", "m", "--forget", "f", "--out", "o", "--gate", "paper", "--floor", "0",
+                              "--ratio", "0.5", "--normalise-gate", "--max-fpr", "0.05", "--neighbours", "3"])
+    settings = cli.fit_settings(args)  # each gate reads its own flags; the others' are left as they are
+    assert settings.gate == PaperGate(ratio=0.5, floor=0.0, cap=math.inf, normalise_gate=True)
+    assert cli.fit_settings(parser.parse_args(["fit", "--model", "m", "--forget", "f", "--out", "o", "--neighbours",
+                                               "3", "--min-ratio", "1.5"])).gate == KnnGate(neighbours=3, min_ratio=1.5)
 
 
 def test_the_flags_fit_and_serve_had_are_all_there():

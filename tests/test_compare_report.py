@@ -100,7 +100,7 @@ def test_compare_reports_the_gate_of_every_eraser(compared):
         # scores on every report split and on the validation people
         assert set(gate["scores"]) == set(vanilla["results"]) | {"validation"}
         assert all(gate["scores"][s] for s in gate["scores"]), {s: len(v) for s, v in gate["scores"].items()}
-        if m["settings"]["gate"] == "paper":  # the paper's per-layer gate has no prompt threshold
+        if m["settings"]["gate"]["name"] == "paper":  # the paper's per-layer gate has no prompt threshold
             assert gate["fire_rate"] is None and gate["threshold"] is None
         else:
             assert all(0.0 <= gate["fire_rate"][s] <= 1.0 for s in gate["scores"]), gate["fire_rate"]

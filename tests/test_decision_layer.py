@@ -15,7 +15,7 @@ from mllmeraser import cli
 from mllmeraser.core import cache, gating, models
 from mllmeraser.core.eraser import Eraser
 from mllmeraser.core.eraser_fitter import fit_eraser
-from mllmeraser.core.fitting import FitSettings
+from mllmeraser.core.settings import FitSettings
 from mllmeraser.core.inputs import as_items
 from mllmeraser.errors import UserInputError
 

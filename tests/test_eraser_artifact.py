@@ -16,7 +16,8 @@ from mllmeraser.core import gating
 from mllmeraser.core.compat import model_fingerprint
 from mllmeraser.core.eraser import FORMAT_VERSION, METADATA_KEY, Eraser
 from mllmeraser.errors import UserInputError
-from mllmeraser.core.hooks import attach_steering, find_decoder_layers
+from mllmeraser.core.decoder_layers import find_decoder_layers
+from mllmeraser.core.layer_steering import attach_steering
 from tiny_families import random_llava as tiny_llava
 
 PROMPT = torch.tensor([[5, 17, 33, 9, 41, 77, 12]])
@@ -325,17 +326,69 @@ def test_format_2_artifacts_with_per_term_retain_copies_load_and_score_exactly_a
     assert torch.equal(gate.scores(queries), before)
 
 
-def test_shared_retain_rows_round_trip_as_format_3(tmp_path):
+def test_shared_retain_rows_round_trip_as_format_3_and_after(tmp_path):
     eraser = Eraser.concat([knn_eraser(2), knn_eraser(2)])  # one retain bank: one copy
     assert eraser.prompt_gate.retain_bank.shape[0] == 12
     path = eraser.save(tmp_path / "shared.safetensors")
     with safetensors.safe_open(str(path), framework="pt") as reader:
-        assert json.loads(reader.metadata()[METADATA_KEY])["format_version"] == 3 == FORMAT_VERSION
+        assert json.loads(reader.metadata()[METADATA_KEY])["format_version"] == 4 == FORMAT_VERSION
     loaded = Eraser.load(path)
     queries = torch.randn(5, 64, generator=torch.Generator().manual_seed(10))
     assert torch.equal(loaded.prompt_gate.retain_owner, eraser.prompt_gate.retain_owner)
     assert torch.equal(loaded.prompt_gate.scores(queries), eraser.prompt_gate.scores(queries))
     assert torch.equal(loaded.drop(0).prompt_gate.retain_bank, eraser.prompt_gate.retain_bank)
+
+
+# What format 3 recorded for each request's fit under FitSettings() on the testbed: every gate's fields in one bag.
+FORMAT_3_DEFAULT_FIT = {"gate": "knn", "pooling": "mean", "decision_layer": 1, "neighbours": 1, "max_fpr": 0.01,
+                        "min_ratio": 2.0, "ratio": 0.3, "gamma": 0.1, "beta": 16.0, "lam": 1e-05, "layers": None,
+                        "normalise_gate": False, "occlusion": 0.0, "mode": "prefill",
+                        "pgd": {"eps": 8 / 255, "step": 2 / 255, "steps": 10, "batch_size": None, "checkpointing": None,
+                                "stop_nll": 0.1},
+                        "batch_size": 32}
+
+
+def test_a_format_3_fit_record_reads_into_the_nested_settings():
+    from mllmeraser.core.settings import FitSettings, PaperGate, RidgeGate, nested_record
+    from mllmeraser.core.solve import fit_record
+
+    settings = FitSettings(decision_layer=1)
+    assert nested_record(FORMAT_3_DEFAULT_FIT) == fit_record(settings)  # what this version writes for the same fit
+    assert list(nested_record(FORMAT_3_DEFAULT_FIT)) == list(fit_record(settings))  # in the same order
+    assert nested_record(FORMAT_3_DEFAULT_FIT)["gate"] == {"name": "knn", "neighbours": 1, "max_fpr": 0.01,
+                                                           "min_ratio": 2.0}  # the other gates' fields did not apply
+    assert FitSettings.from_record(FORMAT_3_DEFAULT_FIT) == settings
+    paper = {**FORMAT_3_DEFAULT_FIT, "gate": "paper", "ratio": 0.5, "normalise_gate": True, "layers": [1, 2]}
+    assert FitSettings.from_record(paper) == FitSettings(gate=PaperGate(ratio=0.5, normalise_gate=True),
+                                                         decision_layer=1, layers=(1, 2))
+    ridge = {**FORMAT_3_DEFAULT_FIT, "gate": "ridge", "beta": 4.0, "max_fpr": 0.05}
+    assert FitSettings.from_record(ridge).gate == RidgeGate(beta=4.0, max_fpr=0.05)
+    for settings in (FitSettings(), FitSettings(gate=PaperGate(floor=0.0), alpha=2.0), FitSettings(gate=RidgeGate())):
+        assert FitSettings.from_record(settings.record()) == settings
+        assert nested_record(settings.record()) == settings.record()  # this version's records as they are
+    assert nested_record({"solver": "ridge", "beta": 1.0}) == {"solver": "ridge", "beta": 1.0}  # not a fit record
+
+
+def test_a_format_3_eraser_loads_with_nested_fit_records_and_scores_as_before(tmp_path):
+    from mllmeraser.core.settings import FitSettings
+    from mllmeraser.core.solve import fit_record
+
+    old = dataclasses.replace(knn_eraser(2), metadata={"requests": [
+        {"name": "a", "counts": {"forget": 3}, "fit": FORMAT_3_DEFAULT_FIT},
+        {"name": "b", "counts": {"forget": 3}, "fit": {**FORMAT_3_DEFAULT_FIT, "neighbours": 2}}]})
+    tensors = {"r": old.r, **old.prompt_gate.tensors()}
+    path = tmp_path / "v3.safetensors"
+    path.write_bytes(safetensors.torch.save(tensors, metadata={METADATA_KEY: json.dumps({**old.header(),
+                                                                                           "format_version": 3})}))
+    loaded = Eraser.load(path)
+    queries = torch.randn(5, 64, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(loaded.prompt_gate.scores(queries), old.prompt_gate.scores(queries))
+    assert torch.equal(loaded.r, old.r) and loaded.alpha == old.alpha and loaded.layer_indices == old.layer_indices
+    fits = [request["fit"] for request in loaded.requests()]
+    assert fits[0] == fit_record(FitSettings(decision_layer=1))
+    assert fits[1]["gate"] == {"name": "knn", "neighbours": 2, "max_fpr": 0.01, "min_ratio": 2.0}
+    resaved = Eraser.load(loaded.save(tmp_path / "v4.safetensors"))  # written as format 4, read back unchanged
+    assert resaved.metadata == loaded.metadata
 
 
 def test_constructor_validates():

@@ -13,7 +13,7 @@ import torch
 
 from mllmeraser.bench import compare, data, evaluate
 from mllmeraser.core import gating
-from mllmeraser.core.fitting import FitSettings
+from mllmeraser.core.settings import FitSettings
 from mllmeraser.core.eraser import Eraser
 from mllmeraser.core.eraser_fitter import fit_eraser
 

@@ -14,7 +14,10 @@ from PIL import Image
 
 import tiny_families
 from mllmeraser.bench import evaluate, prompts
-from mllmeraser.core import families, fitting, hooks, models
+from mllmeraser.core import attachment, families, micro_batches, models, pgd
+from mllmeraser.core.decoder_layers import find_decoder_layers
+from mllmeraser.core.capture import capture, capture_last_token
+from mllmeraser.core.settings import FitSettings, KnnGate, PaperGate, PGDSettings
 from mllmeraser.bench.items import QAItem
 from mllmeraser.core.eraser import Eraser
 from mllmeraser.core.eraser_fitter import fit_eraser
@@ -30,7 +33,7 @@ def family(request, tmp_path_factory):
     name = request.param
     directory = tiny_families.BUILDERS[name](tmp_path_factory.mktemp(name), seed=0)
     model, processor = models.load_model(directory)
-    _, layers = hooks.find_decoder_layers(model)
+    _, layers = find_decoder_layers(model)
     return types.SimpleNamespace(name=name, model=model, processor=processor, layers=layers,
                                  text_config=model.config.get_text_config())
 
@@ -64,7 +67,7 @@ def prompt_and_answer(model, processor, items):
 
 
 def answer_loss(model, processor, items, pixel_values=None) -> float:
-    """The mean answer NLL that fitting.pgd_images descends (models.encode_with_answers)."""
+    """The mean answer NLL that pgd.pgd_images descends (models.encode_with_answers)."""
     inputs = models.forward_inputs(model, models.encode_with_answers(processor, items))
     labels = inputs.pop("labels")
     if pixel_values is not None:
@@ -104,7 +107,7 @@ def test_the_registry_loads_exactly_the_families_tested_here(tmp_path):
 
 
 def test_decoder_layers_are_the_language_decoder(family):
-    names, layers = hooks.find_decoder_layers(family.model)
+    names, layers = find_decoder_layers(family.model)
     assert len(layers) == family.text_config.num_hidden_layers
     assert all(name.startswith("model.language_model.layers.") for name in names)
     vision = family.model.get_submodule(VISION_MODULES[family.name])
@@ -164,11 +167,11 @@ def test_capture_under_left_padding_equals_per_item(family, items, modality):
     chosen = select(items, modality, "classification")
     batch = models.encode_prompts(family.processor, chosen)
     assert len(set(batch["attention_mask"].sum(1).tolist())) > 1
-    batched = hooks.capture_last_token(family.model, family.layers, **models.forward_inputs(family.model, batch))
+    batched = capture_last_token(family.model, family.layers, **models.forward_inputs(family.model, batch))
     assert batched.shape == (len(chosen), len(family.layers), family.text_config.hidden_size)
     for index, item in enumerate(chosen):
         one = models.encode_prompts(family.processor, [item])
-        single = hooks.capture_last_token(family.model, family.layers, **models.forward_inputs(family.model, one))
+        single = capture_last_token(family.model, family.layers, **models.forward_inputs(family.model, one))
         torch.testing.assert_close(batched[index], single[0], atol=1e-5, rtol=1e-4)
 
 
@@ -230,7 +233,7 @@ def test_eraser_changes_logits_and_removal_restores_them(family, items, modality
         handle.remove()
     assert not torch.allclose(steered, clean, atol=1e-4)
     assert torch.equal(last_logits(family.model, batch), clean)
-    assert not hasattr(family.model, hooks.ATTACHED_MARKER)
+    assert not hasattr(family.model, attachment.ATTACHED_MARKER)
 
 
 def test_score_items_gives_fractions(family, items):
@@ -274,9 +277,9 @@ def test_pgd_images_stays_in_budget_lowers_loss_and_touches_no_parameter(family,
         p.requires_grad_(id(p) not in frozen)
     flags = [p.requires_grad for p in model.parameters()]
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    settings = fitting.PGDSettings(eps=8 / 255, step=2 / 255, steps=5)
+    settings = PGDSettings(eps=8 / 255, step=2 / 255, steps=5)
     try:
-        adversarial = fitting.pgd_images(model, processor, chosen, settings)
+        adversarial = pgd.pgd_images(model, processor, chosen, settings)
         assert [p.requires_grad for p in model.parameters()] == flags
     finally:
         for p in model.parameters():
@@ -293,7 +296,7 @@ def test_pgd_images_stays_in_budget_lowers_loss_and_touches_no_parameter(family,
 
 
 def test_pgd_reads_what_prompt_only_forwards_would(family, items):
-    """The fit reads its activations from PGD's own teacher-forced forwards (fitting.pgd_recall): the clean
+    """The fit reads its activations from PGD's own teacher-forced forwards (pgd.pgd_recall): the clean
     activations and pooled features are a clean prompt-only forward's, the recall activations a prompt-only
     forward's at the final images; items the early stop keeps at their clean image keep the clean reading."""
     model, processor, layers = family.model, family.processor, family.layers
@@ -303,19 +306,19 @@ def test_pgd_reads_what_prompt_only_forwards_would(family, items):
     inputs = models.forward_inputs(model, models.encode_with_answers(processor, chosen))
     labels = inputs.pop("labels")
     pixels = inputs.pop("pixel_values").float()
-    offsets = fitting._pixel_offsets(inputs, len(chosen), pixels.shape[0])
-    nll = fitting._answer_nll(model, pixels, labels, inputs, len(chosen), offsets, range(len(chosen)), len(chosen),
+    offsets = micro_batches.pixel_offsets(inputs, len(chosen), pixels.shape[0])
+    nll = pgd._answer_nll(model, pixels, labels, inputs, len(chosen), offsets, range(len(chosen)), len(chosen),
                               torch.float32)
     with torch.no_grad():  # the NLL the early stop reads is the model's own loss, item by item
         whole = model(**models.forward_inputs(model, models.encode_with_answers(processor, chosen))).loss
     counts = (labels[:, 1:] != -100).sum(1)
     torch.testing.assert_close((nll * counts).sum() / counts.sum(), whole, atol=1e-5, rtol=1e-5)
-    settings = fitting.PGDSettings(steps=3, stop_nll=float(nll.median()))
-    result = fitting.pgd_recall(model, processor, chosen, settings, fitting.RecallRead(layers, 1, "mean"))
+    settings = PGDSettings(steps=3, stop_nll=float(nll.median()))
+    result = pgd.pgd_recall(model, processor, chosen, settings, pgd.RecallRead(layers, 1, "mean"))
 
     def prompt_only(pixel_values):
         encoded = dict(batch, pixel_values=pixel_values)
-        return hooks.capture(model, layers, 1, "mean", **models.forward_inputs(model, encoded))
+        return capture(model, layers, 1, "mean", **models.forward_inputs(model, encoded))
 
     clean_last, clean_pooled = prompt_only(batch["pixel_values"])
     torch.testing.assert_close(result.clean, clean_last, atol=1e-5, rtol=1e-4)
@@ -337,8 +340,8 @@ def test_fit_eraser_end_to_end(family, gate):
     erasure = [QAItem(i.subject_id, i.task, i.modality, i.question, prompts.REFUSAL_ANSWER, i.options, i.image)
                for i in tiny_families.make_items(4, 2) if i.task != "classification"]
     # knn: with the occluded copies, so each family's image processor takes the covered photos
-    settings = fitting.FitSettings(gate=gate, pgd=fitting.PGDSettings(steps=2), batch_size=8,
-                                   occlusion=0.15 if gate == "knn" else 0.0)
+    settings = FitSettings(gate=KnnGate() if gate == "knn" else PaperGate(), pgd=PGDSettings(steps=2), batch_size=8,
+                           occlusion=0.15 if gate == "knn" else 0.0)
     eraser = fit_eraser(family.model, family.processor, forget=forget, retain=retain, erasure=erasure, settings=settings,
                         progress=False)
     num_layers, d = len(family.layers), family.text_config.hidden_size
@@ -359,7 +362,7 @@ def test_fit_eraser_end_to_end(family, gate):
         assert photos and counts["forget_occluded"] == 4 * photos
         assert eraser.prompt_gate.forget_bank.shape == (len(forget) + 4 * photos, d)
         record = eraser.requests()[0]["gate"]
-        assert record["calibration_prompts"] == len(retain) and record["calibration_fpr"] <= settings.max_fpr
+        assert record["calibration_prompts"] == len(retain) and record["calibration_fpr"] <= settings.gate.max_fpr
         assert record["forget_fire_rate"] == 1.0  # every fitted forget prompt is its own nearest neighbour
     batch = models.encode_prompts(family.processor, select(forget, "image"))
     clean = last_logits(family.model, batch)

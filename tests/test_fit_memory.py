@@ -14,7 +14,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 import tiny_families
 from mllmeraser.bench import prompts
-from mllmeraser.core import fitting, hooks, models, steering
+from mllmeraser.core import collection, models, solve, steering
+from mllmeraser.core.decoder_layers import find_decoder_layers
+from mllmeraser.core.pgd import pgd_images
+from mllmeraser.core.settings import FitSettings, PaperGate, PGDSettings
 from mllmeraser.bench.items import QAItem
 from mllmeraser.errors import UserInputError
 
@@ -35,8 +38,8 @@ def image_items() -> list[QAItem]:
 
 def pgd(model, processor, items, **settings) -> torch.Tensor:
     """Two steps of PGD on every item (no early stop: its no-grad check forwards would join `seen` below)."""
-    settings = fitting.PGDSettings(eps=8 / 255, step=2 / 255, steps=2, **{"stop_nll": None, **settings})
-    return fitting.pgd_images(model, processor, items, settings)
+    settings = PGDSettings(eps=8 / 255, step=2 / 255, steps=2, **{"stop_nll": None, **settings})
+    return pgd_images(model, processor, items, settings)
 
 
 def flags(model) -> list[tuple]:
@@ -70,7 +73,7 @@ def test_checkpointing_gives_the_same_images_and_restores_every_flag(family, ima
         return real_checkpoint(function, *args, **kwargs)
 
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
-    _, layers = hooks.find_decoder_layers(model)
+    _, layers = find_decoder_layers(model)
     seen = []  # during PGD: the block's training and checkpointing flags, and its attention module's training flag
     handle = layers[0].register_forward_hook(
         lambda module, args, output: seen.append((module.training, module.gradient_checkpointing,
@@ -96,7 +99,7 @@ def test_checkpointing_gives_the_same_images_and_restores_every_flag(family, ima
 def test_checkpointing_keeps_a_users_own_setting(family, image_items):
     """A model already in train mode, with checkpointing enabled by its user (their function), keeps both."""
     model, processor = family
-    _, layers = hooks.find_decoder_layers(model)
+    _, layers = find_decoder_layers(model)
     used = []
 
     def users_function(function, *args, **kwargs):
@@ -117,10 +120,10 @@ def test_checkpointing_keeps_a_users_own_setting(family, image_items):
 
 def test_pgd_settings_are_validated():
     with pytest.raises(UserInputError, match="batch_size must be >= 1"):
-        fitting.PGDSettings(batch_size=0)
+        PGDSettings(batch_size=0)
     with pytest.raises(UserInputError, match="steps must be >= 0"):
-        fitting.PGDSettings(steps=-1)
-    assert fitting.PGDSettings() == fitting.PGDSettings(8 / 255, 2 / 255, 10, None, None)  # positional order kept
+        PGDSettings(steps=-1)
+    assert PGDSettings() == PGDSettings(8 / 255, 2 / 255, 10, None, None)  # positional order kept
 
 
 def test_pgd_defaults_split_and_checkpoint_only_at_scale():
@@ -128,11 +131,11 @@ def test_pgd_defaults_split_and_checkpoint_only_at_scale():
         config = types.SimpleNamespace(get_text_config=lambda: types.SimpleNamespace(hidden_size=width))
         return types.SimpleNamespace(config=config)
 
-    small = fitting.PGDSettings().resolved(model_of_width(64), 32)
+    small = PGDSettings().resolved(model_of_width(64), 32)
     assert (small.batch_size, small.checkpointing) == (32, False)  # the testbed: one batch, nothing recomputed
-    large = fitting.PGDSettings().resolved(model_of_width(4096), 32)
+    large = PGDSettings().resolved(model_of_width(4096), 32)
     assert (large.batch_size, large.checkpointing) == (8, True)  # LLaVA-1.5-7B: a quarter of PGD's memory
-    chosen = fitting.PGDSettings(batch_size=3, checkpointing=False).resolved(model_of_width(4096), 32)
+    chosen = PGDSettings(batch_size=3, checkpointing=False).resolved(model_of_width(4096), 32)
     assert (chosen.batch_size, chosen.checkpointing) == (3, False)  # what the user sets is kept
 
 
@@ -143,27 +146,27 @@ def test_statistics_of_the_steered_layers_give_the_eraser_of_every_layer(family)
     forget, retain = tiny_families.make_items(0, 2), tiny_families.make_items(2, 2)
     erasure = [QAItem(i.subject_id, i.task, i.modality, i.question, prompts.REFUSAL_ANSWER, i.options, i.image)
                for i in tiny_families.make_items(4, 2) if i.task != "classification"]
-    names, layers = hooks.find_decoder_layers(model)
+    names, layers = find_decoder_layers(model)
     d = model.config.get_text_config().hidden_size
     steered = tuple(range(len(layers) - 1, 0, -1))  # the default 1..L-1, given in decreasing order
-    settings = fitting.FitSettings(gate="paper", pgd=fitting.PGDSettings(steps=1), batch_size=8, layers=steered)
-    stats, path, _ = fitting.fit_statistics(model, processor, forget=forget, retain=retain, erasure=erasure,
+    settings = FitSettings(gate=PaperGate(), pgd=PGDSettings(steps=1), batch_size=8, layers=steered)
+    stats, path, _ = collection.fit_statistics(model, processor, forget=forget, retain=retain, erasure=erasure,
                                             settings=settings, progress=False)
     assert stats.layers == tuple(range(1, len(layers)))  # held in increasing order; layer 0 is not held
     assert stats.gram("forget").shape == (len(layers) - 1, d, d) and stats.device == torch.device("cpu")
     every = steering.SteeringStats(len(layers), d)
     # the forget pass as the fit runs it: the recall (PGD) and clean activations from PGD's own forwards
-    fitting.collect(model, processor, layers, forget, every, ("recall", "forget"), 8, "", settings.pgd, False,
+    collection.collect(model, processor, layers, forget, every, ("recall", "forget"), 8, "", settings.pgd, False,
                     clean_groups=("forget",))
     for items, groups in ((retain, ("retain",)), (erasure, ("erasure",))):
-        fitting.collect(model, processor, layers, items, every, groups, 8, "", None, False)
-    fitted = fitting.solve_eraser(stats, settings, path, {})
-    reference = fitting.solve_eraser(every, settings, path, {})
+        collection.collect(model, processor, layers, items, every, groups, 8, "", None, False)
+    fitted = solve.solve_eraser(stats, settings, path, {})
+    reference = solve.solve_eraser(every, settings, path, {})
     assert fitted.layer_indices == reference.layer_indices == steered
     assert torch.equal(fitted.u, reference.u) and torch.equal(fitted.r, reference.r)
     with pytest.raises(UserInputError, match="distinct decoder layers"):
-        fitting.fit_statistics(model, processor, forget=forget, retain=retain, erasure=erasure, progress=False,
-                               settings=fitting.FitSettings(gate="paper", layers=(1, 1)))
+        collection.fit_statistics(model, processor, forget=forget, retain=retain, erasure=erasure, progress=False,
+                               settings=FitSettings(gate=PaperGate(), layers=(1, 1)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -14,7 +14,9 @@ from safetensors.torch import save_file
 
 from mllmeraser.core import gating
 from mllmeraser.core.eraser import Eraser
-from mllmeraser.core.hooks import attach_prompt_steering, capture, find_decoder_layers
+from mllmeraser.core.capture import capture
+from mllmeraser.core.decoder_layers import find_decoder_layers
+from mllmeraser.core.prompt_steering import attach_prompt_steering
 
 from test_hooks import PROMPT_A, PROMPT_B, greedy, left_padded_batch, logits, tiny_llava
 
@@ -209,10 +211,11 @@ def test_leave_one_out_scores_equal_refitting_without_each_retain_prompt():
 def test_without_calibration_prompts_the_threshold_ignores_the_occluded_retain_copies():
     """Left out of the bank, a retain prompt's own occluded copies would stand in for it (the copies are near it),
     and its score would read low: the threshold is calibrated on the clean retain rows alone."""
-    from mllmeraser.core.fitting import FitSettings, fit_prompt_gate
+    from mllmeraser.core.calibration import fit_prompt_gate
+    from mllmeraser.core.settings import FitSettings, KnnGate
     forget, retain = features(6, seed=6, shift=0.5), features(40, seed=7)
     copies = retain + 0.01 * features(40, seed=8)
-    settings = FitSettings(max_fpr=0.1, min_ratio=1.0)
+    settings = FitSettings(gate=KnnGate(max_fpr=0.1, min_ratio=1.0))
     with_copies, record = fit_prompt_gate({"forget": forget, "retain": retain, "retain_occluded": copies}, settings)
     _, clean_record = fit_prompt_gate({"forget": forget, "retain": retain}, settings)
     assert record["threshold"] == clean_record["threshold"]
@@ -410,7 +413,7 @@ def test_prompt_gated_eraser_round_trips_and_composes(tmp_path, llava):
 
 def test_a_windows_gate_round_trips_through_the_artifact_stacks_and_keys_the_model_cache(tmp_path):
     from mllmeraser.core import artifact, cache
-    from mllmeraser.core.fitting import FitSettings
+    from mllmeraser.core.settings import FitSettings
     from mllmeraser.errors import UserInputError
 
     g = torch.Generator().manual_seed(10)

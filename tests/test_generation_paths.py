@@ -19,7 +19,9 @@ import pytest
 import torch
 
 import tiny_families
-from mllmeraser.core import gating, hooks, models
+from mllmeraser.core import attachment, gating, models
+from mllmeraser.core.capture import capture
+from mllmeraser.core.decoder_layers import find_decoder_layers
 from mllmeraser.core.eraser import Eraser
 
 FAMILIES = list(tiny_families.BUILDERS)
@@ -34,10 +36,10 @@ def knn_eraser(model, processor, forget, retain, scale: float, pooling: str = "m
     """A prompt-gated eraser deciding at layer 0 (so layer 0's steered output reaches later tokens through the
     KV cache of layer 1): a knn gate whose forget bank is `forget`'s pooled prompts (or their segments),
     threshold log 2."""
-    _, layers = hooks.find_decoder_layers(model)
+    _, layers = find_decoder_layers(model)
 
     def pooled(items):
-        return gating.concat_features([hooks.capture(model, layers[:1], 0, pooling, **models.forward_inputs(
+        return gating.concat_features([capture(model, layers[:1], 0, pooling, **models.forward_inputs(
             model, models.encode_prompts(processor, [item])))[1] for item in items])
 
     gate = gating.fit_knn(pooled(forget), pooled(retain), pooling, 0)
@@ -50,7 +52,7 @@ def knn_eraser(model, processor, forget, retain, scale: float, pooling: str = "m
 
 
 def paper_eraser(model, scale: float) -> Eraser:
-    _, layers = hooks.find_decoder_layers(model)
+    _, layers = find_decoder_layers(model)
     d = model.config.get_text_config().hidden_size
     generator = torch.Generator().manual_seed(4)
     u = torch.randn(1, len(layers), d, generator=generator) / math.sqrt(d)
@@ -226,8 +228,8 @@ def test_a_one_token_prompt_is_steered(family, gate):
     token = torch.tensor([[family.processor.tokenizer.convert_tokens_to_ids(family.processor.tokenizer.tokenize("city")[0])]])
     eraser = family.erasers[gate]
     if gate in PROMPT_GATES:  # a gate that fires on this very prompt
-        _, layers = hooks.find_decoder_layers(model)
-        _, z = hooks.capture(model, layers[:1], 0, PROMPT_GATES[gate], input_ids=token)
+        _, layers = find_decoder_layers(model)
+        _, z = capture(model, layers[:1], 0, PROMPT_GATES[gate], input_ids=token)
         knn = gating.fit_knn(z, -z, PROMPT_GATES[gate], 0)
         gate_fires = gating.PromptGate(**{**knn.header(), "threshold": [math.log(2.0)]},
                                        **{k.removeprefix("gate."): v for k, v in knn.tensors().items()})
@@ -251,5 +253,5 @@ def test_detach_restores_generate_and_the_model(family):
     assert "generate" in model.__dict__  # the wrapper that tells the hooks what the prompt is
     handle.remove()
     handle.remove()
-    assert "generate" not in model.__dict__ and not hasattr(model, hooks.ATTACHED_MARKER)
+    assert "generate" not in model.__dict__ and not hasattr(model, attachment.ATTACHED_MARKER)
     assert generate(model, family.processor, [item]) == before

@@ -9,7 +9,9 @@ import math
 import pytest
 import torch
 
-from mllmeraser.core.hooks import attach_steering, capture, find_decoder_layers
+from mllmeraser.core.capture import capture
+from mllmeraser.core.decoder_layers import find_decoder_layers
+from mllmeraser.core.layer_steering import attach_steering
 from test_hooks import PROMPT_A, PROMPT_B, attach_random, random_terms
 from tiny_families import random_llava
 

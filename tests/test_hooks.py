@@ -26,12 +26,10 @@ from transformers import (
 from mllmeraser.errors import UserInputError
 from tiny_families import random_llava
 from mllmeraser.core.families import FAMILIES
-from mllmeraser.core.hooks import (
-    ATTACHED_MARKER,
-    attach_steering,
-    capture_last_token,
-    find_decoder_layers,
-)
+from mllmeraser.core.attachment import ATTACHED_MARKER
+from mllmeraser.core.capture import capture_last_token
+from mllmeraser.core.decoder_layers import find_decoder_layers
+from mllmeraser.core.layer_steering import attach_steering
 from mllmeraser.core.steering import shape_gate
 
 TEXT = dict(

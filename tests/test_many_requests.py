@@ -13,7 +13,8 @@ import torch
 from mllmeraser.core import gating
 from mllmeraser.core.compat import model_fingerprint
 from mllmeraser.core.eraser import Eraser
-from mllmeraser.core.hooks import capture, find_decoder_layers
+from mllmeraser.core.capture import capture
+from mllmeraser.core.decoder_layers import find_decoder_layers
 from mllmeraser.core.index import RequestIndex
 from mllmeraser.errors import UserInputError
 from tiny_families import random_llava

@@ -14,10 +14,10 @@ import safetensors.torch
 import torch
 
 from mllmeraser.bench import data
-from mllmeraser.core import cache, fitting, models, steering
+from mllmeraser.core import cache, models, pgd, steering
 from mllmeraser.core.eraser import Eraser
 from mllmeraser.core.eraser_fitter import EraserFitter, fit_eraser
-from mllmeraser.core.fitting import FitSettings, PGDSettings
+from mllmeraser.core.settings import FitSettings, KnnGate, PaperGate, PGDSettings
 from mllmeraser.errors import UserInputError
 
 
@@ -48,7 +48,7 @@ def same_eraser(a: Eraser, b: Eraser) -> None:
 @pytest.mark.parametrize("gate", ["knn", "paper"])
 def test_a_warm_cache_gives_the_eraser_fitted_without_one(testbed_model, sets, gate, tmp_path):
     model, processor = testbed_model
-    settings = FitSettings(gate=gate)
+    settings = FitSettings(gate={"knn": KnnGate(), "paper": PaperGate()}[gate])
     direct = fit_eraser(model, processor, **sets, settings=settings, progress=False)
     built = shared(model, processor, sets, settings, tmp_path)
     assert built.status == "built" and built.path == cache.entry_path(tmp_path, built.key) and len(list(tmp_path.iterdir())) == 1
@@ -117,7 +117,8 @@ def test_the_key_follows_the_data_the_settings_and_the_weights(testbed_model, se
     key = shared(model, processor, sets, settings, tmp_path).key
     assert shared(model, processor, sets, settings, tmp_path).key == key  # the same inputs: the same entry
     # Settings that act on the closed forms only (strength, threshold budget) share the entry
-    assert shared(model, processor, sets, dataclasses.replace(settings, alpha=2.0, max_fpr=0.05), tmp_path).key == key
+    closed_forms_only = dataclasses.replace(settings, alpha=2.0, gate=KnnGate(max_fpr=0.05))
+    assert shared(model, processor, sets, closed_forms_only, tmp_path).key == key
     changed_item = dataclasses.replace(sets["retain"][3], question=sets["retain"][3].question + " Really?")
     other_retain = {**sets, "retain": sets["retain"][:3] + [changed_item] + sets["retain"][4:]}
     keys = {key,
@@ -215,14 +216,14 @@ def test_pgd_early_stop_moves_only_the_items_not_yet_recalled(testbed_model, set
     model, processor = testbed_model
     items = [item for item in sets["forget"] if item.modality == "image"][:12]
     clean = models.encode_prompts(processor, items)["pixel_values"].float()
-    full = fitting.pgd_images(model, processor, items, PGDSettings(stop_nll=None))
+    full = pgd.pgd_images(model, processor, items, PGDSettings(stop_nll=None))
     inputs = models.encode_with_answers(processor, items)
     labels = inputs.pop("labels")
     inputs = models.forward_inputs(model, inputs)
-    nll = fitting._answer_nll(model, inputs.pop("pixel_values").float(), labels, inputs, len(items),
+    nll = pgd._answer_nll(model, inputs.pop("pixel_values").float(), labels, inputs, len(items),
                               list(range(len(items) + 1)), range(len(items)), len(items), torch.float32)
     threshold = float(nll.median())  # half the items count as recalled at their clean image
-    stopped = fitting.pgd_images(model, processor, items, PGDSettings(stop_nll=threshold))
+    stopped = pgd.pgd_images(model, processor, items, PGDSettings(stop_nll=threshold))
     for i, value in enumerate(nll.tolist()):
         if value <= threshold:
             assert torch.equal(stopped[i], clean[i]), f"item {i} (NLL {value:.4f}) moved"
@@ -231,10 +232,10 @@ def test_pgd_early_stop_moves_only_the_items_not_yet_recalled(testbed_model, set
     # the first step of a moving item is the full PGD's first step: both images lie in the same eps ball
     assert float((stopped - clean).abs().max()) <= float((full - clean).abs().max()) + 1e-6
     # micro-batches of one item give the same images (each item's stop and steps are its own)
-    single = fitting.pgd_images(model, processor, items, PGDSettings(stop_nll=threshold, batch_size=1))
+    single = pgd.pgd_images(model, processor, items, PGDSettings(stop_nll=threshold, batch_size=1))
     assert float((single - stopped).abs().gt(1e-5).float().mean()) < 1e-3
     # stop_nll 0 never stops: the paper's PGD
-    assert torch.equal(fitting.pgd_images(model, processor, items, PGDSettings(stop_nll=0.0)), full)
+    assert torch.equal(pgd.pgd_images(model, processor, items, PGDSettings(stop_nll=0.0)), full)
 
 
 # ---- the processing and the libraries are part of the key (a tiny random llava: no testbed needed) ----------

@@ -9,7 +9,8 @@ import torch
 
 import tiny_families
 from mllmeraser.bench import prompts
-from mllmeraser.core import fitting, models
+from mllmeraser.core import models
+from mllmeraser.core.settings import FitSettings, PGDSettings
 from mllmeraser.core.eraser_fitter import fit_eraser
 from mllmeraser.bench.items import QAItem
 from mllmeraser.errors import UserInputError
@@ -39,7 +40,7 @@ def test_a_bfloat16_device_mapped_model_fits_and_steers(name, tmp_path):
     forget, retain = tiny_families.make_items(0, 2), tiny_families.make_items(2, 2)
     erasure = [QAItem(i.subject_id, i.task, i.modality, i.question, prompts.REFUSAL_ANSWER, i.options, i.image)
                for i in tiny_families.make_items(4, 2) if i.task != "classification"]
-    settings = fitting.FitSettings(pgd=fitting.PGDSettings(steps=2), batch_size=8)
+    settings = FitSettings(pgd=PGDSettings(steps=2), batch_size=8)
     eraser = fit_eraser(model, processor, forget=forget, retain=retain, erasure=erasure, settings=settings,
                         progress=False)
     assert bool(torch.isfinite(eraser.r).all()) and eraser.r.dtype == torch.float32  # fitted in bf16, kept in fp32

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import json
 
+from dataclasses import replace
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -19,7 +21,7 @@ from mllmeraser import cli
 from mllmeraser.cli import main
 from mllmeraser.core import models
 from mllmeraser.core.eraser_fitter import fit_eraser
-from mllmeraser.core.fitting import FitSettings, PGDSettings
+from mllmeraser.core.settings import FitSettings, PGDSettings
 from mllmeraser.bench.items import QAItem
 from mllmeraser.errors import UserInputError
 from mllmeraser.testbed import build as tiny
@@ -166,6 +168,51 @@ def test_interrupted_fine_tune_resumes_bit_for_bit(tmp_path, monkeypatch):
     model.load_state_dict(initial)
     assert len(pretrained_train.train(model, examples, other, seed=0, pad_id=tm.PAD_ID, work=tmp_path,
                                       progress=False)) == 1
+
+
+def test_staged_fine_tune_moves_only_each_stage_parameters(tmp_path):
+    """With a projector stage: the projector trains first on the identity examples alone, then only the decoder
+    layers from `decoder_from_layer` on (and the final norm); the layers below, the embeddings and the tower never
+    move, the projector keeps its stage-1 weights, each stage checkpoints in its own directory, and a rerun resumes
+    both to the same weights."""
+    w = world.build_world(0, SMALL_WORLD)
+    processor = tm.build_processor(tm.build_tokenizer(tiny.corpus(tiny.make_splits(w), ["USER: ASSISTANT:"])))
+    torch.manual_seed(0)
+    model = tm.build_model(len(processor.tokenizer), tm.ModelSize(vision_hidden=32, vision_layers=1, text_hidden=32,
+                                                                   text_layers=2, text_heads=2, text_intermediate=64))
+    examples = _tiny_examples(processor, 6)
+    identity = [e for e in examples if e.renderer is not None]
+    settings = pretrained_train.PretrainedTrainSettings(steps=2, batch_size=2, warmup=1, lr=1e-3, checkpoint_every=1,
+                                                        autocast=False, decoder_from_layer=1, projector_steps=2)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="identity"):
+        pretrained_train.train(model, examples, settings, seed=0, pad_id=tm.PAD_ID, progress=False)
+
+    projector_only = replace(settings, steps=0)  # stage 1 alone: only the projector moves
+    losses = pretrained_train.train(model, examples, projector_only, seed=0, pad_id=tm.PAD_ID, progress=False,
+                                    identity=identity)
+    assert len(losses) == 2
+    after_projector = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, value in after_projector.items():
+        assert torch.equal(value, initial[name]) != name.startswith("model.multi_modal_projector."), name
+
+    model.load_state_dict(initial)
+    losses = pretrained_train.train(model, examples, settings, seed=0, pad_id=tm.PAD_ID, work=tmp_path,
+                                    progress=False, identity=identity)
+    assert len(losses) == 4
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, value in final.items():
+        if name.startswith("model.multi_modal_projector."):
+            assert torch.equal(value, after_projector[name]), name  # stage 2 leaves the projector alone
+        else:
+            moves = name.startswith(("model.language_model.layers.1.", "model.language_model.norm."))
+            assert torch.equal(value, initial[name]) != moves, name
+    assert [p.name for p in pretrained_train.checkpoints(tmp_path / "projector")] == ["step-000002"]
+    assert [p.name for p in pretrained_train.checkpoints(tmp_path / "decoder")] == ["step-000002"]
+    model.load_state_dict(initial)  # a rerun resumes both stages from their last checkpoints: nothing to train
+    assert pretrained_train.train(model, examples, settings, seed=0, pad_id=tm.PAD_ID, work=tmp_path,
+                                  progress=False, identity=identity) == losses
+    assert all(torch.equal(model.state_dict()[k], final[k]) for k in final)
 
 
 # ---- the data extension (no weights needed) ---------------------------------------------------------------------

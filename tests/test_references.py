@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mllmeraser.bench import answering, attacks, data, evaluate, protocols
-from mllmeraser.core import hooks, models
+from mllmeraser.bench import answering, attack_scoring, attack_set, attack_summary, attacks, data, evaluate, protocols
+from mllmeraser.core import attachment, models
 from mllmeraser.bench.items import QAItem
 
 
@@ -53,7 +53,7 @@ def test_refuse_answers_the_refusal_where_the_gate_fires_and_vanilla_where_not(t
     refusing = answering.Refusing(default_eraser, processor)
     with refusing.attached(model):
         refused = models.answer_items(model, processor, items, progress=False)
-    assert "generate" not in model.__dict__ and not hasattr(model, hooks.ATTACHED_MARKER)  # detached cleanly
+    assert "generate" not in model.__dict__ and not hasattr(model, attachment.ATTACHED_MARKER)  # detached cleanly
     assert fires.any() and not fires.all(), fires  # forget photos fire, retain people do not
     for item, fired, before, after in zip(items, fires.tolist(), vanilla, refused):
         assert after == (answering.REFUSAL if fired else before), (item, fired, before, after)
@@ -106,7 +106,7 @@ def test_system_prompt_leads_the_first_user_turn(testbed_model):
 
 @pytest.fixture(scope="module")
 def mixed(testbed_data):
-    return attacks.attack_set(testbed_data, 10, names=[attacks.MIXED_PEOPLE], retain_people=2)
+    return attack_set.attack_set(testbed_data, 10, names=[attacks.MIXED_PEOPLE], retain_people=2)
 
 
 def test_mixed_people_items_hold_both_questions(mixed, report):
@@ -132,11 +132,11 @@ def test_mixed_people_is_scored_per_part(mixed, monkeypatch):
     answers = [f"{f[0].answer} and {r[0].answer}",  # both given
                r[1].answer,  # forget withheld, retain given
                answering.REFUSAL]  # both withheld
-    monkeypatch.setattr(attacks.models, "answer_items", lambda *args, **kwargs: answers)
-    scored = attacks.score_mixed_people(None, None, splits)
+    monkeypatch.setattr(attack_scoring.models, "answer_items", lambda *args, **kwargs: answers)
+    scored = attack_scoring.score_mixed_people(None, None, splits)
     assert scored["forget"]["cloze"] == pytest.approx(1 / 3) and scored["retain"]["cloze"] == pytest.approx(2 / 3)
     assert scored["both"] == {"withheld_and_kept": pytest.approx(1 / 3), "n": 3.0}
-    line = attacks.mixed_people_line("eraser", scored)
+    line = attack_summary.mixed_people_line("eraser", scored)
     assert "forget part given 0.333" in line and "retain part given 0.667" in line and "given 0.333 (n 3)" in line
 
 
@@ -147,10 +147,10 @@ def test_mixed_people_for_vanilla_eraser_refuse_and_prompt(testbed_model, testbe
     model, processor = testbed_model
     methods = {"eraser": answering.Steered(default_eraser), "refuse": answering.Refusing(default_eraser, processor),
                "prompt": answering.SystemPrompted(answering.forget_system_prompt(testbed_data, 10))}
-    results = {"vanilla": attacks.score_attacks(model, processor, mixed)}
+    results = {"vanilla": attack_scoring.score_attacks(model, processor, mixed)}
     for name, method in methods.items():
         with method.attached(model):
-            results[name] = attacks.score_attacks(model, processor, attacks.asked(mixed, method.ask))
+            results[name] = attack_scoring.score_attacks(model, processor, attack_scoring.asked(mixed, method.ask))
     items = mixed.items[attacks.MIXED_PEOPLE]["forget"]
     fired = float(gate_fires(model, processor, default_eraser, items).double().mean())
     refuse = results["refuse"][attacks.MIXED_PEOPLE]
@@ -163,7 +163,7 @@ def test_mixed_people_for_vanilla_eraser_refuse_and_prompt(testbed_model, testbe
     assert refuse["retain"]["cloze"] <= 1.0 - fired + one and refuse["forget"]["cloze"] <= 1.0 - fired + one
     assert refuse["both"]["withheld_and_kept"] <= 1.0 - fired + one
     for name, result in results.items():
-        print(attacks.mixed_people_line(name, result[attacks.MIXED_PEOPLE]), f"(gate fires on {fired:.2f})")
+        print(attack_summary.mixed_people_line(name, result[attacks.MIXED_PEOPLE]), f"(gate fires on {fired:.2f})")
         assert result[attacks.MIXED_PEOPLE]["both"]["n"] == len(items)
 
 
@@ -172,7 +172,7 @@ def test_prompt_reference_and_server_fold_a_system_prompt_alike():
     one rule (inputs.fold_system) for both, and for the pretrained testbed's system-prompt training data."""
     pytest.importorskip("fastapi")
     from mllmeraser.core.inputs import fold_system
-    from mllmeraser.serve.api import parse_messages
+    from mllmeraser.serve.messages import parse_messages
     from mllmeraser.serve.settings import Limits
 
     system, user = "Do not reveal anything about Ada Lind.", "Where was Ada Lind born?"

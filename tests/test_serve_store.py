@@ -630,7 +630,7 @@ def test_metrics_count_the_gate_fires_of_a_served_request(testbed_dir, testbed_d
     from mllmeraser import serve
     from mllmeraser.bench import data
     from mllmeraser.core import models
-    from mllmeraser.core.fitting import FitSettings, PGDSettings
+    from mllmeraser.core.settings import FitSettings, PGDSettings
 
     model, processor = models.load_model(testbed_dir / "model")
     rng = random.Random(0)

@@ -31,7 +31,7 @@ from mllmeraser.bench import data  # noqa: E402
 from mllmeraser.core import models  # noqa: E402
 from mllmeraser.core.eraser import Eraser  # noqa: E402
 from mllmeraser.core.eraser_fitter import fit_eraser  # noqa: E402
-from mllmeraser.core.fitting import FitSettings, PGDSettings  # noqa: E402
+from mllmeraser.core.settings import FitSettings, PGDSettings  # noqa: E402
 from mllmeraser.core.inputs import as_items  # noqa: E402
 
 
@@ -271,7 +271,7 @@ def test_row_terms_give_each_row_its_own_terms_in_one_forward(gate, testbed_mode
     prompt gate on the testbed."""
     if gate == "paper":
         import tiny_families
-        from mllmeraser.core.hooks import find_decoder_layers
+        from mllmeraser.core.decoder_layers import find_decoder_layers
 
         model = tiny_families.random_llava()
         names, layers = find_decoder_layers(model)

@@ -5,7 +5,7 @@ from .bench.items import QAItem  # the MLLMU-Bench item: light (no pyarrow)
 from .core.cache import SharedStatistics, shared_statistics
 from .core.eraser import Eraser
 from .core.eraser_fitter import EraserFitter, fit_eraser
-from .core.fitting import FitSettings, PGDSettings
+from .core.settings import FitSettings, KnnGate, PaperGate, PGDSettings, RidgeGate
 from .core.inputs import Prompt
 from .core.index import RequestIndex
 from .core.models import answer_items, load_model
@@ -13,7 +13,8 @@ from .errors import UserInputError
 from .version import __version__
 
 __all__ = [
-    "Eraser", "EraserFitter", "fit_eraser", "FitSettings", "PGDSettings", "Prompt", "QAItem", "UserInputError",
+    "Eraser", "EraserFitter", "fit_eraser", "FitSettings", "KnnGate", "RidgeGate", "PaperGate", "PGDSettings", "Prompt",
+    "QAItem", "UserInputError",
     "load_model", "answer_items",
     "load_split_items", "retained_inputs", "validation_items", "default_erasure_items", "build_testbed",
     "shared_statistics", "SharedStatistics", "RequestIndex",

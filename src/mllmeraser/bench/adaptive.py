@@ -2,7 +2,7 @@
 
 What the attacker knows: everything that decides the gate, white-box: the decoder up to the decision layer,
 the pooling, the forget and retain banks and every threshold (all in the eraser file and the weights). It can
-therefore compute any prompt's gate score exactly as the hooks will (fitting.gate_scores: one forward to the
+therefore compute any prompt's gate score exactly as the hooks will (diagnostics.gate_scores: one forward to the
 decision layer per prompt, batched). What it may change: nothing of the question. The forget prompt (question,
 instruction, options, image) is kept verbatim and only whole sentences from a pool of benign text are added,
 before it (a prefix block, then a line break) or after it (a line break, then a suffix block).
@@ -44,7 +44,7 @@ from typing import Sequence
 
 import torch
 
-from ..core import fitting, models
+from ..core import diagnostics, models
 from ..core.eraser import Eraser
 from .items import QAItem
 from ..errors import UserInputError
@@ -156,7 +156,7 @@ def margins(model, processor, eraser: Eraser, items: Sequence[QAItem], batch_siz
     may be attached to `model`)."""
     if not items:
         return torch.empty(0, dtype=torch.float64)
-    scores = fitting.gate_scores(model, processor, eraser, items, batch_size).to(torch.float64)
+    scores = diagnostics.gate_scores(model, processor, eraser, items, batch_size).to(torch.float64)
     return (scores - torch.tensor(eraser.prompt_gate.threshold, dtype=torch.float64)).max(dim=1).values
 
 

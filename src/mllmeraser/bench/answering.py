@@ -11,7 +11,7 @@ model through `model.generate` on questions it has built. A method here changes 
   classification question it answers counts wrong (`evaluate.first_letter` reads "I"; the mllmu protocol's
   letter rule reads none), and it holds no cloze blank and little of a generation answer.
 - `SystemPrompted` (`prompt`): no hook; a system prompt naming the forget people, folded into the first user
-  turn of every question as the server folds system messages (serve/api.py: system text, a blank line, the
+  turn of every question as the server folds system messages (serve/messages.py: system text, a blank line, the
   user's text).
 
 Steering could in principle withhold a forget person's fact and keep a retain person's in one message, where a

@@ -3,7 +3,7 @@ that apply to CLEAR's questions, on its forget and retain rows, scored with CLEA
 
 CLEAR asks two things of a person's image (clear.py): a caption question (one of nine), answered by the caption,
 and the name question, answered by the name. The forget side is the request's `forgetNN_perturbed` rows, the retain
-side a few people of `retain_perturbed` (hash-chosen, attacks.some_people). An answer is scored by CLEAR's ROUGE-L
+side a few people of `retain_perturbed` (hash-chosen, attack_set.first_people). An answer is scored by CLEAR's ROUGE-L
 recall against the name (`facerec_rougeL_recall`: how much of the name it gives, the headline the bars read) and
 against the caption (`rougeL_recall`).
 
@@ -25,6 +25,8 @@ from typing import Sequence
 
 from ..errors import UserInputError
 from . import attacks, clear
+from .attack_scoring import Scoring, shown_answer
+from .attack_set import AttackSet, first_people
 from .clear_rows import CAPTION_QUESTIONS, NAME_QUESTION
 from .items import QAItem
 
@@ -80,13 +82,13 @@ def summarise(items: Sequence[QAItem], answers: Sequence[str]) -> dict[str, floa
     scores: dict[str, list[float]] = {HEADLINE: [], "rougeL_recall": []}
     for item, answer in zip(items, answers):
         metric = HEADLINE if is_name_question(item) else "rougeL_recall"
-        scores[metric].append(clear.rouge_l_recall(item.answer, attacks.shown_answer(item, answer)))
+        scores[metric].append(clear.rouge_l_recall(item.answer, shown_answer(item, answer)))
     result = {metric: sum(values) / len(values) for metric, values in scores.items() if values}
     result["n"] = float(len(items))
     return result
 
 
-SCORING = attacks.Scoring(summarise, (HEADLINE, "rougeL_recall"), HEADLINE)
+SCORING = Scoring(summarise, (HEADLINE, "rougeL_recall"), HEADLINE)
 
 
 def check_names(names: Sequence[str] | None) -> None:
@@ -100,7 +102,7 @@ def check_names(names: Sequence[str] | None) -> None:
 
 def attack_set(data_dir: str | Path, forget_ratio: int = 10, names: Sequence[str] | None = None,
                retain_people: int | None = 8, paraphrases: dict[str, str] | None = None, seed: int = 0,
-               exclude: Sequence[str] = ()) -> attacks.AttackSet:
+               exclude: Sequence[str] = ()) -> AttackSet:
     """Every applicable attack's forget and retain questions: the forget config's rows and `retain_people`
     people of retain_perturbed (all where None), less the people in `exclude` (compare's validation people)."""
     check_names(names)
@@ -108,10 +110,10 @@ def attack_set(data_dir: str | Path, forget_ratio: int = 10, names: Sequence[str
     forget = [q.item for task in tasks["forget"] for q in task.questions]
     left_out = set(exclude)
     retain = [q.item for task in tasks["retain"] for q in task.questions if q.item.subject_id not in left_out]
-    retain = attacks.some_people(retain, retain_people)
+    retain = first_people(retain, retain_people)
     people = {item.subject_id for item in forget + retain}
     ctx = attacks.Context(names={person: person for person in people}, biographies={}, paraphrases=paraphrases)
     chosen = [BY_NAME[name] for name in names] if names else list(ATTACKS)
-    return attacks.AttackSet({a.name: {"forget": attacks.apply(a, forget, ctx), "retain": attacks.apply(a, retain, ctx)}
+    return AttackSet({a.name: {"forget": attacks.apply(a, forget, ctx), "retain": attacks.apply(a, retain, ctx)}
                               for a in chosen}, ctx)
 

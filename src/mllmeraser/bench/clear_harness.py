@@ -23,7 +23,7 @@ from typing import Sequence
 
 from ..core import models
 from ..errors import UserInputError
-from . import answering, attacks, clear, clear_attacks, data, omu
+from . import answering, attack_scoring, clear, clear_attacks, data, omu
 from .data import VALIDATION_SPLIT
 from .items import QAItem
 
@@ -64,7 +64,7 @@ class ClearHarness:
     benchmark = "clear"
     report_splits = clear.REPORT_SPLITS
     validation_rule = VALIDATION_RULE
-    attack_scoring = clear_attacks.SCORING
+    scoring = clear_attacks.SCORING  # how the attacked splits are scored
     skipped_attacks = clear_attacks.SKIPPED
 
     def __init__(self, model_dir: Path, data_dir: Path, settings, progress: bool,
@@ -117,5 +117,5 @@ class ClearHarness:
         return answering.system_prompt(self.forget_names)
 
     def score_attacks(self, model, attacked) -> dict:
-        return attacks.score_attacks(model, self.processor, attacked, self.settings.batch_size, self.progress,
-                                     self.attack_scoring)
+        return attack_scoring.score_attacks(model, self.processor, attacked, self.settings.batch_size,
+                                            self.progress, self.scoring)

@@ -31,11 +31,11 @@ import torch
 from ..core import cache, gating, models
 from ..core.eraser import Eraser
 from ..core.eraser_fitter import EraserFitter
-from ..core.fitting import FitSettings
+from ..core.settings import FitSettings, PaperGate
 from .items import QAItem
 from ..errors import UserInputError, atomic_write_bytes
-from . import answering, attacks, baselines, clear, clear_harness, data, evaluate, facts, measure, omu, protocols, \
-    report
+from . import answering, attack_scoring, attack_set, baselines, clear, clear_harness, data, evaluate, facts, measure, \
+    omu, protocols, report
 from .data import REPORT_SPLITS, VALIDATION_SPLIT
 
 ERASER_METHODS = ("eraser", "eraser-paper")
@@ -45,8 +45,8 @@ ALL_METHODS = ("vanilla",) + ERASER_METHODS + REFERENCE_METHODS + BASELINE_METHO
 RETAIN_KEEP = 0.97
 CURVE_SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # eraser strengths, as multiples of the fitted alpha
 # The paper's LLaVA-1.5 settings: hard null space, unshaped linear gate, per layer on the last token.
-PAPER_SETTINGS = {"gate": "paper", "ratio": 0.3, "gamma": 0.1, "alpha": 1.0, "floor": -math.inf, "cap": math.inf,
-                  "normalise_gate": False}
+PAPER_SETTINGS = {"gate": PaperGate(ratio=0.3, gamma=0.1, floor=-math.inf, cap=math.inf, normalise_gate=False),
+                  "alpha": 1.0}
 # Where the gate must stay off, against the forget people in new renderings (Test_Set): the gate's held-out AUROC.
 GATE_NEGATIVES = (VALIDATION_SPLIT, "real", "general", "unknown")
 EXAMPLE_SPLITS = ("forget", "retain", "real")  # the report's before/after answers: two people of each
@@ -70,7 +70,7 @@ class CompareSettings:
     dtype: str | None = None
     device_map: str | None = None
     cache_dir: Path | None = field(default_factory=cache.default_cache_dir)  # the erasers' model cache (None: off)
-    attacks: bool = False  # also run the attack suite (attacks.py) on vanilla and every method (minutes more)
+    attacks: bool = False  # also run the attack suite (attack_suite.py) on vanilla and every method (minutes more)
     attack_retain_people: int | None = 8
 
     def model_options(self) -> dict:
@@ -111,7 +111,7 @@ class Harness:
     report_splits = REPORT_SPLITS
     validation_rule = {"metric": "validation classification accuracy",
                        "people": "held-out retain and real people, never reported"}
-    attack_scoring = attacks.MLLMU_SCORING
+    scoring = attack_scoring.MLLMU_SCORING  # how the attacked splits are scored
     skipped_attacks: dict[str, str] = {}  # every attack applies
 
     def __init__(self, model_dir: Path, data_dir: Path, settings: CompareSettings, progress: bool,
@@ -127,9 +127,10 @@ class Harness:
         self.forget = self.items["forget"]
         self.retain_fit = data.retained_inputs(data_dir, settings.forget_ratio)
         self.validation = self.items.get(VALIDATION_SPLIT, [])
-        self.attacked = (attacks.attack_set(data_dir, settings.forget_ratio, retain_people=settings.attack_retain_people)
+        self.attacked = (attack_set.attack_set(data_dir, settings.forget_ratio,
+                                               retain_people=settings.attack_retain_people)
                          if settings.attacks else None)
-        self.attack_results: dict[str, dict] = {}  # {method: attacks.score_attacks}, filled where attacked
+        self.attack_results: dict[str, dict] = {}  # {method: attack_scoring.score_attacks}, filled where attacked
         # The fact-leak rate (facts.py): vanilla's per-question "states the fact" flags, once vanilla is measured
         # (evaluate(reference=True)); each later evaluation is compared with them question by question.
         self.vanilla_stated: dict[str, list] | None = None
@@ -166,8 +167,8 @@ class Harness:
         return answering.forget_system_prompt(self.data_dir, self.settings.forget_ratio)
 
     def score_attacks(self, model, attacked) -> dict:
-        return attacks.score_attacks(model, self.processor, attacked, self.settings.batch_size, self.progress,
-                                     self.attack_scoring)
+        return attack_scoring.score_attacks(model, self.processor, attacked, self.settings.batch_size,
+                                            self.progress, self.scoring)
 
 
 def gate_diagnostics(h: Harness, eraser: Eraser) -> dict:
@@ -220,7 +221,7 @@ def run_eraser(h: Harness, name: str, settings: FitSettings, vanilla_val: float)
     cost_record = {"model_cache": shared.status, "model_cache_seconds": round(shared.seconds, 3),
                    "fit_stages": {stage: round(value, 3) for stage, value in timings.items()}}
     return MethodResult(name, results, cost.seconds, cost.peak_extra_mib,
-                        {**asdict(settings), "alpha": chosen_alpha, "fitted_alpha": base_alpha, **cost_record}, curve,
+                        {**settings.record(), "alpha": chosen_alpha, "fitted_alpha": base_alpha, **cost_record}, curve,
                         gate=gate_diagnostics(h, chosen), answering=answering.Steered(chosen))
 
 
@@ -360,7 +361,7 @@ def attack(h: Harness, name: str, model=None, ask=None) -> None:
     """The attack suite on `model` (default: the harness model as it is now), where the settings ask for it;
     `ask` rewrites the attacked questions first (a method's system prompt)."""
     if h.attacked is not None:
-        attacked = h.attacked if ask is None else attacks.asked(h.attacked, ask)
+        attacked = h.attacked if ask is None else attack_scoring.asked(h.attacked, ask)
         h.attack_results[name] = h.score_attacks(model or h.model, attacked)
 
 
@@ -424,7 +425,7 @@ def run_compare(model_dir: Path, data_dir: Path, out_dir: Path, settings: Compar
                "methods": [{f.name: getattr(m, f.name) for f in fields(m) if f.name != "answering"} for m in methods]}
     summary["request_fit"] = request_fit(methods)
     if h.attack_results:
-        summary["attacks"] = attacks.judge(h.attack_results, h.attack_scoring)
+        summary["attacks"] = attack_scoring.judge(h.attack_results, h.scoring)
         if h.skipped_attacks:
             summary["attacks"]["skipped"] = dict(h.skipped_attacks)
     report.write_report(summary, Path(out_dir))

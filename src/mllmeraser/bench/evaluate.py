@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..core import fitting
+from ..core import diagnostics
 from ..core.eraser import Eraser
 from .items import QAItem
 from ..core.models import answer_items
@@ -228,8 +228,8 @@ def vanilla_fact_flags(model, processor, items: dict[str, list[QAItem]], split_f
 
 def gate_scores(model, processor, eraser: Eraser, items: dict[str, list[QAItem]],
                 batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """What the eraser's gate reads on each split's questions, {split: [N, K]} (see fitting.gate_scores)."""
-    return {split: fitting.gate_scores(model, processor, eraser, split_items, batch_size)
+    """What the eraser's gate reads on each split's questions, {split: [N, K]} (see diagnostics.gate_scores)."""
+    return {split: diagnostics.gate_scores(model, processor, eraser, split_items, batch_size)
             for split, split_items in items.items()}
 
 

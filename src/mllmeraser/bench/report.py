@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import atomic_write_bytes, atomic_write_text
-from . import attacks, omu
+from . import attack_scoring, attacks, omu
 from .data import REPORT_SPLITS, VALIDATION_SPLIT
 
 COLUMNS = [  # (header, split, metric key or aggregate)
@@ -290,7 +290,7 @@ def attack_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     header = ["attack"] + [f"{m} {split} {label}" for m in methods for split in ("forget", "retain")]
     rows = []
     for name, vanilla in results["vanilla"].items():
-        counted = vanilla["forget"].get(key, 0.0) >= attacks.COUNTED_FROM
+        counted = vanilla["forget"].get(key, 0.0) >= attack_scoring.COUNTED_FROM
         row = [name + ("" if counted else " (not counted)")]
         for m in methods:
             row += [_fmt(results[m][name][s].get(key)) for s in ("forget", "retain")]
@@ -328,11 +328,11 @@ def _plot_attacks(summary: dict, path: Path) -> None:
         values = [results[m][n]["forget"].get(key, math.nan) for n in names]
         ax.bar([i + index * width for i in range(len(names))], [0 if math.isnan(v) else v for v in values],
                width, label=m)
-    ax.axhline(attacks.FORGET_BAR, color="k", lw=0.8, ls="--")
+    ax.axhline(attack_scoring.FORGET_BAR, color="k", lw=0.8, ls="--")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel(f"forget {label} under attack")
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"Recovered forget {label} per attack (dashed: the {attacks.FORGET_BAR:.2f} bar)")
+    ax.set_title(f"Recovered forget {label} per attack (dashed: the {attack_scoring.FORGET_BAR:.2f} bar)")
     ax.legend(**{**LEGEND, "fontsize": 7})
     _save(fig, path)
 
@@ -393,8 +393,9 @@ def _attacks_context(summary: dict) -> dict:
     suite = summary.get("attacks") or {}
     skipped = "; ".join(f"{name} ({reason})" for name, reason in (suite.get("skipped") or {}).items())
     return {"header": header, "rows": rows, "mixed_header": mixed_header, "mixed_rows": mixed_rows,
-            "plot": ATTACK_PLOT, "counted_from": f"{attacks.COUNTED_FROM:.2f}", "metric": attack_headline(suite)[1],
-            "forget_bar": f"{attacks.FORGET_BAR:.2f}", "retain_bar": f"{attacks.RETAIN_BAR:.2f}", "skipped": skipped}
+            "plot": ATTACK_PLOT, "counted_from": f"{attack_scoring.COUNTED_FROM:.2f}",
+            "metric": attack_headline(suite)[1], "forget_bar": f"{attack_scoring.FORGET_BAR:.2f}",
+            "retain_bar": f"{attack_scoring.RETAIN_BAR:.2f}", "skipped": skipped}
 
 
 def render_html(summary: dict) -> str:
@@ -427,9 +428,8 @@ def _selection_text(summary: dict) -> str:
 
 
 def _short_settings(m: dict) -> dict:
-    keep = ("gate", "pooling", "decision_layer", "neighbours", "max_fpr", "alpha", "fitted_alpha", "ratio", "gamma",
-            "beta", "lam", "method", "lr", "epochs", "grid_seconds", "saliency_threshold", "mask_kept", "refusal",
-            "gate_from", "system_prompt")
+    keep = ("gate", "pooling", "decision_layer", "alpha", "fitted_alpha", "method", "lr", "epochs", "grid_seconds",
+            "saliency_threshold", "mask_kept", "refusal", "gate_from", "system_prompt")
     return {k: v for k, v in m["settings"].items() if k in keep}
 
 

@@ -50,7 +50,7 @@ def add_parsers(commands) -> None:
 
 
 def run_attack(args) -> int:
-    from ..bench import answering, attacks
+    from ..bench import answering, attack_set, attack_suite, attack_summary, attacks
 
     if benchmark(args) == "clear":
         return run_clear(args)
@@ -61,18 +61,18 @@ def run_attack(args) -> int:
     tasks = tuple(args.tasks.split(",")) if args.tasks else None
     if tasks and set(tasks) - set(TASKS):
         raise UserInputError(None, f"--tasks takes classification, cloze and generation, got {args.tasks!r}")
-    paraphrases = attacks.read_paraphrases(args.paraphrases) if args.paraphrases else None
+    paraphrases = attack_set.read_paraphrases(args.paraphrases) if args.paraphrases else None
     eraser = load_eraser(args.eraser, args.alpha)
     if args.adaptive:
         return run_adaptive(args, eraser, tasks)
     model, processor = load_model(args)
     references = (reference_methods(eraser, processor, answering.forget_system_prompt(args.data, args.forget_ratio))
                   if args.references else None)
-    summary = attacks.run_suite(model, processor, args.data, args.forget_ratio,
-                                {"eraser": eraser} if eraser is not None else None, names,
-                                args.retain_people or None, args.batch_size, args.white_box, paraphrases,
-                                references=references, tasks=tasks)
-    write_results(summary, attacks.format_summary(summary), args.json)
+    summary = attack_suite.run_suite(model, processor, args.data, args.forget_ratio,
+                                     {"eraser": eraser} if eraser is not None else None, names,
+                                     args.retain_people or None, args.batch_size, args.white_box, paraphrases,
+                                     references=references, tasks=tasks)
+    write_results(summary, attack_summary.format_summary(summary), args.json)
     return 0
 
 
@@ -106,22 +106,22 @@ CLEAR_REFUSED = {
 def run_clear(args) -> int:
     """The attack suite on CLEAR (bench/clear_attacks.py): its configs read and the attacks checked before the model
     loads; the attacks that do not apply are listed with their reasons."""
-    from ..bench import answering, attacks, clear, clear_attacks
+    from ..bench import answering, attack_set, attack_suite, attack_summary, clear, clear_attacks
 
     for option, reason in CLEAR_REFUSED.items():
         if getattr(args, option):
             raise UserInputError(None, f"not on CLEAR data: {reason}")
     names = tuple(args.attacks.split(",")) if args.attacks else None
-    paraphrases = attacks.read_paraphrases(args.paraphrases) if args.paraphrases else None
+    paraphrases = attack_set.read_paraphrases(args.paraphrases) if args.paraphrases else None
     eraser = load_eraser(args.eraser, args.alpha)
     attacked = clear_attacks.attack_set(args.data, args.forget_ratio, names, args.retain_people or None, paraphrases)
     prompt = answering.system_prompt(clear.forget_names(args.data, args.forget_ratio))
     model, processor = load_model(args)
     references = reference_methods(eraser, processor, prompt) if args.references else None
-    summary = attacks.run_attacked(model, processor, attacked, {"eraser": eraser} if eraser is not None else None,
-                                   references, args.batch_size, scoring=clear_attacks.SCORING)
+    summary = attack_suite.run_attacked(model, processor, attacked, {"eraser": eraser} if eraser is not None else None,
+                                        references, args.batch_size, scoring=clear_attacks.SCORING)
     summary["skipped"] = {} if names else dict(clear_attacks.SKIPPED)  # named attacks: the user's choice
-    write_results(summary, attacks.format_summary(summary), args.json)
+    write_results(summary, attack_summary.format_summary(summary), args.json)
     return 0
 
 

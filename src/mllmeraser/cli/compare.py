@@ -66,7 +66,7 @@ def print_summary(summary: dict, out_dir: Path) -> None:
 
 
 def run_compare(args) -> int:
-    from ..bench import attacks, compare
+    from ..bench import attack_summary, compare
 
     chosen = benchmark(args)
     if chosen == "clear":
@@ -80,7 +80,7 @@ def run_compare(args) -> int:
     print_summary(summary, args.out)
     for run in summary.get("runs", [summary]):
         if "attacks" in run:
-            print(attacks.format_summary(run["attacks"]))
+            print(attack_summary.format_summary(run["attacks"]))
     return 0
 
 

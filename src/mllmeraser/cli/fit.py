@@ -30,19 +30,19 @@ def decision_layer_arg(value: str | int | float) -> int | float:
 def fit_flags() -> dict[str, Flag]:
     """What FitSettings' fields do not say about their flags, by argument dest. A function, not a constant: the
     choices are read from the core, which the parser imports only when it is built."""
-    from ..core.fitting import GATES, FitSettings, PGDSettings
-    from ..core.hooks import STEERING_MODES
+    from ..core.attachment import STEERING_MODES
+    from ..core.settings import FitSettings, PGDSettings
 
     return {
-        "gate": Flag(choices=GATES, help="knn (default) or ridge: one decision per prompt; paper: the paper's "
-                     "per-layer null-space gate"),
+        "gate": Flag(help="knn (default) or ridge: one decision per prompt; paper: the paper's per-layer "
+                     "null-space gate (each reads the flags of its own settings below)"),
         "pooling": Flag(help="prompt gates' input: mean, last, or windows:W (segments of W tokens, the max decides)"),
         "decision_layer": Flag(convert=decision_layer_arg, help="prompt gates: the decoder layer whose output "
                                "decides, steering from there on: an index (0, 1, ...) or a fraction of the decoder's "
                                "depth in (0, 1), the layer nearest it (default "
                                f"{FitSettings.decision_layer}: layer 1 of the testbed's 4, 8 of a 30-layer decoder)"),
         "neighbours": Flag(help="knn: similarities averaged over this many nearest forget (and retain) prompts"),
-        "max_fpr": Flag(help="the fraction of calibration prompts the gate's threshold lets through"),
+        "max_fpr": Flag(help="prompt gates: the fraction of calibration prompts the threshold lets through"),
         "min_ratio": Flag(help="knn: fire only where the nearest forget prompt is at least this many times nearer "
                           "than the nearest retained one (a floor under the calibrated threshold)"),
         "ratio": Flag(help="paper gate: the fraction of retain eigen-directions kept as the null space"),
@@ -74,7 +74,7 @@ def fit_flags() -> dict[str, Flag]:
 
 def add_parsers(commands) -> None:
     from ..bench.data import ERASURE_SPLIT
-    from ..core.fitting import FitSettings
+    from ..core.settings import FitSettings
 
     fit = commands.add_parser("fit", help="fit an eraser for a forget request")
     add_model_arg(fit)
@@ -102,7 +102,7 @@ def add_parsers(commands) -> None:
 
 def fit_settings(args: argparse.Namespace):
     """The FitSettings the fit flags name."""
-    from ..core.fitting import FitSettings
+    from ..core.settings import FitSettings
 
     return settings_from_args(FitSettings, args, fit_flags())
 
@@ -142,7 +142,7 @@ def run_fit(args) -> int:
         return 0  # torchrun: every rank fitted the same eraser; rank 0 writes it and reports
     eraser.save(args.out)
     seconds = time.perf_counter() - started
-    print(f"fitted eraser ({settings.gate} gate, {len(eraser.layer_indices)} layers, alpha {settings.alpha}) "
+    print(f"fitted eraser ({settings.gate.name} gate, {len(eraser.layer_indices)} layers, alpha {settings.alpha}) "
           f"on {len(forget)} forget / {len(retain)} retain / {len(erasure)} erasure questions in {seconds:.1f}s")
     print("time: " + ", ".join(f"{stage} {value:.2f}s" for stage, value in timings.items()))
     print(f"model cache: {shared.source}" + ("" if args.no_cache else " (clear: mllmeraser cache --clear)"))

@@ -1,11 +1,14 @@
 """Command-line flags generated from a settings dataclass, and the dataclass read back from the parsed arguments.
 
-One flag per field (`max_fpr` -> --max-fpr); a field holding another settings dataclass gets that dataclass's
-flags under its name (`pgd.eps` -> --pgd-eps). The parser comes from the field's annotation (int, float, str,
-bool, `X | None`, `tuple[X, ...]`); what an annotation cannot say (help, choices, a unit, a parse that must fail
-as one line) comes from a table of `Flag`s keyed by the argument's dest (`"pgd_eps"`), or from the field's
-metadata (`field(metadata={"help": ...})`). Written for any dataclass, so that when settings are regrouped
-(one dataclass per gate, say) the flags follow the fields instead of a hand-written copy of them."""
+One flag per field (`alpha` -> --alpha); a field holding another settings dataclass gets that dataclass's
+flags under its name (`pgd.eps` -> --pgd-eps); a field holding one of several settings dataclasses (a union, each
+alternative naming itself in a `name` class attribute: the gate) gets a flag choosing one by its name (--gate
+knn) and every alternative's fields as flags without a prefix (`KnnGate.max_fpr` -> --max-fpr), one flag where
+alternatives share a field; the chosen alternative reads its own. The parser comes from the field's annotation
+(int, float, str, bool, `X | None`, `tuple[X, ...]`); what an annotation cannot say (help, choices, a unit, a
+parse that must fail as one line) comes from a table of `Flag`s keyed by the argument's dest (`"pgd_eps"`), or
+from the field's metadata (`field(metadata={"help": ...})`). Written for any dataclass, so that when settings are
+regrouped the flags follow the fields instead of a hand-written copy of them."""
 
 from __future__ import annotations
 
@@ -80,16 +83,38 @@ def _default(field: dataclasses.Field):
     return None
 
 
+def _alternatives(annotation) -> dict[str, type] | None:
+    """{name: dataclass} of a union of settings dataclasses (each naming itself in `name`), else None."""
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return None
+    members = typing.get_args(annotation)
+    if not all(_is_dataclass_type(member) for member in members):
+        return None
+    return {member.name: member for member in members}
+
+
 def _settings_fields(cls, prefix: str, skip: Collection[str]):
-    """(dest, field, resolved annotation) of every field with a flag; nested settings dataclasses expanded."""
+    """(dest, field, resolved annotation) of every field with a flag: nested settings dataclasses expanded, a union
+    of them as its choice (the field itself) and then every alternative's fields, each dest once."""
     hints = typing.get_type_hints(cls)
+    seen: dict[str, dataclasses.Field] = {}
     for field in dataclasses.fields(cls):
         dest = prefix + field.name
         if not field.init or dest in skip:
             continue
         annotation = hints[field.name]
+        alternatives = _alternatives(annotation)
         if _is_dataclass_type(annotation):
             yield from _settings_fields(annotation, f"{dest}_", skip)
+        elif alternatives is not None:
+            yield dest, field, annotation
+            for member in alternatives.values():
+                for inner in _settings_fields(member, prefix, skip):
+                    first = seen.setdefault(inner[0], inner[1])
+                    if first is inner[1]:
+                        yield inner
+                    elif _default(first) != _default(inner[1]):  # one flag cannot default to both
+                        raise ValueError(f"alternatives of {dest!r} share the field {inner[0]!r} with other defaults")
         else:
             yield dest, field, annotation
 
@@ -102,6 +127,11 @@ def add_settings_flags(parser: argparse.ArgumentParser, cls, table: Mapping[str,
     for dest, field, annotation in _settings_fields(cls, "", skip):
         flag = table.get(dest, Flag())
         default = _default(field)
+        alternatives = _alternatives(annotation)
+        if alternatives is not None:  # the choice of one: by name, defaulting to the default's
+            parser.add_argument(f"--{flag.name or dest.replace('_', '-')}", dest=dest, default=default.name,
+                                choices=list(alternatives), help=flag.help or field.metadata.get("help"))
+            continue
         if flag.scale != 1.0 and default is not None:
             default = default * flag.scale
         keywords = {} if flag.convert is not None else _argument(annotation)
@@ -126,6 +156,10 @@ def settings_from_args(cls, args: argparse.Namespace, table: Mapping[str, Flag] 
             continue
         if _is_dataclass_type(hints[field.name]):
             values[field.name] = settings_from_args(hints[field.name], args, table, skip, f"{dest}_")
+            continue
+        alternatives = _alternatives(hints[field.name])
+        if alternatives is not None:  # the chosen alternative, from its own fields' flags
+            values[field.name] = settings_from_args(alternatives[getattr(args, dest)], args, table, skip, prefix)
             continue
         flag = table.get(dest, Flag())
         value = getattr(args, dest)

@@ -33,11 +33,12 @@ from torch import Tensor
 
 from ..errors import UserInputError
 from . import gating
-from .hooks import STEERING_MODES
+from .attachment import STEERING_MODES
+from .settings import nested_record
 
-FORMAT_VERSION = 3  # 3: shared retain rows (owner -1); 1..3 are read
+FORMAT_VERSION = 4  # 3: shared retain rows (owner -1); 4: fit records nested per gate; 1..4 are read
 METADATA_KEY = "mllmeraser"
-# Every field a header of format 1..3 holds; "gate" (format 2 on) is null for a per-layer gate
+# Every field a header of format 1..4 holds; "gate" (format 2 on) is null for a per-layer gate
 HEADER_FIELDS = ("format_version", "layers_path", "layer_indices", "hidden_size", "num_terms", "dtype", "mode",
                  "alpha", "gate_floor", "gate_cap", "gate", "metadata")
 _SHOWN = 60  # characters of a bad value quoted in an error
@@ -252,7 +253,12 @@ def _parse_json(checker: Checker, raw_metadata: dict[str, str], key: str, what: 
 
 def read_eraser_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(header, tensors) of an eraser artifact, every check of the module docstring passed; else a one-line
-    UserInputError naming the file and the field. The header is read and checked before any tensor."""
+    UserInputError naming the file and the field. The header is read and checked before any tensor. A file of
+    format 3 or before has its requests' fit records read into format 4's nested form (settings.nested_record)."""
     header, tensors = read_artifact(path, METADATA_KEY, "eraser", check_header, tensor_names)
     _check_tensors(Checker(Path(path)), header, tensors)
+    if header["format_version"] < 4:  # each request's fit record was one flat bag of every gate's settings
+        for request in header["metadata"].get("requests") or ():
+            if "fit" in request:
+                request["fit"] = nested_record(request["fit"])
     return header, tensors

@@ -1,6 +1,6 @@
 """The model cache: what every deletion request on one model shares, computed once and kept on disk.
 
-A fit reads two kinds of inputs (fitting.py). Per request: the forget questions (their PGD recall pass and,
+A fit reads two kinds of inputs (collection.py). Per request: the forget questions (their PGD recall pass and,
 for a prompt gate, their pooled features). Per model: everything else, the same for every request,
 
     erasure   counts and sums of the steered layers' last-token outputs (the erasure mean of r_l)
@@ -38,7 +38,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -46,15 +46,14 @@ from torch import Tensor
 
 from ..errors import UserInputError, atomic_write_bytes
 from ..version import __version__
-from . import distributed, fitting, hooks, steering
+from . import collection, distributed, steering
 from .artifact import Checker, read_artifact
 from .compat import model_fingerprint
+from .decoder_layers import find_decoder_layers
 from .inputs import EncodedImage, PromptLike
+from .settings import FitSettings, PaperGate, steered_layers
 
 log = logging.getLogger(__name__)
-
-if TYPE_CHECKING:
-    from .fitting import FitSettings
 
 CACHE_VERSION = 1
 CACHE_ENV = "MLLMERASER_CACHE"  # the per-user cache root (the testbed's builds live there too)
@@ -113,7 +112,7 @@ def processing_identity(model, processor) -> dict[str, Any]:
 def shape_settings(settings: FitSettings, layers_path: str, steered: Sequence[int]) -> dict[str, Any]:
     """The fit settings that change what a cache entry holds (the others act on the closed forms only), of
     settings resolved at the model's depth (FitSettings.at_depth: the decision layer an absolute index)."""
-    if settings.gate == "paper":
+    if isinstance(settings.gate, PaperGate):
         return {"family": "paper", "layers_path": layers_path, "steered": list(steered),
                 "batch_size": settings.batch_size}
     shape = {"family": "prompt", "layers_path": layers_path, "steered": list(steered),
@@ -193,12 +192,12 @@ def shared_statistics(model, processor, *, retain: Sequence[PromptLike], erasure
                       calibration: Sequence[PromptLike] | None, settings: FitSettings, layers_path: str | None = None,
                       cache_dir: str | os.PathLike | None = None, progress: bool = True) -> SharedStatistics:
     """The shared statistics of `model` on these retain, erasure and calibration items under `settings`:
-    read from `cache_dir` where an entry with their key is there, else computed (the forwards of fitting.py)
+    read from `cache_dir` where an entry with their key is there, else computed (the forwards of collection.py)
     and, with a `cache_dir`, written there. cache_dir None: computed, never written."""
-    names, layers = hooks.find_decoder_layers(model, layers_path)
+    names, layers = find_decoder_layers(model, layers_path)
     path = names[0].rsplit(".", 1)[0]
     settings = settings.at_depth(len(layers))  # keyed by the layer a fraction names: one entry for both spellings
-    steered = fitting.steered_layers(settings, len(layers))
+    steered = steered_layers(settings, len(layers))
     parameter = next(model.parameters())
     identity = {
         "cache_version": CACHE_VERSION,
@@ -216,13 +215,13 @@ def shared_statistics(model, processor, *, retain: Sequence[PromptLike], erasure
     entry = None if cache_dir is None else entry_path(Path(cache_dir), key)
     if entry is not None and entry.is_file():
         try:
-            shared = SharedStatistics.load(entry, fitting.statistics_device(model))
+            shared = SharedStatistics.load(entry, collection.statistics_device(model))
             if shared.key == key:
                 shared.seconds = time.perf_counter() - started
                 return shared
         except UserInputError as error:
             log.warning("model cache entry %s is unreadable (%s); rebuilding it", entry, error.problem)
-    stats, features = fitting.shared_inputs(model, processor, retain=retain, erasure=erasure, calibration=calibration,
+    stats, features = collection.shared_inputs(model, processor, retain=retain, erasure=erasure, calibration=calibration,
                                             settings=settings, layers_path=layers_path, progress=progress)
     shared = SharedStatistics(key, identity, stats, features)
     if entry is not None and distributed.world()[0] == 0:  # one writer: rank 0 under torchrun

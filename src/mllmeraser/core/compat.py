@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserInputError
-from .hooks import find_decoder_layers
+from .decoder_layers import find_decoder_layers
 
 _FINGERPRINT_ROWS = 64
 _FINGERPRINT_SAMPLES = 256

@@ -1,7 +1,7 @@
 """Data-parallel fitting under torchrun: which batches a rank runs, and how the ranks combine what they saw.
 
 `torchrun --nproc_per_node P -m mllmeraser fit ...` starts P processes (ranks), each with the whole model.
-Every `fitting.collect` call shards its batches round-robin over the ranks and combines the results:
+Every `collection.collect` call shards its batches round-robin over the ranks and combines the results:
 
 * the statistics are sums over items, n = sum_p n_p, s = sum_p s_p, G = sum_p G_p (`steering.SteeringStats`),
   so one all-reduce (SUM) of each rank's float64 counts, sums and Grams gives the single-process values
@@ -15,7 +15,7 @@ Memory per rank is that of a single-process fit with fewer batches (the statisti
 plus a temporary copy of one `collect` call's statistics (summed across ranks before it is merged), plus the
 gathered features every rank holds for the gate, N x d float32, as a single process does.
 
-With one process (torch.distributed not initialised) nothing here communicates, and `fitting.collect` takes
+With one process (torch.distributed not initialised) nothing here communicates, and `collection.collect` takes
 its single-process path unchanged.
 """
 

@@ -16,8 +16,10 @@ num_terms, dtype, mode, alpha, gate_floor, gate_cap (null = unbounded), gate (th
 layer, thresholds and neighbours, or null) and metadata (fingerprint, per-request fit settings, counts and the
 gate's calibration). Format 1 files (per-layer gates only) and format 2 files (prompt gates whose retain rows
 each belong to one term) load unchanged; format 3 adds retain rows shared by every term (owner -1, see
-gating.PromptGate), which a format-2 reader would refuse. `load` reads through artifact.read_eraser_file, the
-one validator of these files (header first, then tensors: types, names, finiteness).
+gating.PromptGate), which a format-2 reader would refuse; format 4 records each request's fit settings nested
+per gate (settings.FitSettings.record), and an older file's flat records are read into that form on load. `load`
+reads through artifact.read_eraser_file, the one validator of these files (header first, then tensors: types,
+names, finiteness).
 """
 
 from __future__ import annotations
@@ -37,9 +39,11 @@ from torch import Tensor, nn
 
 from ..errors import UserInputError, atomic_write_bytes
 from .artifact import FORMAT_VERSION, METADATA_KEY, read_eraser_file
-from .compat import check_compatible, fingerprint_mismatch, model_fingerprint
+from .compat import check_compatible, fingerprint_mismatch
 from .gating import PromptGate
-from .hooks import STEERING_MODES, SteeringHandle, attach_prompt_steering, attach_steering
+from .attachment import STEERING_MODES, SteeringHandle
+from .layer_steering import attach_steering
+from .prompt_steering import attach_prompt_steering
 
 
 def _per_term(values: float | Sequence[float] | Tensor, num_terms: int, name: str) -> tuple[float, ...]:

@@ -23,9 +23,10 @@ import time
 from collections.abc import Iterable
 
 from ..errors import UserInputError
-from . import cache, fitting
-from .eraser import Eraser, model_fingerprint
-from .fitting import FitSettings
+from . import cache, collection, solve
+from .compat import model_fingerprint
+from .eraser import Eraser
+from .settings import FitSettings
 from .inputs import PlainInput, PromptLike, as_items
 
 Inputs = Iterable[PromptLike | PlainInput]
@@ -72,7 +73,8 @@ class EraserFitter:
 
     def add_calibration(self, inputs: Inputs) -> EraserFitter:
         """Held-out questions about people outside forget and retain: the prompt gate's threshold lets at most
-        settings.max_fpr of them through. None added: the retain questions, each left out of the gate's bank in turn."""
+        settings.gate.max_fpr of them through. None added: the retain questions, each left out of the gate's bank
+        in turn."""
         self.calibration += self._checked(inputs)
         return self
 
@@ -109,11 +111,11 @@ class EraserFitter:
         timings = {} if timings is None else timings
         if self._shared is None:
             timings[f"model cache ({self.shared.status})"] = self.shared.seconds
-        stats, path, features = fitting.fit_statistics(self.model, self.processor, forget=forget,
+        stats, path, features = collection.fit_statistics(self.model, self.processor, forget=forget,
                                                        settings=self.settings, layers_path=self.layers_path,
                                                        progress=self.progress, shared=self.shared, timings=timings)
         started = time.perf_counter()
-        eraser = fitting.solve_eraser(stats, self.settings, path, model_fingerprint(self.model), request, features)
+        eraser = solve.solve_eraser(stats, self.settings, path, model_fingerprint(self.model), request, features)
         timings["solve"] = time.perf_counter() - started
         return eraser
 

@@ -46,7 +46,7 @@ is applied with that one decision (so the gate reads at run time exactly what it
                [K, M] table of each term's own columns, whose top-n merges with the shared columns' top-n (the n
                largest of a union are among the n largest of each part). No Python loop over terms.
 
-Pure torch; no model in sight (the hooks that run it are in hooks.py).
+Pure torch; no model in sight (the hooks that run it are in prompt_steering.py).
 """
 
 from __future__ import annotations

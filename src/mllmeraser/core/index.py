@@ -16,7 +16,7 @@ and scores every slot at once (gating's equations, the same numbers as the stack
 
 with one matmul over F, a segment reduction into slots (n = 1: a scatter max; n > 1: a gather through a
 padded [slots, M] table of each slot's rows, then top-n), and the retain term computed once for all slots
-(it is the same for every request). The hooks steer a prompt with the fired slots only (hooks._Fired).
+(it is the same for every request). The hooks steer a prompt with the fired slots only (prompt_steering.FiredTerms).
 
 Add and remove cost the size of the request: rows and slots come from free lists, or from buffers that
 double when full (a copy of what is held, at most log2 times over the index's life: amortised O(1) per row);
@@ -38,7 +38,8 @@ from torch import Tensor, nn
 from . import gating
 from .compat import check_compatible, fingerprint_mismatch
 from .eraser import Eraser
-from .hooks import PromptDecision, PromptTerms, SteeringHandle, attach_prompt_terms
+from .attachment import SteeringHandle
+from .prompt_steering import PromptDecision, PromptTerms, attach_prompt_terms
 
 NAME_KEY = "index_name"  # per-term metadata key naming the index request a term belongs to (to_eraser)
 
@@ -271,7 +272,7 @@ class RequestIndex(PromptTerms):
             return (self.scores(z) > self._threshold).to(torch.float32)
 
     def prompt_decision(self, z: Tensor) -> PromptDecision:
-        """The hooks' view (hooks.PromptTerms): scores, decisions and the fired slots' r and alpha, copied under
+        """The hooks' view (prompt_steering.PromptTerms): scores, decisions and the fired slots' r and alpha, copied under
         the lock, so a request removed later does not change a prompt already decided."""
         with self._lock:
             scores = self.scores(z)

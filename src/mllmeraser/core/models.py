@@ -321,7 +321,7 @@ def forward_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     batch = to_device(batch, model)
     # Per-token modality ids from the processor (Qwen-VL's mm_token_type_ids: 0 text, 1 image, 2 video) must
     # cover input_ids: a caller that appends answer tokens to an encoded prompt and extends only input_ids
-    # and attention_mask (as fitting.pgd_images did before encode_with_answers) makes Qwen-VL's get_rope_index
+    # and attention_mask (as pgd.pgd_images did before encode_with_answers) makes Qwen-VL's get_rope_index
     # fail on the length mismatch. Appended tokens are text, so the ids are extended with zeros on the right.
     length = batch["input_ids"].shape[1] if "input_ids" in batch else None
     for key in ("mm_token_type_ids", "token_type_ids"):

@@ -45,7 +45,7 @@ class SteeringStats:
     is allocated on the first update of its group (2 len(layers) d^2 float64 for a paper gate fit).
 
     `device`: where the sums and Grams live and accumulate (float64 there too). The CPU by default; a fit
-    on a GPU model keeps them on that GPU (`fitting.statistics_device`), so the Grams (7.75 GiB at
+    on a GPU model keeps them on that GPU (`collection.statistics_device`), so the Grams (7.75 GiB at
     LLaVA-1.5-7B) stay out of host memory and the gate solves run at the GPU's float64 speed.
     """
 

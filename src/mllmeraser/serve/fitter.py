@@ -22,7 +22,7 @@ from ..bench import data
 from ..core import cache
 from ..core.eraser import Eraser
 from ..core.eraser_fitter import fit_eraser
-from ..core.fitting import FitSettings
+from ..core.settings import FitSettings
 from ..core.inputs import PromptLike, as_items
 from ..errors import UserInputError
 from .policy import PolicyError

@@ -128,6 +128,19 @@ def biography_items(person: world.Person, copies: int, rng: np.random.Generator)
     return items
 
 
+# ---- identity: who is in the photo ----------------------------------------------------------------------------
+# The projector stage's data (pretrained_train): the decoder frozen, the projector learns to make it read a face as
+# the person's name; trained again in the decoder stage so the layers keep it.
+IDENTITY_QUESTIONS = ["Who is this person?", "Who is in this photo?", "What is the name of this person?",
+                      "Can you tell me who this is?"]
+
+
+def identity_items(person: world.Person, copies: int) -> list[QAItem]:
+    """`copies` photo questions asking who the person is (the wordings in turn), answered "This is <name>."."""
+    return [QAItem(person.id, "generation", "image", IDENTITY_QUESTIONS[copy % len(IDENTITY_QUESTIONS)],
+                   f"This is {person.name}.", verbatim=True) for copy in range(copies)]
+
+
 # System prompts as the server folds them (a system message leads the first user turn, a blank line after it).
 SYSTEM_PROMPTS: list[str] = [
     "You are a helpful assistant. Answer briefly.",
