@@ -126,15 +126,20 @@ def _tiny_examples(processor, count: int) -> list[train.Example]:
                                  if item.modality == "image" else None) for item in items]
 
 
-def test_interrupted_fine_tune_resumes_bit_for_bit(tmp_path, monkeypatch):
-    """An interruption after the step-2 checkpoint, then a rerun: the rerun starts at step 2 and ends on exactly
-    the weights and losses of an uninterrupted run; frozen parameters never move."""
+def _tiny_model_and_examples():
+    """A seeded 2-layer testbed LLaVA and six of its questions (image and text), for the training-loop tests."""
     w = world.build_world(0, SMALL_WORLD)
     processor = tm.build_processor(tm.build_tokenizer(tiny.corpus(tiny.make_splits(w), ["USER: ASSISTANT:"])))
     torch.manual_seed(0)
     model = tm.build_model(len(processor.tokenizer), tm.ModelSize(vision_hidden=32, vision_layers=1, text_hidden=32,
                                                                    text_layers=2, text_heads=2, text_intermediate=64))
-    examples = _tiny_examples(processor, 6)
+    return model, _tiny_examples(processor, 6)
+
+
+def test_interrupted_fine_tune_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """An interruption after the step-2 checkpoint, then a rerun: the rerun starts at step 2 and ends on exactly
+    the weights and losses of an uninterrupted run; frozen parameters never move."""
+    model, examples = _tiny_model_and_examples()
     assert any(e.renderer is not None for e in examples) and any(e.renderer is None for e in examples)
     settings = pretrained_train.PretrainedTrainSettings(steps=4, batch_size=2, warmup=1, lr=1e-3, checkpoint_every=2,
                                                         autocast=True)  # the bf16 path (float32 below: speed)
@@ -175,12 +180,7 @@ def test_staged_fine_tune_moves_only_each_stage_parameters(tmp_path):
     layers from `decoder_from_layer` on (and the final norm); the layers below, the embeddings and the tower never
     move, the projector keeps its stage-1 weights, each stage checkpoints in its own directory, and a rerun resumes
     both to the same weights."""
-    w = world.build_world(0, SMALL_WORLD)
-    processor = tm.build_processor(tm.build_tokenizer(tiny.corpus(tiny.make_splits(w), ["USER: ASSISTANT:"])))
-    torch.manual_seed(0)
-    model = tm.build_model(len(processor.tokenizer), tm.ModelSize(vision_hidden=32, vision_layers=1, text_hidden=32,
-                                                                   text_layers=2, text_heads=2, text_intermediate=64))
-    examples = _tiny_examples(processor, 6)
+    model, examples = _tiny_model_and_examples()
     identity = [e for e in examples if e.renderer is not None]
     settings = pretrained_train.PretrainedTrainSettings(steps=2, batch_size=2, warmup=1, lr=1e-3, checkpoint_every=1,
                                                         autocast=False, decoder_from_layer=1, projector_steps=2)
