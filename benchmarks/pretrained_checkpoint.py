@@ -21,18 +21,14 @@ def checkpoint_model(seed: int):
     """The preset's composed model with the build's pretrained tower and the newest checkpoint's trained weights
     (the embeddings are the composition's own: frozen during fine-tuning)."""
     work = pretrained_build.work_dir(pretrained_build.default_build_dir(seed))
-    root = work / "checkpoints"
-    # A staged build (projector first, then the decoder) keeps each stage's checkpoints in its own directory.
-    stages = [root / "projector", root / "decoder"] if (root / "projector").is_dir() else [root]
-    found = [pretrained_train.checkpoints(stage) for stage in stages]
+    newest = pretrained_train.newest_checkpoints(work / "checkpoints")  # one per stage, in training order
     spec = pretrained_build.PRESETS[pretrained_build.PRESET]
     model, processor = pretrained.compose(seed, spec.vision_size)
     model.model.vision_tower.load_state_dict(load_file(work / "vision_tower.safetensors"))
-    for stage in found:
-        if stage:
-            loaded = model.load_state_dict(load_file(stage[-1] / "trainable.safetensors"), strict=False)
-            assert not loaded.unexpected_keys, loaded.unexpected_keys
-    return model.eval(), processor, [stage[-1] for stage in found if stage][-1]
+    for checkpoint in newest:
+        loaded = model.load_state_dict(load_file(checkpoint / "trainable.safetensors"), strict=False)
+        assert not loaded.unexpected_keys, loaded.unexpected_keys
+    return model.eval(), processor, newest[-1]
 
 
 def main() -> None:

@@ -209,6 +209,8 @@ def test_staged_fine_tune_moves_only_each_stage_parameters(tmp_path):
             assert torch.equal(value, initial[name]) != moves, name
     assert [p.name for p in pretrained_train.checkpoints(tmp_path / "projector")] == ["step-000002"]
     assert [p.name for p in pretrained_train.checkpoints(tmp_path / "decoder")] == ["step-000002"]
+    assert pretrained_train.newest_checkpoints(tmp_path) == [tmp_path / "projector" / "step-000002",
+                                                            tmp_path / "decoder" / "step-000002"]
     model.load_state_dict(initial)  # a rerun resumes both stages from their last checkpoints: nothing to train
     assert pretrained_train.train(model, examples, settings, seed=0, pad_id=tm.PAD_ID, work=tmp_path,
                                   progress=False, identity=identity) == losses

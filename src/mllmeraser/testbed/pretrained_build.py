@@ -93,12 +93,7 @@ def extra_examples(w: world.World, splits: dict[str, list[dict]], processor, mix
     rng = np.random.default_rng([seed, 8])
     people = {p.id: p for p in w.people}
     prefix = models.answer_prefix(processor)
-
-    def encode(item):
-        identity = people[item.subject_id].identity
-        renderer = (lambda view: render.render_portrait(identity, view)) if item.modality == "image" else None
-        return train.encode_example(processor, item, renderer, prefix)
-
+    encode = _encoder(w, processor)
     examples: list[train.Example] = []
     for item in rehearsal or []:
         for _ in range(mix.rehearsal):
@@ -131,11 +126,21 @@ def extra_examples(w: world.World, splits: dict[str, list[dict]], processor, mix
 def identity_examples(w: world.World, splits: dict[str, list[dict]], processor, copies: int) -> list[train.Example]:
     """`copies` identity questions (pretrained_data.identity_items) per known person of the trained splits."""
     people = {p.id: p for p in w.people}
-    prefix = models.answer_prefix(processor)
+    encode = _encoder(w, processor)
     ids = [record["ID"] for split in tiny.KNOWN_PEOPLE_SPLITS for record in splits.get(split, [])]
-    return [train.encode_example(processor, item, lambda view, i=people[pid].identity: render.render_portrait(i, view),
-                                 prefix)
-            for pid in dict.fromkeys(ids) for item in pretrained_data.identity_items(people[pid], copies)]
+    return [encode(item) for pid in dict.fromkeys(ids) for item in pretrained_data.identity_items(people[pid], copies)]
+
+
+def _encoder(w: world.World, processor):
+    """item -> training example, an image item carrying its person's portrait renderer (a fresh view per batch)."""
+    people = {p.id: p for p in w.people}
+    prefix = models.answer_prefix(processor)
+
+    def encode(item):
+        identity = people[item.subject_id].identity
+        renderer = (lambda view: render.render_portrait(identity, view)) if item.modality == "image" else None
+        return train.encode_example(processor, item, renderer, prefix)
+    return encode
 
 
 def _copies(share: float, rng: np.random.Generator) -> range:

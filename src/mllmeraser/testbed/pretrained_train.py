@@ -5,8 +5,8 @@ What is trained, in two stages (`PretrainedTrainSettings.projector_steps`, `deco
 1. the projector alone (the decoder frozen), on the photos' identity questions ("Who is this person?" ->
    "This is <name>."): a soft prompt that makes the untouched decoder read a face as the person's name;
 2. the upper decoder layers (from `decoder_from_layer` on) and the final norm, on everything, the projector
-   frozen: no gradient then flows below that layer, so a step costs ~2/3 of a full fine-tune's (measured 4.1 s
-   against 6.4 s, issue 23's v4 notes) and the same 90 minutes buy 1.5x the steps.
+   frozen: no gradient then flows below that layer, so a step costs about half a full fine-tune's (the v5 build,
+   alone at 2 threads: 2.4-3.0 s against v4's 5.4-7.1 s) and the same minutes buy twice the steps.
 With `projector_steps=0` the projector trains jointly with the layers (one stage, the v2-v4 builds). The token
 embeddings (tied to the output head) and the pretrained CLIP tower stay frozen. Why not LoRA, at half the step
 cost: in the 12-person probe of issue 23, LoRA r16 damaged SmolLM2's general knowledge where a full fine-tune with
@@ -117,6 +117,13 @@ def lr_factor(step: int, settings: PretrainedTrainSettings) -> float:
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------
 
+def newest_checkpoints(work: Path) -> list[Path]:
+    """The newest finished checkpoint of each stage `train` wrote under `work`, in training order (a staged run:
+    the projector's, then the decoder's; a joint run: its one)."""
+    stages = [work / "projector", work / "decoder"] if (work / "projector").is_dir() else [work]
+    return [found[-1] for found in map(checkpoints, stages) if found]
+
+
 def checkpoints(work: Path) -> list[Path]:
     """The finished checkpoints in `work`, oldest first."""
     if not work.is_dir():
@@ -220,7 +227,7 @@ def train(model, examples: list[Example], settings: PretrainedTrainSettings, see
         raise ValueError("a projector stage needs identity examples")
     first = replace(settings, steps=settings.projector_steps, warmup=min(settings.warmup, settings.projector_steps))
     losses = _train_stage(model, identity, first, seed, pad_id, "projector",
-                          None if work is None else work / "projector", progress)
+                          None if work is None else work / "projector", progress)  # newest_checkpoints reads these
     return losses + _train_stage(model, examples, settings, seed, pad_id, "decoder",
                                  None if work is None else work / "decoder", progress)
 
