@@ -83,12 +83,19 @@ VARIANTS = {
 }
 
 
+INPUT = -1  # block_outputs' key for the first decoder layer's input (the decoder's input embeddings)
+
+
 def block_outputs(model, processor, items, layers, wanted: list[int], batch_size: int = 32):
-    """Per batch: (indices, {layer: block output [B, T, d]}, attention mask [B, T]), for the `wanted` layers."""
+    """Per batch: (indices, {layer: block output [B, T, d]}, attention mask [B, T]), for the `wanted` layers, and
+    the first layer's input under INPUT (what an embeddings:W pooling reads)."""
     out = []
     for indices in models.batches(items, batch_size):
         batch = models.forward_inputs(model, models.encode_prompts(processor, [items[i] for i in indices]))
         seen = {}
+
+        def keep_input(module, args, kwargs):
+            seen[INPUT] = capture.layer_input(args, kwargs).detach().float().cpu()
 
         def keep(index):
             def hook(module, args, output):
@@ -99,6 +106,7 @@ def block_outputs(model, processor, items, layers, wanted: list[int], batch_size
             return hook
 
         handles = [layers[i].register_forward_hook(keep(i)) for i in range(max(wanted) + 1)]
+        handles.append(layers[0].register_forward_pre_hook(keep_input, with_kwargs=True))
         try:
             with torch.no_grad():
                 model(**{**batch, "use_cache": False})
@@ -115,7 +123,7 @@ def features(outputs, count: int, layer: int, pooling: str) -> torch.Tensor:
     """The pooled features of one item set in item order ([N, d] or segments [N, S, d])."""
     parts, order = [], []
     for indices, seen, mask in outputs:
-        parts.append(gating.pool(seen[layer], mask, pooling))
+        parts.append(gating.pool(seen[INPUT if gating.reads_embeddings(pooling) else layer], mask, pooling))
         order += indices
     pooled = gating.concat_features(parts)
     back = torch.empty(count, dtype=torch.long)
@@ -123,12 +131,20 @@ def features(outputs, count: int, layer: int, pooling: str) -> torch.Tensor:
     return pooled[back]
 
 
+def by_modality(items) -> list[tuple[str, list[int]]]:
+    """(modality, the indices of its items) for each modality present in `items`."""
+    found: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        found.setdefault(item.modality, []).append(index)
+    return sorted(found.items())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--forget-ratio", type=int, default=10)
-    parser.add_argument("--poolings", default="mean,windows:4,windows:8,windows:16")
+    parser.add_argument("--poolings", default="mean,windows:8,windows:16,embeddings:8,embeddings:12,embeddings:16")
     parser.add_argument("--layers", default="1")
     parser.add_argument("--neighbours", default="1")
     parser.add_argument("--json", default=None)
@@ -174,7 +190,9 @@ def main() -> int:
                        "bank_rows": int(gate.forget_bank.shape[0] + gate.retain_bank.shape[0]),
                        "auroc_test": gating.auroc(scores[("test", "plain")],
                                                   torch.cat([scores[("real", "plain")], scores[("validation", "plain")]])),
-                       "fires": {f"{s}|{v}": float((sc > tau).double().mean()) for (s, v), sc in scores.items()}}
+                       "fires": {f"{s}|{v}": float((sc > tau).double().mean()) for (s, v), sc in scores.items()},
+                       "fires_by_modality": {f"{s}|{v}|{m}": float((sc[i] > tau).double().mean())
+                                             for (s, v), sc in scores.items() for m, i in by_modality(probe[(s, v)])}}
                 results.append(row)
                 print(json.dumps(row), flush=True)
     if args.json:

@@ -135,6 +135,32 @@ def test_a_benign_prefix_of_any_length_cannot_lower_the_score_below_the_question
     assert mean_fires[0] and not mean_fires[-1]  # what the windows fix: the mean's decision falls to the prefix
 
 
+def test_embeddings_pooling_takes_every_window_start_and_banks_keep_each_distinct_row_once():
+    hidden = torch.randn(2, 9, 8, generator=torch.Generator().manual_seed(30))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # left padding: row 1 has 6 real positions
+    z = gating.pool(hidden, mask, "embeddings:4")
+    assert gating.reads_embeddings("embeddings:4") and not gating.reads_embeddings("windows:4")
+    assert z.shape == (2, 6, 8)  # 9 - 4 + 1 windows on row 0; row 1: 6 - 4 + 1 = 3, then absent rows
+    for j in range(6):
+        assert torch.allclose(z[0, j], hidden[0, j: j + 4].mean(0), atol=1e-6)
+    for j in range(3):
+        assert torch.allclose(z[1, j], hidden[1, 3 + j: 3 + j + 4].mean(0), atol=1e-6)
+    assert not z[1, 3:].any()
+    with pytest.raises(ValueError):
+        gating.window_width("embeddings:0")
+    # a bank keeps one copy of rows that are equal as stored; with one neighbour no score moves
+    rows = torch.randn(5, 8, generator=torch.Generator().manual_seed(31))
+    repeated = torch.cat([rows, rows[[3, 0]], rows[[3]]])
+    assert torch.equal(gating.distinct_rows(gating.unit_rows(repeated)), gating.unit_rows(rows))
+    forget, retain = repeated[None, :4], repeated[None]
+    plain = gating.fit_knn(forget, retain, "embeddings:4", 0)
+    distinct = gating.fit_knn(forget, retain, "embeddings:4", 0, distinct=True)
+    assert distinct.retain_bank.shape[0] == 5 and plain.retain_bank.shape[0] == 8
+    queries = torch.randn(6, 3, 8, generator=torch.Generator().manual_seed(32))
+    assert torch.equal(distinct.scores(queries), plain.scores(queries))
+
+
 def test_segments_concatenate_across_batches_and_leave_one_out_drops_a_whole_prompt():
     a, b = torch.zeros(2, 3, 4), torch.zeros(1, 5, 4)
     a[:, :2], b[0] = 1.0, 2.0
@@ -445,3 +471,37 @@ def test_a_windows_gate_round_trips_through_the_artifact_stacks_and_keys_the_mod
     assert widths[0] != widths[1] != widths[2]  # a pooling, width included, is part of the model cache's key
     with pytest.raises(UserInputError, match="pooling"):
         FitSettings(pooling="windows")
+
+
+def test_an_embeddings_gate_reads_the_decoder_input_and_no_prefix_lowers_its_score(llava):
+    """embeddings:W reads the first decoder layer's input, where a token's vector does not depend on what stands
+    before it, at every window start: prepending any tokens keeps every window of the question, so the score at
+    run time (the hooks) never falls below the unprefixed prompt's, while a later layer's windows move."""
+    _, layers = find_decoder_layers(llava)
+    pooling = "embeddings:3"
+    _, pooled = capture(llava, layers[:2], 1, pooling, layers[0], input_ids=PROMPT_A)
+    embedded = llava.get_input_embeddings()(PROMPT_A).float()
+    assert torch.allclose(pooled, gating.pool(embedded, None, pooling), atol=1e-6)  # the decoder's input
+    with pytest.raises(ValueError, match="first layer"):
+        capture(llava, layers[:2], 1, pooling, input_ids=PROMPT_A)
+    retain = gating.concat_features([capture(llava, layers[:2], 1, pooling, layers[0], input_ids=p)[1] for p in
+                                     (PROMPT_B, torch.tensor([[3, 4, 5, 6, 7, 8]]))])
+    fitted = gating.fit_knn(pooled, retain, pooling, 1, distinct=True)
+    gate = gating.PromptGate(**{**fitted.header(), "threshold": [math.log(2.0)]},
+                             **{k.removeprefix("gate."): v for k, v in fitted.tensors().items()})
+    r = torch.randn(1, 1, llava.config.text_config.hidden_size)
+    alone = gate.scores(pooled)[0, 0]
+    later = {}  # the decision layer's own windows, for contrast
+    generator = torch.Generator().manual_seed(33)
+    with attach_prompt_steering(llava, layers[1], [layers[1]], gate, r, [1.0], first_layer=layers[0]) as handle:
+        for length in (0, 1, 5, 17, 40):
+            prefix = torch.randint(1, 100, (1, length), generator=generator)
+            prompt = torch.cat([prefix, PROMPT_A], dim=1)
+            logits(llava, input_ids=prompt)
+            assert handle.scores[0, 0] >= alone - 1e-6 and handle.decisions.tolist() == [[1.0]], length
+            offline = capture(llava, layers[:2], 1, pooling, layers[0], input_ids=prompt)[1]
+            assert torch.allclose(handle.scores, gate.scores(offline))
+            later[length] = capture(llava, layers[:2], 1, "windows:3", input_ids=prompt)[1]
+    assert not torch.allclose(later[0][0, -1], later[40][0, -1])  # the decision layer's last window moved
+    with pytest.raises(ValueError, match="first layer"):
+        attach_prompt_steering(llava, layers[1], [layers[1]], gate, r, [1.0])

@@ -29,7 +29,7 @@ NEW_TOKENS = 6
 LAYERS_PATH = "model.language_model.layers"
 
 
-PROMPT_GATES = {"knn": "mean", "windows": "windows:4"}  # the knn prompt gates tested, by their pooling
+PROMPT_GATES = {"knn": "mean", "windows": "windows:4", "embeddings": "embeddings:4"}  # knn gates, by pooling
 
 
 def knn_eraser(model, processor, forget, retain, scale: float, pooling: str = "mean") -> Eraser:
@@ -39,7 +39,7 @@ def knn_eraser(model, processor, forget, retain, scale: float, pooling: str = "m
     _, layers = find_decoder_layers(model)
 
     def pooled(items):
-        return gating.concat_features([capture(model, layers[:1], 0, pooling, **models.forward_inputs(
+        return gating.concat_features([capture(model, layers[:1], 0, pooling, layers[0], **models.forward_inputs(
             model, models.encode_prompts(processor, [item])))[1] for item in items])
 
     gate = gating.fit_knn(pooled(forget), pooled(retain), pooling, 0)
@@ -130,7 +130,7 @@ def test_the_erasers_change_answers_and_the_knn_gate_only_on_forget_prompts(fami
     assert sum(a != b for a, b in zip(references["paper"], references["vanilla"])) >= len(family.items) // 2
 
 
-@pytest.mark.parametrize("gate", ["knn", "windows", "paper"])
+@pytest.mark.parametrize("gate", [*PROMPT_GATES, "paper"])
 @pytest.mark.parametrize("modality", ["image", "text"])
 @pytest.mark.parametrize("path", ["left-padded batch", "no kv cache"])
 def test_batched_paths_give_the_reference_tokens(family, references, gate, modality, path):
@@ -147,7 +147,7 @@ def test_batched_paths_give_the_reference_tokens(family, references, gate, modal
     assert [got_by_item[id(i)] for i in items] == expected
 
 
-@pytest.mark.parametrize("gate", ["knn", "windows", "paper"])
+@pytest.mark.parametrize("gate", [*PROMPT_GATES, "paper"])
 def test_beam_search_batched_equals_each_prompt_alone(family, gate):
     items = [i for i in family.items if i.modality == "text" and i.task == "cloze"]
     eraser = family.erasers[gate]
@@ -160,7 +160,7 @@ def test_beam_search_batched_equals_each_prompt_alone(family, gate):
     assert alone != vanilla
 
 
-@pytest.mark.parametrize("gate", ["knn", "windows", "paper"])
+@pytest.mark.parametrize("gate", [*PROMPT_GATES, "paper"])
 def test_prompt_lookup_and_assisted_decoding_give_the_reference_tokens(family, references, gate, tmp_path):
     assistant, _ = models.load_model(tiny_families.BUILDERS[family.name](tmp_path / "assistant", seed=1))
     eraser = family.erasers[gate]
@@ -195,7 +195,7 @@ def test_chunked_prefill_under_the_paper_gate_is_refused(family):
             generate(family.model, family.processor, [item], prefill_chunk_size=3)
 
 
-@pytest.mark.parametrize("gate", ["knn", "windows", "paper"])
+@pytest.mark.parametrize("gate", [*PROMPT_GATES, "paper"])
 def test_right_padded_batch_reads_each_rows_last_real_token(family, gate):
     items = [i for i in family.items if i.modality == "text" and i.task == "cloze"]
     processor, model = family.processor, family.model
@@ -222,14 +222,14 @@ def test_right_padded_batch_reads_each_rows_last_real_token(family, gate):
     assert not torch.allclose(alone, vanilla)
 
 
-@pytest.mark.parametrize("gate", ["knn", "windows", "paper"])
+@pytest.mark.parametrize("gate", [*PROMPT_GATES, "paper"])
 def test_a_one_token_prompt_is_steered(family, gate):
     model = family.model
     token = torch.tensor([[family.processor.tokenizer.convert_tokens_to_ids(family.processor.tokenizer.tokenize("city")[0])]])
     eraser = family.erasers[gate]
     if gate in PROMPT_GATES:  # a gate that fires on this very prompt
         _, layers = find_decoder_layers(model)
-        _, z = capture(model, layers[:1], 0, PROMPT_GATES[gate], input_ids=token)
+        _, z = capture(model, layers[:1], 0, PROMPT_GATES[gate], layers[0], input_ids=token)
         knn = gating.fit_knn(z, -z, PROMPT_GATES[gate], 0)
         gate_fires = gating.PromptGate(**{**knn.header(), "threshold": [math.log(2.0)]},
                                        **{k.removeprefix("gate."): v for k, v in knn.tensors().items()})

@@ -36,7 +36,8 @@ def fit_flags() -> dict[str, Flag]:
     return {
         "gate": Flag(help="knn (default) or ridge: one decision per prompt; paper: the paper's per-layer "
                      "null-space gate (each reads the flags of its own settings below)"),
-        "pooling": Flag(help="prompt gates' input: mean, last, or windows:W (segments of W tokens, the max decides)"),
+        "pooling": Flag(help="prompt gates' input: mean, last, windows:W (segments of W tokens, the max decides) "
+                             "or embeddings:W (W-token windows of the decoder's input embeddings, every start)"),
         "decision_layer": Flag(convert=decision_layer_arg, help="prompt gates: the decoder layer whose output "
                                "decides, steering from there on: an index (0, 1, ...) or a fraction of the decoder's "
                                "depth in (0, 1), the layer nearest it (default "

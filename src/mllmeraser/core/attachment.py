@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from . import gating
 from .capture import capture
 from .decoder_layers import hidden_states, replace_hidden_states
 
@@ -94,6 +95,8 @@ class SteeringHandle:
         self.prompt: _Prompt | None = None
         self._generation: dict[str, Any] | None = None  # generate()'s inputs, while a generate call runs
         self._suspended = False  # True during the decision pre-pass: the hooks stand aside
+        self.first_layer: nn.Module | None = None  # the decoder's first layer, where a gate reads embeddings
+        self.decoder_input: Tensor | None = None  # that layer's input in the forward in flight (DecoderInputRead)
         self.row_terms: Tensor | None = None
         """Per-row term mask [B, K] (1 keeps term k for prompt row b, 0 switches it off), or None (every term on):
         multiplied into the prompt gate's decisions and the paper gate's per-layer gates when a prompt is decided,
@@ -150,6 +153,10 @@ class SteeringHandle:
     def hook_layer(self, layer: nn.Module, hook: SteeringHook) -> None:
         """Register `hook` on `layer` ahead of every other forward hook on it, until the handle is removed."""
         self._hooks.append(layer.register_forward_hook(hook, prepend=True))
+
+    def hook_layer_input(self, layer: nn.Module, hook: Any) -> None:
+        """Register `hook` as a forward pre-hook (with kwargs) on `layer`, until the handle is removed."""
+        self._hooks.append(layer.register_forward_pre_hook(hook, with_kwargs=True, prepend=True))
 
     # ---- which positions are the prompt ---------------------------------------------------------------
 
@@ -249,9 +256,12 @@ class SteeringHandle:
         forward = inspect.signature(self.model.forward).parameters
         inputs = {key: value for key, value in generation["inputs"].items() if isinstance(value, Tensor)
                   and (key in forward or key in ("input_ids", "mm_token_type_ids", "token_type_ids"))}
+        # An embeddings pooling reads the first layer's input (capture.reading_prompt): that forward stops there.
+        read = self.first_layer if gating.reads_embeddings(pooling) else decision_layer
         self._suspended = True
         try:
-            _, pooled = capture(self.model, [decision_layer], 0, pooling, **models.forward_inputs(self.model, inputs))
+            _, pooled = capture(self.model, [read], 0, pooling, self.first_layer,
+                                **models.forward_inputs(self.model, inputs))
         finally:
             self._suspended = False
         return pooled

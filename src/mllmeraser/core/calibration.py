@@ -29,7 +29,9 @@ def fit_prompt_gate(features: dict[str, torch.Tensor], settings: FitSettings) ->
     chosen, pooling, layer = settings.gate, settings.pooling, settings.decision_layer
     knn = isinstance(chosen, KnnGate)
     if knn:
-        gate = gating.fit_knn(forget_bank, retain_bank, pooling, layer, chosen.neighbours)
+        # Embedding windows repeat across prompts of one template (the same tokens): one copy each is enough.
+        gate = gating.fit_knn(forget_bank, retain_bank, pooling, layer, chosen.neighbours,
+                              distinct=gating.reads_embeddings(pooling))
     else:
         gate = gating.fit_ridge(forget_bank, retain_bank, pooling, layer, chosen.beta, chosen.lam)
     if "calibration" in features:

@@ -31,12 +31,14 @@ def capture_last_token(model: nn.Module, layers: Sequence[nn.Module], **inputs: 
 
 
 def capture(model: nn.Module, layers: Sequence[nn.Module], pooled_layer: int | None = None, pooling: str = "mean",
-            **inputs: Any) -> tuple[Tensor, Tensor | None]:
+            first_layer: nn.Module | None = None, **inputs: Any) -> tuple[Tensor, Tensor | None]:
     """(last-position block outputs [batch, num_layers, d], and the pooled prompt feature [batch, d] of
     `layers[pooled_layer]` under the inputs' attention mask (gating.pool), or None), float32 on CPU, from one
-    forward pass that stops after the last requested layer (see capture_last_token).
+    forward pass that stops after the last requested layer (see capture_last_token). A pooling of the decoder's
+    input embeddings reads the input of `first_layer`, the decoder's first layer (reading_prompt).
     """
-    with reading_prompt(layers, inputs.get("attention_mask"), pooled_layer, pooling, stop=True) as read:
+    with reading_prompt(layers, inputs.get("attention_mask"), pooled_layer, pooling, stop=True,
+                        first_layer=first_layer) as read:
         try:
             with torch.no_grad():
                 # use_cache=False: a capture never decodes, and a KV cache would be built and dropped per batch
@@ -69,7 +71,8 @@ class PromptRead:
 
 @contextmanager
 def reading_prompt(layers: Sequence[nn.Module], mask: Tensor | None, pooled_layer: int | None = None,
-                   pooling: str = "mean", columns: int | None = None, stop: bool = False) -> Iterator[PromptRead]:
+                   pooling: str = "mean", columns: int | None = None, stop: bool = False,
+                   first_layer: nn.Module | None = None) -> Iterator[PromptRead]:
     """Within the block, the next forward of the model over `layers` is read into the yielded PromptRead: at
     each of `layers`, the block output at each row's last prompt position, and the pooled prompt feature of
     `layers[pooled_layer]` (gating.pool under the 2-D attention `mask`).
@@ -78,8 +81,24 @@ def reading_prompt(layers: Sequence[nn.Module], mask: Tensor | None, pooled_laye
     (models.encode_with_answers: [left padding][prompt][answer][right padding]) thus reads what a forward of
     the prompt alone would, causal attention keeping the answer out of the prompt's positions, and still gives
     the answer's logits: one forward for both (PGD, pgd.py). With `stop`, StopForward is raised once every
-    layer is read (the caller catches it: the rest of the model never runs)."""
+    layer is read (the caller catches it: the rest of the model never runs).
+
+    A pooling that reads the decoder's input embeddings (gating.reads_embeddings) pools the input of
+    `first_layer` (the decoder's first layer, which runs before any of `layers`); `pooled_layer` still says
+    that a pooled feature is wanted."""
     read = PromptRead(len(layers))
+
+    def pool_rows(hidden: Tensor) -> Tensor:
+        hidden = hidden if columns is None else hidden[:, :columns]
+        rows = _mask_for(mask if columns is None or mask is None else mask[:, :columns], hidden)
+        return gating.pool(hidden, rows, pooling).cpu()
+
+    from_input = pooled_layer is not None and gating.reads_embeddings(pooling)
+    if from_input and first_layer is None:
+        raise ValueError(f"a {pooling} pooling reads the decoder's input: pass its first layer (first_layer)")
+
+    def input_hook(module: nn.Module, args: Any, kwargs: dict) -> None:
+        read.pooled = pool_rows(layer_input(args, kwargs))
 
     def make_hook(index: int):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -89,7 +108,7 @@ def reading_prompt(layers: Sequence[nn.Module], mask: Tensor | None, pooled_laye
             last = gating.last_real_positions(rows, hidden.shape[1], hidden.shape[0], hidden.device)
             read._captured[index] = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].to(
                 device="cpu", dtype=torch.float32)
-            if index == pooled_layer:
+            if index == pooled_layer and not from_input:
                 read.pooled = gating.pool(hidden, rows, pooling).cpu()
             if stop and read.complete:
                 raise StopForward
@@ -97,11 +116,22 @@ def reading_prompt(layers: Sequence[nn.Module], mask: Tensor | None, pooled_laye
         return hook
 
     handles = [layer.register_forward_hook(make_hook(index)) for index, layer in enumerate(layers)]
+    if from_input:
+        handles.append(first_layer.register_forward_pre_hook(input_hook, with_kwargs=True))
     try:
         yield read
     finally:
         for handle in handles:
             handle.remove()
+
+
+def layer_input(args: tuple, kwargs: dict) -> Tensor:
+    """The hidden states a decoder layer's forward was called with (positional, as transformers passes them, or
+    by keyword)."""
+    hidden = args[0] if args and isinstance(args[0], Tensor) else kwargs.get("hidden_states")
+    if not isinstance(hidden, Tensor):
+        raise TypeError("cannot find the hidden states a decoder layer was called with")
+    return hidden
 
 
 def _mask_for(mask: Tensor | None, hidden: Tensor) -> Tensor | None:

@@ -44,14 +44,15 @@ if TYPE_CHECKING:
 def collect(model, processor, layers, items: Sequence[PromptLike], stats: steering.SteeringStats | None,
             groups: Sequence[str], batch_size: int, desc: str, pgd: PGDSettings | None = None, progress: bool = True,
             pooled_layer: int | None = None, pooling: str = "mean", clean_groups: Sequence[str] = (),
-            ) -> torch.Tensor | None:
+            first_layer: torch.nn.Module | None = None) -> torch.Tensor | None:
     """Feed the last-prompt-token block outputs of `items` at `layers` into `stats` under each of `groups`;
     with `pooled_layer`, also return the pooled prompt features of that entry of `layers` [N, d] (segments:
     [N, S, d], gating.concat_features) in the order of `models.batches`, grouped by modality and answer cap.
 
     With `pgd`, image questions are first perturbed (the knowledge-recall inputs), and the activations come from
     PGD's own forwards (pgd_recall): `groups` get those at each item's final image, `clean_groups` those at its
-    clean image, and the pooled features are the clean prompts'. Text questions and image questions without
+    clean image, and the pooled features are the clean prompts'. A pooling of the decoder's input embeddings
+    reads the input of `first_layer`, the decoder's first layer (capture.reading_prompt). Text questions and image questions without
     PGD take one forward that stops after the last of `layers`, and feed both.
 
     Under torchrun (`distributed.world()` size P > 1) this rank runs every P-th batch; the ranks' statistics
@@ -68,11 +69,11 @@ def collect(model, processor, layers, items: Sequence[PromptLike], stats: steeri
                         unit="batch", leave=False):
         chunk = [items[i] for i in indices]
         if pgd is not None and chunk[0].modality == "image" and pgd.steps > 0:
-            recall = pgd_recall(model, processor, chunk, pgd, RecallRead(layers, pooled_layer, pooling))
+            recall = pgd_recall(model, processor, chunk, pgd, RecallRead(layers, pooled_layer, pooling, first_layer))
             acts, clean, features = recall.recall, recall.clean, recall.clean_pooled
         else:
             batch = models.forward_inputs(model, models.encode_prompts(processor, chunk))
-            acts, features = capture(model, layers, pooled_layer, pooling, **batch)
+            acts, features = capture(model, layers, pooled_layer, pooling, first_layer, **batch)
             clean = acts
         for group in groups:
             into.update(group, acts)
@@ -135,10 +136,11 @@ def _decoder(model, settings: FitSettings, layers_path: str | None
 
 def _pooled(model, processor, layers, items: Sequence[PromptLike], settings: FitSettings, desc: str,
             progress: bool) -> torch.Tensor:
-    """Pooled prompt features of `items` at the decision layer; the forwards stop there."""
-    upto = layers[: settings.decision_layer + 1]
-    return collect(model, processor, upto, items, None, (), settings.batch_size, desc, None, progress,
-                   settings.decision_layer, settings.pooling)
+    """Pooled prompt features of `items` at the decision layer; the forwards stop there (at the first layer for
+    a pooling of the decoder's input embeddings: nothing later is read)."""
+    read = 0 if gating.reads_embeddings(settings.pooling) else settings.decision_layer
+    return collect(model, processor, layers[: read + 1], items, None, (), settings.batch_size, desc, None, progress,
+                   read, settings.pooling, first_layer=layers[0])
 
 
 def _pool_occluded(model, processor, layers, items: Sequence[PromptLike], group: str, settings: FitSettings,
@@ -197,7 +199,7 @@ def request_inputs(model, processor, *, forget: Sequence[PromptLike], settings: 
         pooled = None if paper else stats.layers.index(settings.decision_layer)
         groups, clean_groups = (("recall", "forget"), ("forget",)) if paper else (("recall",), ())
         forget_features = collect(model, processor, held, forget, stats, groups, bs, "forget (PGD recall)",
-                                  settings.pgd, progress, pooled, settings.pooling, clean_groups)
+                                  settings.pgd, progress, pooled, settings.pooling, clean_groups, layers[0])
         if forget_features is not None:
             features["forget"] = forget_features
         timings["forget (PGD recall, gate features)"] = time.perf_counter() - started

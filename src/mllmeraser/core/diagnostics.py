@@ -25,6 +25,6 @@ def gate_scores(model, processor, eraser: Eraser, items: Sequence[PromptLike], b
     out = torch.empty(len(items), eraser.num_terms)
     for indices in models.batches(items, batch_size):
         batch = models.forward_inputs(model, models.encode_prompts(processor, [items[i] for i in indices]))
-        last, pooled = capture(model, layers[: read + 1], read, gate.pooling if gate else "last", **batch)
+        last, pooled = capture(model, layers[: read + 1], read, gate.pooling if gate else "last", layers[0], **batch)
         out[indices] = (gate.scores(pooled) if gate is not None else last[:, read] @ eraser.u[:, 0].T).cpu()
     return out

@@ -156,7 +156,7 @@ class Eraser:
         steered = [layers[i] for i in self.layer_indices]
         if self.prompt_gate is not None:
             return attach_prompt_steering(model, layers[self.prompt_gate.layer], steered, self.prompt_gate, self.r,
-                                          self.alpha, self.mode)
+                                          self.alpha, self.mode, first_layer=layers[0])
         return attach_steering(model, steered, self.u, self.r, self.alpha, self.floor, self.cap, self.mode)
 
     # ---- composing ------------------------------------------------------------------------------

@@ -18,6 +18,16 @@ is applied with that one decision (so the gate reads at run time exactly what it
                segment j is the mean over positions [j s, min(j s + W, L)), j = 0..n-1,
                n = 1 + ceil(max(L - W, 0) / s): every position is in a segment, a prompt shorter than W is one
                segment. z [batch, S, d] holds them, S the most any row has, a row's absent segments all zero.
+               "embeddings:W": windows of W real positions at *every* start (stride 1) over the decoder's
+               *input* (the token embeddings, and the image features where the image tokens stand), not over
+               the decision layer's output. Why: at any layer past the embeddings a position attends to what
+               stands before it, so a benign prefix or an earlier turn changes the question's own states (the
+               testbed's layer-1 text windows lost their match under every prefix tried); the input embedding
+               of a token is the same wherever it stands, and stride 1 contains every window of the question
+               wherever a prefix moves it. So no text added *before* the question can lower its score: the max
+               over the padded prompt's windows is at least the unpadded prompt's (tested). Banks keep each
+               distinct window once (prompts of one template share most windows: 37,760 -> 10,742 retain rows
+               on the small testbed at W = 12).
     segments   with segment features z_j (pooling "windows:W"), s_k(z) = max_j s_k(z_j): the prompt fires where
                its most forget-like segment does, and the banks F_k, R_k hold the segments of the fit's forget
                and retain prompts (a segment the two share, e.g. the benchmark's instruction, is near both: its
@@ -66,8 +76,9 @@ from .steering import solve_gate_ridge
 GATE_KINDS = ("knn", "ridge")
 DISTANCE_FLOOR = 3e-3  # eps of the knn ratio: a match closer than this (float16 banks: ~1e-3) counts as exact
 SHARED = -1  # the owner of a retain bank row every term reads (one copy for all requests on one retain corpus)
-POOLINGS = ("mean", "last", "windows")  # kinds; a windows pooling names its width: "windows:8"
+POOLINGS = ("mean", "last", "windows", "embeddings")  # kinds; window poolings name a width: "windows:8"
 WINDOWS = "windows"
+EMBEDDINGS = "embeddings"  # windows over the decoder's input embeddings, every start (module docstring)
 SEGMENT_CHUNK = 4096  # segments scored per similarity matmul (a [4096, N] float32 block per bank)
 HEADER_FIELDS = ("kind", "pooling", "layer", "threshold", "neighbours")  # a gate's JSON header, every format
 TENSOR_NAMES = {"knn": ("forget_bank", "forget_owner", "retain_bank", "retain_owner"), "ridge": ("u",)}
@@ -114,13 +125,20 @@ def decision_layer_index(value: int | float, num_layers: int) -> int:
 
 
 def window_width(pooling: str) -> int | None:
-    """W of a "windows:W" pooling, None for "mean" and "last"; ValueError for anything else."""
+    """W of a "windows:W" or "embeddings:W" pooling, None for "mean" and "last"; ValueError for anything else."""
     kind, _, width = pooling.partition(":") if isinstance(pooling, str) else ("", "", "")
     if kind in ("mean", "last") and not width:
         return None
-    if kind == WINDOWS and width.isdigit() and int(width) >= 1 and str(int(width)) == width:
+    if kind in (WINDOWS, EMBEDDINGS) and width.isdigit() and int(width) >= 1 and str(int(width)) == width:
         return int(width)
-    raise ValueError(f"pooling must be mean, last or windows:W (W >= 1 tokens, e.g. windows:8), got {pooling!r}")
+    raise ValueError(f"pooling must be mean, last, windows:W or embeddings:W (W >= 1 tokens, e.g. windows:8), "
+                     f"got {pooling!r}")
+
+
+def reads_embeddings(pooling: str) -> bool:
+    """Whether `pooling` reads the decoder's input embeddings (the first decoder layer's input) rather than the
+    decision layer's output: "embeddings:W"."""
+    return window_width(pooling) is not None and pooling.startswith(EMBEDDINGS + ":")
 
 
 def pool(hidden: Tensor, mask: Tensor | None, pooling: str) -> Tensor:
@@ -129,7 +147,7 @@ def pool(hidden: Tensor, mask: Tensor | None, pooling: str) -> Tensor:
     segments [batch, S, d] ("windows:W", see window_means)."""
     width = window_width(pooling)
     if width is not None:
-        return window_means(hidden, mask, width)
+        return window_means(hidden, mask, width, 1 if reads_embeddings(pooling) else None)
     hidden = hidden.to(torch.float32)
     if mask is None:
         return hidden.mean(dim=1) if pooling == "mean" else hidden[:, -1]
@@ -150,13 +168,14 @@ def last_real_positions(mask: Tensor | None, length: int, batch: int, device: to
     return (columns * torch.arange(1, columns.shape[1] + 1, device=device)).argmax(dim=1)
 
 
-def window_counts(lengths: Tensor, width: int) -> Tensor:
-    """n per row: how many windows of `width` (stride max(1, width // 2)) cover a prompt of `lengths` positions."""
-    stride = max(1, width // 2)
+def window_counts(lengths: Tensor, width: int, stride: int | None = None) -> Tensor:
+    """n per row: how many windows of `width` (stride max(1, width // 2) unless given) cover a prompt of `lengths`
+    positions."""
+    stride = max(1, width // 2) if stride is None else stride
     return 1 + torch.div((lengths - width).clamp(min=0) + stride - 1, stride, rounding_mode="floor")
 
 
-def window_means(hidden: Tensor, mask: Tensor | None, width: int) -> Tensor:
+def window_means(hidden: Tensor, mask: Tensor | None, width: int, stride: int | None = None) -> Tensor:
     """[batch, S, d] float32: the mean of each window of `width` real positions, stride max(1, width // 2),
     the last one cut at the prompt's end (module docstring, "windows:W"); rows with fewer than S windows end in
     all-zero rows. From prefix sums in float64, so a window's mean does not depend on how long the prompt is."""
@@ -169,8 +188,8 @@ def window_means(hidden: Tensor, mask: Tensor | None, width: int) -> Tensor:
     lengths = real.sum(dim=1)
     packed = packed * (torch.arange(seq, device=hidden.device)[None, :] < lengths[:, None])[..., None]
     prefix = torch.cat([packed.new_zeros(batch, 1, d), packed.cumsum(dim=1)], dim=1)  # [batch, seq + 1, d]
-    counts = window_counts(lengths, width)
-    stride = max(1, width // 2)
+    stride = max(1, width // 2) if stride is None else stride
+    counts = window_counts(lengths, width, stride)
     starts = torch.arange(int(counts.max()) if batch else 1, device=hidden.device) * stride
     starts = torch.minimum(starts[None, :], lengths[:, None])  # [batch, S]; absent windows collapse to empty
     ends = torch.minimum(starts + width, lengths[:, None])
@@ -523,16 +542,30 @@ def _bits(t: Tensor) -> Tensor:
     return flat
 
 
-def fit_knn(forget: Tensor, retain: Tensor, pooling: str, layer: int, neighbours: int = 1) -> PromptGate:
+def fit_knn(forget: Tensor, retain: Tensor, pooling: str, layer: int, neighbours: int = 1,
+            distinct: bool = False) -> PromptGate:
     """A one-term knn gate (threshold +inf until calibrated) from pooled features [N, d] or segments [N, S, d]
     (each present segment a bank row); its retain rows are SHARED, so gates fitted on one retain corpus stack
-    with one copy of it."""
+    with one copy of it. `distinct`: each bank keeps one copy of rows equal as stored (float16 unit rows), which
+    changes no score with one neighbour (a max) and, with n > 1, counts a repeated window once."""
     forget, retain = segment_rows(forget)[0], segment_rows(retain)[0]
+    forget, retain = unit_rows(forget.to(torch.float32)), unit_rows(retain.to(torch.float32))
+    if distinct:
+        forget, retain = distinct_rows(forget), distinct_rows(retain)
     return PromptGate(kind="knn", pooling=pooling, layer=layer, threshold=[math.inf], neighbours=neighbours,
-                      forget_bank=unit_rows(forget.to(torch.float32)),
-                      forget_owner=torch.zeros(forget.shape[0], dtype=torch.int64),
-                      retain_bank=unit_rows(retain.to(torch.float32)),
-                      retain_owner=torch.full((retain.shape[0],), SHARED, dtype=torch.int64))
+                      forget_bank=forget, forget_owner=torch.zeros(forget.shape[0], dtype=torch.int64),
+                      retain_bank=retain, retain_owner=torch.full((retain.shape[0],), SHARED, dtype=torch.int64))
+
+
+def distinct_rows(rows: Tensor) -> Tensor:
+    """The rows of `rows` [N, d] that differ once rounded to float16 (how banks are stored), first occurrence
+    kept, in their order."""
+    if rows.shape[0] < 2:
+        return rows
+    _, inverse = torch.unique(rows.to(torch.float16), dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), rows.shape[0], dtype=torch.int64)
+    first.scatter_reduce_(0, inverse, torch.arange(rows.shape[0]), "amin")
+    return rows[first.sort().values]
 
 
 def fit_ridge(forget: Tensor, retain: Tensor, pooling: str, layer: int, beta: float, lam: float) -> PromptGate:

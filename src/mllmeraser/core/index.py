@@ -369,7 +369,8 @@ class RequestIndex(PromptTerms):
         parameter = next(decision_layer.parameters(), None)
         if parameter is not None and parameter.device != self.device and not parameter.is_meta:
             self.to(parameter.device)
-        return attach_prompt_terms(model, decision_layer, [layers[i] for i in self.layer_indices], self, self.mode)
+        return attach_prompt_terms(model, decision_layer, [layers[i] for i in self.layer_indices], self, self.mode,
+                                   first_layer=layers[0])
 
 
 def _knn_gate(eraser: Eraser) -> gating.PromptGate:

@@ -27,10 +27,12 @@ from .settings import PGDSettings
 @dataclass(frozen=True)
 class RecallRead:
     """What PGD's forwards also read, so no other forward is needed (capture.reading_prompt): the block outputs at
-    `layers` of each item's last prompt token, and the pooled prompt feature of `layers[pooled_layer]`."""
+    `layers` of each item's last prompt token, and the pooled prompt feature of `layers[pooled_layer]` (of
+    `first_layer`'s input, the decoder's first layer, for a pooling of the input embeddings)."""
     layers: Sequence[torch.nn.Module]
     pooled_layer: int | None = None
     pooling: str = "mean"
+    first_layer: torch.nn.Module | None = None
 
 
 @dataclass
@@ -152,7 +154,8 @@ def _answer_forward(model, pixel_values: torch.Tensor, labels: torch.Tensor, inp
     for rows, pixels, part in micro_batches(inputs, batch, offsets, size, ids):
         with contextlib.ExitStack() as stack:
             reading = None if read is None else stack.enter_context(reading_prompt(
-                read.layers, part.get("attention_mask"), read.pooled_layer, read.pooling, columns))
+                read.layers, part.get("attention_mask"), read.pooled_layer, read.pooling, columns,
+                first_layer=read.first_layer))
             sums, counts = _answer_nll_sums(model, part, pixel_values[pixels].to(param_dtype), labels[rows])
         if reading is not None:
             lasts.append(reading.last)

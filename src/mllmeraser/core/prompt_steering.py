@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from . import gating
 from .attachment import STEERING_MODES, SteeringHandle, SteeringHook, SteeringMode, new_handle, per_row
+from .capture import layer_input
 from .devices import on_device
 
 
@@ -96,12 +97,15 @@ class PromptSteering(SteeringHook):
         if self.decides and prompt.decisions is None:
             pooling = self.terms.pooling
             if handle.start == 0 and positions is not None and positions.stop == prompt.length:
+                # An embeddings pooling reads this forward's input to the first decoder layer (DecoderInputRead).
+                source = handle.decoder_input if gating.reads_embeddings(pooling) else hidden
                 # generate's own mask (the fallback where its forward gets none) has a row per prompt, not per
                 # expanded row (beams)
-                mask = None if prompt.mask is None else per_row(prompt.mask.to(hidden.device), hidden.shape[0])
-                z = gating.pool(hidden[:, : prompt.length], mask, pooling)
+                mask = None if prompt.mask is None else per_row(prompt.mask.to(source.device), source.shape[0])
+                z = gating.pool(source[:, : prompt.length], mask, pooling)
             else:  # the forward holds part of the prompt (chunked prefill): decide from all of it first
                 z = handle.prompt_features(module, pooling)
+            handle.decoder_input = None  # read once per prompt: not held through the decode steps
             decision = self.terms.prompt_decision(z)
             prompt.scores = decision.scores
             prompt.decisions = handle.masked(decision.fires)
@@ -109,6 +113,18 @@ class PromptSteering(SteeringHook):
         if self.position is None or prompt.fired is None:
             return None  # the decision layer is not itself steered, or this prompt was never decided
         return prompt.fired.delta(self.position, hidden)
+
+
+class DecoderInputRead:
+    """Forward pre-hook on the decoder's first layer, for a gate that pools the decoder's input embeddings
+    (gating.reads_embeddings): keeps the input of the forward in flight for the decision layer's hook."""
+
+    def __init__(self, handle: SteeringHandle):
+        self.handle = handle
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self.handle._suspended:
+            self.handle.decoder_input = layer_input(args, kwargs)
 
 
 def attach_prompt_steering(
@@ -119,6 +135,7 @@ def attach_prompt_steering(
     r: Tensor,
     alpha: Sequence[float],
     mode: SteeringMode = "prefill",
+    first_layer: nn.Module | None = None,
 ) -> SteeringHandle:
     """Hook `layers` (all at or after `decision_layer` in the forward) so block l's output gets
     + sum_k alpha_k g_k r[k, l] on the prompt's positions, with g = gate.decide(pooled prompt at
@@ -126,7 +143,8 @@ def attach_prompt_steering(
 
     The attention mask is read from the model's own forward call (a pre-hook on `model`), so left and right
     padding both pool the real positions only. mode 'prefill' steers the prompt's positions; 'all' also steers
-    generated positions, with the prompt's decision. Same one-attachment rule as attach_steering.
+    generated positions, with the prompt's decision. Same one-attachment rule as attach_steering. A gate that
+    pools the decoder's input embeddings needs `first_layer`, the decoder's first layer (its input is read).
     """
     num_terms = gate.num_terms
     if r.ndim != 3 or r.shape[0] != num_terms or r.shape[1] != len(layers):
@@ -134,7 +152,7 @@ def attach_prompt_steering(
     if len(alpha) != num_terms:
         raise ValueError(f"alpha needs {num_terms} values")
     terms = FixedPromptTerms(gate, r, torch.tensor(alpha, dtype=torch.float32))
-    return attach_prompt_terms(model, decision_layer, layers, terms, mode)
+    return attach_prompt_terms(model, decision_layer, layers, terms, mode, first_layer)
 
 
 def attach_prompt_terms(
@@ -143,14 +161,21 @@ def attach_prompt_terms(
     layers: Sequence[nn.Module],
     terms: PromptTerms,
     mode: SteeringMode = "prefill",
+    first_layer: nn.Module | None = None,
 ) -> SteeringHandle:
     """attach_prompt_steering over any PromptTerms: `terms.prompt_decision` is called once per prompt, so a source that
     changes (index.RequestIndex) steers each new prompt with its state at that prompt's decision."""
     if mode not in STEERING_MODES:
         raise ValueError(f"mode must be one of {STEERING_MODES}, got {mode!r}")
+    embeddings = gating.reads_embeddings(terms.pooling)
+    if embeddings and first_layer is None:
+        raise ValueError(f"a {terms.pooling} gate reads the decoder's input: pass its first layer (first_layer)")
     handle = new_handle(model)
     try:
         handle.start_tracking()
+        if embeddings:
+            handle.first_layer = first_layer
+            handle.hook_layer_input(first_layer, DecoderInputRead(handle))
         steered = {id(layer): index for index, layer in enumerate(layers)}
         if id(decision_layer) not in steered:
             hook = PromptSteering(handle, terms, True, None, mode)

@@ -136,8 +136,9 @@ class FitSettings:
     settings. Defaults chosen on the testbed's validation people only (README, "Selective erasure")."""
 
     gate: KnnGate | RidgeGate | PaperGate = field(default_factory=KnnGate)
-    # prompt gates: "mean" (attention-masked mean over the prompt), "last", or "windows:W" (the means of W-token
-    # windows at stride W // 2, scored each, the max deciding: gating.py, "segments")
+    # prompt gates: "mean" (attention-masked mean over the prompt), "last", "windows:W" (the means of W-token
+    # windows at stride W // 2, scored each, the max deciding: gating.py, "segments"), or "embeddings:W" (W-token
+    # windows at every start over the decoder's input embeddings, which no added prefix changes: gating.py)
     pooling: str = "mean"
     # prompt gates: the decoder layer whose output decides; steering from there on. An int is that layer; a float in
     # (0, 1) a fraction of the decoder's depth (gating.decision_layer_index: the layer nearest f * L), so one default
