@@ -324,9 +324,15 @@ def test_attack_on_clear_runs_the_applicable_attacks(small_clear, testbed_dir, c
     for name, rate in rates.items():
         if rate["retain"] == 0.0:  # the gate let every retain prompt through: vanilla's answers, exactly
             assert summary["attacks"]["eraser"][name]["retain"] == vanilla[name]["retain"], name
-    as_asked = "photo-as-is"  # CLEAR's own forget questions: the eraser gives no more of the names than vanilla
-    assert summary["attacks"]["eraser"][as_asked]["forget"][clear_attacks.HEADLINE] \
-        <= vanilla[as_asked]["forget"][clear_attacks.HEADLINE]
+    # CLEAR's own forget questions, as the eraser was fitted on them: the gate fires on them and on no retain
+    # question, so the eraser acts on exactly the forget people.
+    as_asked = "photo-as-is"
+    assert rates[as_asked]["forget"] >= 0.9 and rates[as_asked]["retain"] == 0.0, rates[as_asked]
+    if verdicts[as_asked]["counted"]:  # vanilla names them: the eraser gives no more of the names.
+        # Asserted only where counted: where vanilla names nobody (the small model does not know CLEAR's wording),
+        # a steered answer may share a name's token by chance, which ROUGE recall counts (0.125 on one fixture).
+        assert summary["attacks"]["eraser"][as_asked]["forget"][clear_attacks.HEADLINE] \
+            <= vanilla[as_asked]["forget"][clear_attacks.HEADLINE]
     assert "not run on this benchmark: mixed-people (it pairs two people's cloze questions" in printed
     assert "| vanilla forget name R-L | vanilla forget caption R-L | vanilla retain name R-L |" in printed
     assert "forget name R-L <= 0.2" in printed
