@@ -29,7 +29,7 @@ def test_compare_writes_every_artifact(compared):
         assert (out / name).stat().st_size > 0, name
     on_disk = json.loads((out / "results.json").read_text())
     assert [m["name"] for m in on_disk["methods"]] == ["vanilla", "eraser", "refuse", "prompt", "ga"]
-    table, fit_line = (out / "results.md").read_text().split("\n\n")
+    table, fit_line, dominance_line = (out / "results.md").read_text().strip().split("\n\n")
     assert table.count("\n") == 2 + 4 and "| eraser |" in table and "| refuse |" in table and "| prompt |" in table
     # the request's fit against the fastest baseline's, both measured in this run; the model cache built apart
     request = on_disk["request_fit"]
@@ -38,6 +38,13 @@ def test_compare_writes_every_artifact(compared):
     assert request["fastest_baseline"] == "ga" and request["model_cache"] == "built"
     assert abs(request["ratio"] - eraser["fit_seconds"] / ga["fit_seconds"]) < 1e-12
     assert fit_line.startswith("Request fit: eraser") and f"{request['ratio']:.3f}x" in fit_line
+    # the dominance check over ga's grid, recounted here from the points themselves
+    mean = lambda r: (r["classification_image"] + r["classification_text"]) / 2  # noqa: E731
+    e = (mean(eraser["results"]["forget"]), mean(eraser["results"]["retain"]))
+    beaten = sum(e[0] <= mean(p["forget"]) and e[1] >= mean(p["retain"]) for p in ga["curve"])
+    assert dominance_line.startswith(f"Dominance on classification accuracy (forget lower, retain higher; image and "
+                                     f"text averaged): the eraser's point ({e[0]:.3f}, {e[1]:.3f}) dominates ga "
+                                     f"{beaten} of 2")
     assert len(list((out / "cache").glob("shared-*.safetensors"))) == 1
     # before/after examples: each one's portrait is written beside the report, with every method's answer
     assert on_disk["examples"], "no before/after examples"
@@ -47,6 +54,29 @@ def test_compare_writes_every_artifact(compared):
         assert list(example["answers"]) == ["vanilla", "eraser", "refuse", "prompt"]
     page = (out / "report.html").read_text()
     assert "Before and after" in page and "Gate" in page
+
+
+def test_dominance_counts_each_baselines_grid_against_the_erasers_point():
+    from mllmeraser.bench.report import dominance, dominance_line
+
+    point = lambda forget, retain: {"forget": {"classification_image": forget, "classification_text": forget},  # noqa: E731
+                                    "retain": {"classification_image": retain, "classification_text": retain}}
+    summary = {"benchmark": "mllmu", "methods": [
+        {"name": "vanilla", "results": point(0.9, 0.99), "curve": []},
+        {"name": "eraser", "results": point(0.0, 0.99), "curve": [{"x": 1.0, **point(0.0, 0.99)}]},
+        {"name": "ga", "results": point(0.5, 0.9), "curve": [
+            {"lr": 1e-4, "x": 1, **point(0.8, 0.99)},   # forgets less, keeps as much: dominated
+            {"lr": 1e-4, "x": 2, **point(0.0, 0.99)},   # the eraser's own point: equal
+            {"lr": 3e-4, "x": 1, **point(0.9, 0.995)},  # keeps more: not dominated
+            {"lr": 3e-4, "x": 2, **point(0.0, 0.5)}]},  # as forgetful, keeps less: dominated
+    ]}
+    rows = dominance(summary, "classification")
+    assert list(rows) == ["ga"]  # the eraser's strength curve is not a training grid, vanilla has none
+    assert rows["ga"] == {"points": 4, "dominated": 2, "equal": 1, "undominated": [(0.9, 0.995)]}
+    line = dominance_line(summary)
+    assert "the eraser's point (0.000, 0.990) dominates ga 2 of 4 (1 equal) (the other 1: forget 0.900-0.900, " \
+           "retain up to 0.005 higher) grid points." in line
+    assert dominance({"methods": summary["methods"][:1]}, "classification") is None  # no eraser in the run
 
 
 def compare_plots():

@@ -403,7 +403,7 @@ def render_html(summary: dict) -> str:
     chosen = [(m["name"], json.dumps(_short_settings(m))) for m in summary["methods"] if m.get("settings")]
     return _templates().get_template("report.html.j2").render(
         summary=summary, header=header, rows=rows, selection=_selection_text(summary),
-        request_fit=request_fit_line(summary), omu=_omu_context(summary), examples=_examples_context(summary),
+        request_fit=request_fit_line(summary), dominance=dominance_line(summary), omu=_omu_context(summary), examples=_examples_context(summary),
         gate=_gate_context(summary), attacks=_attacks_context(summary), plots=plots(summary), chosen=chosen)
 
 
@@ -416,6 +416,59 @@ def request_fit_line(summary: dict) -> str | None:
                   if fit.get("model_cache") else "")
     return (f"Request fit: eraser {fit['eraser_seconds']:.2f} s (forget set only; {cache_note}) against the fastest "
             f"baseline fit, {fit['fastest_baseline']} {fit['baseline_seconds']:.2f} s: {fit['ratio']:.3f}x.")
+
+
+def dominance(summary: dict, key: str, eraser: str = "eraser") -> dict[str, dict] | None:
+    """Per baseline (a method whose curve is a training grid: points with a learning rate), how its grid points
+    stand against `eraser`'s chosen point on (forget `key`, lower better; retain `key`, higher better): "points",
+    "dominated" (the eraser at least as good on both and better on one), "equal" (the same point), and the others'
+    (forget, retain) in "undominated". None where the run has no such eraser or no baseline."""
+    chosen = next((m for m in summary["methods"] if m["name"] == eraser), None)
+    if chosen is None:
+        return None
+    e_forget, e_retain = metric(chosen["results"].get("forget"), key), metric(chosen["results"].get("retain"), key)
+    out = {}
+    for m in summary["methods"]:
+        grid = [p for p in m.get("curve") or [] if p.get("lr") is not None]
+        if not grid or m["name"] == eraser:
+            continue
+        row = {"points": len(grid), "dominated": 0, "equal": 0, "undominated": []}
+        for p in grid:
+            forget, retain = metric(p.get("forget"), key), metric(p.get("retain"), key)
+            if e_forget <= forget and e_retain >= retain:
+                row["dominated" if (e_forget, e_retain) != (forget, retain) else "equal"] += 1
+            else:
+                row["undominated"].append((forget, retain))
+        out[m["name"]] = row
+    return out or None
+
+
+def dominance_line(summary: dict, eraser: str = "eraser") -> str | None:
+    """One sentence: how many of each baseline's grid points the eraser's chosen point dominates on the report's
+    first trade-off (forget against retain), and, for the others, by how much they keep more or forget more."""
+    key, label, _ = view(summary).tradeoffs[0]
+    rows = dominance(summary, key, eraser)
+    if not rows:
+        return None
+    chosen = next(m for m in summary["methods"] if m["name"] == eraser)
+    point = (metric(chosen["results"].get("forget"), key), metric(chosen["results"].get("retain"), key))
+    parts = []
+    for name, row in rows.items():
+        text = f"{name} {row['dominated']} of {row['points']}" + (f" ({row['equal']} equal)" if row["equal"] else "")
+        if row["undominated"]:
+            forgets = [f for f, _ in row["undominated"]]
+            retain_gain = [r - point[1] for _, r in row["undominated"] if r > point[1]]
+            text += (f" (the other {len(row['undominated'])}: forget {min(forgets):.3f}-{max(forgets):.3f}"
+                     + (f", retain up to {max(retain_gain):.3f} higher" if retain_gain else "") + ")")
+        parts.append(text)
+    averaged = "; image and text averaged" if view(summary) is VIEWS["mllmu"] else ""
+    return (f"Dominance on {label} (forget lower, retain higher{averaged}): the {eraser}'s point "
+            f"({point[0]:.3f}, {point[1]:.3f}) dominates " + "; ".join(parts) + " grid points.")
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The sentences under a run's table: the request fit and the dominance check, where the run has them."""
+    return [line for line in (request_fit_line(summary), dominance_line(summary)) if line]
 
 
 def _selection_text(summary: dict) -> str:
@@ -436,8 +489,8 @@ def _short_settings(m: dict) -> dict:
 def write_report(summary: dict, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "results.json", json.dumps(summary, indent=2))
-    line = request_fit_line(summary)
-    atomic_write_text(out_dir / "results.md", markdown_table(summary) + "\n" + (f"\n{line}\n" if line else ""))
+    atomic_write_text(out_dir / "results.md", markdown_table(summary) + "\n"
+                      + "".join(f"\n{line}\n" for line in summary_lines(summary)))
     shown = view(summary)
     for key, label, name in shown.tradeoffs:
         _plot_tradeoff(summary, key, label, out_dir / name)
@@ -462,8 +515,8 @@ def ratio_markdown(combined: dict) -> str:
     """One table per request size, each under its heading (and with its request-fit line)."""
     parts = []
     for run in combined["runs"]:
-        line = request_fit_line(run)
-        parts.append(f"## forget {run['forget_ratio']}%\n\n{markdown_table(run)}\n" + (f"\n{line}\n" if line else ""))
+        parts.append(f"## forget {run['forget_ratio']}%\n\n{markdown_table(run)}\n"
+                     + "".join(f"\n{line}\n" for line in summary_lines(run)))
     return "\n".join(parts)
 
 
@@ -503,7 +556,7 @@ def render_ratio_html(combined: dict) -> str:
         header, rows = table_rows(run)
         runs.append({"forget_ratio": run["forget_ratio"], "selection": _selection_text(run), "header": header,
                      "rows": rows, "link": f"{ratio_dir(run['forget_ratio'])}/report.html",
-                     "request_fit": request_fit_line(run)})
+                     "request_fit": request_fit_line(run), "dominance": dominance_line(run)})
     return _templates().get_template("ratio_report.html.j2").render(
         combined=combined, ratios=", ".join(f"{r}%" for r in combined["forget_ratios"]), plot=RATIO_PLOT,
         runs=runs, omu=_omu_context(combined))

@@ -59,8 +59,7 @@ def print_summary(summary: dict, out_dir: Path) -> None:
         print(report.ratio_markdown(summary))
     else:
         print(report.markdown_table(summary))
-        line = report.request_fit_line(summary)
-        if line:
+        for line in report.summary_lines(summary):
             print(f"\n{line}")
     print(f"\nreport: {(out_dir / 'report.html').resolve()}")
 
