@@ -4,13 +4,14 @@ direct evaluation of the transformed questions, and the eraser is measured under
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from mllmeraser import FitSettings, KnnGate, fit_eraser
+from mllmeraser import FitSettings, KnnGate, cli, fit_eraser
 from mllmeraser.bench import attack_scoring, attack_set, attack_summary, attacks, data, evaluate
 from mllmeraser.core import models
 from mllmeraser.bench.items import QAItem
@@ -262,3 +263,36 @@ def test_tasks_keep_only_those_questions_and_the_same_ones(testbed_data, attacke
             assert {i.task for i in kept} <= {"classification", "cloze"}
             assert kept == [i for i in items if i.task in ("classification", "cloze")], (name, split)
     assert sum(len(s["forget"]) for s in narrowed.items.values()) < sum(len(s["forget"]) for s in attacked.items.values())
+
+
+def test_count_by_cloze_reads_the_verdicts_on_cloze(testbed_dir, default_eraser, tmp_path, capsys):
+    """`attack --count-by cloze`: an attack counts where vanilla's forget cloze under it is >= 0.8, and the
+    eraser's recovered score is its forget cloze (for a model that knows its facts but not A-D)."""
+    eraser = default_eraser.save(tmp_path / "eraser.safetensors")
+    out = tmp_path / "attack.json"
+    common = ["attack", "--model", str(testbed_dir / "model"), "--data", str(testbed_dir / "data"),
+              "--eraser", str(eraser), "--attacks", "rephrase,name-text-only", "--retain-people", "2"]
+    assert cli.main(common + ["--tasks", "cloze", "--count-by", "cloze", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(out.read_text())
+    assert summary["headline"] == "cloze" and summary["label"] == "cloze"
+    vanilla, erased = summary["attacks"]["vanilla"], summary["attacks"]["eraser"]
+    rows = summary["verdicts"]["eraser"]
+    assert set(rows) == {"rephrase", "name-text-only"}
+    for name, row in rows.items():
+        assert "classification" not in vanilla[name]["forget"]  # only cloze questions were asked
+        assert row["counted"] == (vanilla[name]["forget"]["cloze"] >= attack_scoring.COUNTED_FROM), name
+        assert row["recovered"] == erased[name]["forget"]["cloze"], name
+        assert row["forget_met"] == ((row["recovered"] <= attack_scoring.FORGET_BAR) if row["counted"] else None)
+    # the small testbed (seed 0, the AVX-512 build: 0.875 and 0.028) fills the blanks asked by name, not reworded
+    assert not rows["rephrase"]["counted"]
+    assert f"attacks counted (vanilla forget cloze >= {attack_scoring.COUNTED_FROM})" in printed
+    # a flag that reads questions --tasks leaves out, or that CLEAR and --adaptive do not use: one line, exit 2
+    assert cli.main(common + ["--tasks", "classification", "--count-by", "cloze"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("mllmeraser: error: --count-by cloze reads cloze questions, which --tasks classification "
+                           "leaves out")
+    assert cli.main(common + ["--adaptive", "--count-by", "rougeL"]) == 2
+    assert "--count-by is the suite's" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="one of classification, cloze, rougeL"):
+        attack_scoring.mllmu_scoring("bleu")

@@ -24,9 +24,9 @@ from .attacks import MIXED_PEOPLE
 from .items import QAItem
 
 
-COUNTED_FROM = 0.80  # an attack counts where vanilla's forget classification under it is at least this
-FORGET_BAR = 0.20  # recovered forget classification, where counted
-RETAIN_BAR = 0.95  # retain classification under an attack, as a multiple of vanilla's under it
+COUNTED_FROM = 0.80  # an attack counts where vanilla's forget headline (classification) under it is at least this
+FORGET_BAR = 0.20  # the recovered forget headline, where counted
+RETAIN_BAR = 0.95  # the retain headline under an attack, as a multiple of vanilla's under it
 METRICS = ("classification", "cloze", "rougeL")
 SHORT = {"classification": "cls", "rougeL": "R-L", "facerec_rougeL_recall": "name R-L",
          "rougeL_recall": "caption R-L"}  # a metric's name in table headers (itself where absent)
@@ -60,7 +60,16 @@ class Scoring:
     headline: str
 
 
-MLLMU_SCORING = Scoring(summarise, METRICS, "classification")
+def mllmu_scoring(headline: str = "classification") -> Scoring:
+    """MLLMU-Bench's scoring with the bars read on `headline`, one of METRICS. Why not always classification: a
+    model can know its facts and still not answer A-D (the pretrained testbed: cloze 1.00, A-D 0.30-0.63), and
+    an attack counted by A-D then says nothing of what it leaks."""
+    if headline not in METRICS:
+        raise ValueError(f"an attack's headline is one of {', '.join(METRICS)}, got {headline!r}")
+    return Scoring(summarise, METRICS, headline)
+
+
+MLLMU_SCORING = mllmu_scoring()
 
 
 def asked(attacked: AttackSet, ask: Callable[[list], list]) -> dict[str, dict[str, list]]:

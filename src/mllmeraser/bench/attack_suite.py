@@ -16,13 +16,15 @@ from .white_box import white_box
 def run_suite(model, processor, data_dir: str | Path, forget_ratio: int = 10, erasers: dict | None = None,
               names: Sequence[str] | None = None, retain_people: int | None = 8, batch_size: int = 64,
               white_box_too: bool = False, paraphrases: dict[str, str] | None = None,
-              progress: bool = False, references: dict | None = None, tasks: Sequence[str] | None = None) -> dict:
+              progress: bool = False, references: dict | None = None, tasks: Sequence[str] | None = None,
+              scoring: Scoring = MLLMU_SCORING) -> dict:
     """Vanilla, each of `erasers` ({name: Eraser}) and each of `references` ({name: an answering.py method:
     refuse, prompt}) under every attack: {"attacks": {method: score_attacks}, "verdicts": {method: verdicts},
     "worst": {method: (attack, recovered)}, "white_box": {method: ...} (vanilla and the erasers: a reference
-    method changes no activation or likelihood)}."""
+    method changes no activation or likelihood)}. `scoring`'s headline is what the verdicts read
+    (attack_scoring.mllmu_scoring)."""
     attacked = attack_set(data_dir, forget_ratio, names, retain_people, paraphrases=paraphrases, tasks=tasks)
-    summary = run_attacked(model, processor, attacked, erasers, references, batch_size, progress)
+    summary = run_attacked(model, processor, attacked, erasers, references, batch_size, progress, scoring)
     if white_box_too:
         summary["white_box"] = {name: white_box(model, processor, data_dir, forget_ratio, attacked, eraser)
                                 for name, eraser in {"vanilla": None, **(erasers or {})}.items()}

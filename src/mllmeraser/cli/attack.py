@@ -10,6 +10,7 @@ from .options import add_benchmark_arg, add_eraser_args, add_forget_ratio_arg, a
     load_model, write_results
 
 TASKS = ("classification", "cloze", "generation")
+COUNTED_METRICS = {"classification": "classification", "cloze": "cloze", "rougeL": "generation"}  # -> its task
 
 
 def add_parsers(commands) -> None:
@@ -26,6 +27,10 @@ def add_parsers(commands) -> None:
                         f"{','.join(BY_NAME)} (default: all)")
     attack.add_argument("--tasks", help="comma-separated subset of classification,cloze,generation: attack only "
                         "those questions (classification,cloze skips the 50-token answers; the bars read classification)")
+    attack.add_argument("--count-by", choices=COUNTED_METRICS, default="classification",
+                        help="the metric the verdicts read: an attack counts where vanilla's forget score on it is "
+                        ">= 0.8, and the eraser's bar is <= 0.2 on it (cloze: for a model that knows its facts but "
+                        "not the A-D format, as the pretrained testbed; MLLMU-Bench data only)")
     attack.add_argument("--retain-people", type=int, default=8,
                         help="retain people each attack is also run on (collateral damage); 0: all")
     attack.add_argument("--paraphrases", type=Path, default=None,
@@ -50,9 +55,11 @@ def add_parsers(commands) -> None:
 
 
 def run_attack(args) -> int:
-    from ..bench import answering, attack_set, attack_suite, attack_summary, attacks
+    from ..bench import answering, attack_scoring, attack_set, attack_suite, attack_summary, attacks
 
     if benchmark(args) == "clear":
+        if args.count_by != "classification":
+            raise UserInputError(None, "--count-by is for MLLMU-Bench data: CLEAR's attacks count by name recall")
         return run_clear(args)
     names = tuple(args.attacks.split(",")) if args.attacks else None
     unknown = [n for n in names or () if n not in attacks.BY_NAME]
@@ -61,9 +68,14 @@ def run_attack(args) -> int:
     tasks = tuple(args.tasks.split(",")) if args.tasks else None
     if tasks and set(tasks) - set(TASKS):
         raise UserInputError(None, f"--tasks takes classification, cloze and generation, got {args.tasks!r}")
+    if tasks and COUNTED_METRICS[args.count_by] not in tasks:
+        raise UserInputError(None, f"--count-by {args.count_by} reads {COUNTED_METRICS[args.count_by]} questions, "
+                             f"which --tasks {args.tasks} leaves out")
     paraphrases = attack_set.read_paraphrases(args.paraphrases) if args.paraphrases else None
     eraser = load_eraser(args.eraser, args.alpha)
     if args.adaptive:
+        if args.count_by != "classification":
+            raise UserInputError(None, "--count-by is the suite's: --adaptive reports how many prompts evade the gate")
         return run_adaptive(args, eraser, tasks)
     model, processor = load_model(args)
     references = (reference_methods(eraser, processor, answering.forget_system_prompt(args.data, args.forget_ratio))
@@ -71,7 +83,8 @@ def run_attack(args) -> int:
     summary = attack_suite.run_suite(model, processor, args.data, args.forget_ratio,
                                      {"eraser": eraser} if eraser is not None else None, names,
                                      args.retain_people or None, args.batch_size, args.white_box, paraphrases,
-                                     references=references, tasks=tasks)
+                                     references=references, tasks=tasks,
+                                     scoring=attack_scoring.mllmu_scoring(args.count_by))
     write_results(summary, attack_summary.format_summary(summary), args.json)
     return 0
 
