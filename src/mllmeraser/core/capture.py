@@ -88,23 +88,21 @@ def reading_prompt(layers: Sequence[nn.Module], mask: Tensor | None, pooled_laye
     that a pooled feature is wanted."""
     read = PromptRead(len(layers))
 
-    def pool_rows(hidden: Tensor) -> Tensor:
+    def prompt_part(hidden: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The prompt's columns of a layer's hidden states, and their rows of the attention mask."""
         hidden = hidden if columns is None else hidden[:, :columns]
-        rows = _mask_for(mask if columns is None or mask is None else mask[:, :columns], hidden)
-        return gating.pool(hidden, rows, pooling).cpu()
+        return hidden, _mask_for(mask if columns is None or mask is None else mask[:, :columns], hidden)
 
     from_input = pooled_layer is not None and gating.reads_embeddings(pooling)
     if from_input and first_layer is None:
         raise ValueError(f"a {pooling} pooling reads the decoder's input: pass its first layer (first_layer)")
 
     def input_hook(module: nn.Module, args: Any, kwargs: dict) -> None:
-        read.pooled = pool_rows(layer_input(args, kwargs))
+        read.pooled = gating.pool(*prompt_part(layer_input(args, kwargs)), pooling).cpu()
 
     def make_hook(index: int):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            hidden = hidden_states(output)
-            hidden = hidden if columns is None else hidden[:, :columns]
-            rows = _mask_for(mask if columns is None or mask is None else mask[:, :columns], hidden)
+            hidden, rows = prompt_part(hidden_states(output))
             last = gating.last_real_positions(rows, hidden.shape[1], hidden.shape[0], hidden.device)
             read._captured[index] = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].to(
                 device="cpu", dtype=torch.float32)
